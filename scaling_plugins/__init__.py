@@ -1,0 +1,17 @@
+"""scaling_plugins: batch-size-aware learning-rate policies for PyTorch DDP, DeepSpeed and Horovod.
+
+    import scaling_plugins
+    policy = scaling_plugins.AdaScale()                       # or any name in scaling_plugins.POLICIES
+    ctl = scaling_plugins.backends.ddp.attach(ddp_model, optimizer, policy)
+"""
+import logging
+
+from . import schedules
+from .policies import POLICIES, AdaScale, Policy, StepObservation, build_policy, register
+from .stats import GradientSample, GradientStatistics
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = ["AdaScale", "GradientSample", "GradientStatistics", "POLICIES", "Policy", "StepObservation",
+           "build_policy", "register", "schedules"]
+__version__ = "0.1.0"

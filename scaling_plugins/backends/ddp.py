@@ -1,0 +1,169 @@
+"""PyTorch DistributedDataParallel backend (no `from __future__ import annotations`: DDP checks the hook's annotations).
+
+    ctl = scaling_plugins.backends.ddp.attach(ddp_model, optimizer, "AdaScale", accumulation_steps=2)
+    for micro-step in range(accumulation_steps):   # all but the last under ddp_model.no_sync()
+        loss = loss_fn(ddp_model(x), y) / accumulation_steps
+        loss.backward()
+    ctl.step()                                      # this step's learning rate from the fresh gain, then optimizer.step()
+    optimizer.zero_grad()
+
+How the numbers move, with no extra collective:
+- A tensor hook per parameter adds each micro-batch's own ⟨g, g⟩ into one float64 scalar (``LocalNormMeter``).
+- A DDP communication hook replaces DDP's default "divide by world size, all-reduce" with the same thing,
+  except that the last bucket carries that scalar as one extra element. DDP launches buckets in order, so
+  when the last bucket is launched every parameter's hook of this backward has run.
+- The reduced buckets give T = ‖ḡ‖² (one dot product per bucket, summed in bucket order so every rank adds
+  the same numbers in the same order and gets the same gain bit for bit).
+- ``step()`` reads L and T with one host sync, feeds the policy, sets each param group's learning rate to
+  ``policy.learning_rate(initial lr of that group)`` and steps the optimizer.
+
+Loss convention: by default each micro-batch's loss is divided by ``accumulation_steps`` (PyTorch's
+accumulation recipe, and what DeepSpeed does internally), so the accumulated gradient is the mean over all
+n = world × accumulation_steps micro-batches. With ``loss_reduction="sum"`` the micro-batch losses are
+summed (not divided); the accumulated gradient is then accumulation_steps × the mean, and the statistics
+divide that out. The gain is the same under both.
+
+Policies that use the training loss (``needs_loss``) take it as ``ctl.step(loss)``; it is averaged over ranks
+with one 1-element all-reduce per step (the only collective this backend adds, and only for those policies).
+"""
+
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from ..policies import build_policy
+from ..policies.base import StepObservation
+from ..policies.registry import PolicySpec
+from ..stats import GradientSample
+from .local_norms import LocalNormMeter
+
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+class DDPController:
+    """Drives one policy for one DDP model and its optimizer. Build it with :func:`attach`."""
+
+    def __init__(self, ddp_model: torch.nn.parallel.DistributedDataParallel, optimizer: torch.optim.Optimizer,
+                 policy: PolicySpec = "AdaScale", accumulation_steps: int = 1, loss_reduction: str = "mean") -> None:
+        if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
+            raise ValueError(f"attach() needs a DistributedDataParallel model, got {type(ddp_model).__name__}")
+        if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
+            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        self.model = ddp_model
+        self.optimizer = optimizer
+        self.accumulation_steps = accumulation_steps
+        self.loss_reduction = loss_reduction
+        self.process_group = ddp_model.process_group
+        self.world_size = dist.get_world_size(self.process_group)
+        self.policy = build_policy(policy)
+        self.policy.configure(self.world_size, accumulation_steps)
+        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
+        self._meter: Optional[LocalNormMeter] = None
+        self._reduced_sq: dict[int, torch.Tensor] = {}
+        self._reduced_local: Optional[torch.Tensor] = None
+        if self.policy.needs_gradient_norms:
+            self._meter = LocalNormMeter(ddp_model.module.parameters())
+            ddp_model.register_comm_hook(self, _allreduce_with_local_norm)
+        self._apply_learning_rate()
+
+    # -- per step -------------------------------------------------------------------------------------------
+    def step(self, loss: Optional[torch.Tensor | float] = None) -> None:
+        """Feed this step's statistics (and loss) to the policy, set the learning rate, step the optimizer."""
+        gradients = self._take_gradient_sample() if self._meter is not None else None
+        mean_loss = self._mean_loss(loss) if self.policy.needs_loss else None
+        self.policy.step(StepObservation(gradients=gradients, loss=mean_loss))
+        self._apply_learning_rate()
+        self.optimizer.step()
+
+    def _take_gradient_sample(self) -> GradientSample:
+        if self._reduced_local is None:
+            raise RuntimeError("no gradients were reduced since the last step(): call loss.backward() "
+                               "(outside no_sync() on the last micro-step) before ctl.step()")
+        reduced_sq = torch.stack([self._reduced_sq[i] for i in sorted(self._reduced_sq)]).sum()
+        local_sum, mean_sq = torch.stack([self._reduced_local, reduced_sq]).tolist()  # the one host sync
+        self._reduced_local = None
+        self._reduced_sq.clear()
+        acc = self.accumulation_steps
+        if self.loss_reduction == "mean":
+            local_sum *= acc * acc          # each micro-batch gradient arrived divided by acc
+        else:
+            mean_sq /= acc * acc            # the accumulated gradient is acc × the mean
+        return GradientSample(local_sq_sum=local_sum * self.world_size, mean_sq_norm=mean_sq,
+                              count=self.world_size * acc)
+
+    def _mean_loss(self, loss: Optional[torch.Tensor | float]) -> float:
+        if loss is None:
+            raise ValueError(f"policy {self.policy.name!r} uses the training loss: call ctl.step(loss)")
+        value = torch.as_tensor(loss, dtype=torch.float64).detach().reshape(1).clone()
+        dist.all_reduce(value, group=self.process_group)
+        return value.item() / self.world_size
+
+    def _apply_learning_rate(self) -> None:
+        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+            group["lr"] = self.policy.learning_rate(base_lr)
+
+    # -- what users read ------------------------------------------------------------------------------------
+    @property
+    def gain(self) -> float:
+        return self.policy.gain
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @property
+    def progress(self) -> float:
+        return self.policy.progress
+
+    @property
+    def scale(self) -> float:
+        return getattr(self.policy, "scale", float(self.world_size * self.accumulation_steps))
+
+    @property
+    def done(self) -> bool:
+        return self.policy.done
+
+    def metrics(self) -> dict[str, Any]:
+        """The step's telemetry numbers: step, learning rate and the policy's own (gain, progress, σ², ...)."""
+        return {"step": self.policy.steps, "lr": self.lr, **self.policy.metrics()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy.state_dict(), "base_lrs": list(self.base_lrs)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.policy.load_state_dict(state["policy"])
+        self.base_lrs = list(state["base_lrs"])
+        self._apply_learning_rate()
+
+
+def _allreduce_with_local_norm(ctl: DDPController, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """DDP's default averaging all-reduce; the last bucket also carries this rank's Σ‖g_i‖²."""
+    buffer = bucket.buffer()
+    last = bucket.is_last()
+    payload = torch.cat([buffer, ctl._meter.take().to(buffer.dtype).reshape(1)]) if last else buffer
+    payload.div_(ctl.world_size)
+    work = dist.all_reduce(payload, group=ctl.process_group, async_op=True)
+    index = bucket.index()
+
+    def unpack(fut: torch.futures.Future) -> torch.Tensor:
+        reduced = fut.value()[0]
+        grads = reduced[:-1] if last else reduced
+        ctl._reduced_sq[index] = torch.dot(grads, grads).to(torch.float64)
+        if last:
+            ctl._reduced_local = reduced[-1].to(torch.float64)
+        return grads
+
+    return work.get_future().then(unpack)
+
+
+def attach(ddp_model: torch.nn.parallel.DistributedDataParallel, optimizer: torch.optim.Optimizer,
+           policy: PolicySpec = "AdaScale", accumulation_steps: int = 1,
+           loss_reduction: str = "mean") -> DDPController:
+    """Drive ``optimizer``'s learning rate by ``policy`` (a name, ``{"type", "params"}`` or a Policy).
+
+    Call before the first backward pass (it registers DDP's communication hook, which DDP allows once).
+    """
+    return DDPController(ddp_model, optimizer, policy, accumulation_steps, loss_reduction)

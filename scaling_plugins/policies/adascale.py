@@ -1,0 +1,136 @@
+"""AdaScale SGD (Johnson, Agrawal, Gu & Guestrin, "AdaScale SGD: A User-Friendly Algorithm for Distributed
+Training", ICML 2020).
+
+At optimizer step t with gain r_t = (σ² + μ²)/(σ²/S + μ²) from ``scaling_plugins.stats``:
+
+    lr_t = base_lr · r_t · schedule(τ_t),      τ_{t+1} = τ_t + r_t
+
+and training is done once τ reaches the budget ``total_num_steps`` (in base-scale steps, T_SI).
+
+Scale S defaults to workers × accumulation steps (n). A user whose per-worker batch differs from the base
+batch sets ``scale`` = effective batch / base batch. With a single gradient per step (one worker, no
+accumulation) there is no variance to measure: the documented fallback ``single_gradient="unit_gain"`` uses
+gain 1 and logs a warning once; ``single_gradient="error"`` raises ``ValueError`` instead.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional
+
+from ..schedules import ScheduleSpec, build_schedule
+from ..stats import GradientStatistics
+from .base import Policy, StepObservation
+from .registry import register
+
+log = logging.getLogger(__name__)
+
+SINGLE_GRADIENT_CHOICES = ("unit_gain", "error")
+
+
+@register
+class AdaScale(Policy):
+    """AdaScale: scale the learning rate by the gain and run the schedule on scale-invariant progress τ.
+
+    Args (all optional; ``AdaScale()`` is the paper's defaults, a constant schedule and no budget):
+        scale: S = effective batch / base batch; default workers × accumulation steps.
+        smoothing: EMA coefficient θ ∈ [0, 1); default max(1 − S/1000, 0).
+        schedule: base schedule of τ (a callable, a name from ``SCHEDULES`` or ``{"type": ..., ...}``).
+        total_num_steps: budget T_SI in base-scale steps; ``done`` once τ ≥ it.
+        single_gradient: "unit_gain" (default fallback when n = 1) or "error".
+        base_batch: B0 in samples, only to report the noise scale B_simple = B0·σ²/μ² in samples.
+    """
+
+    name = "AdaScale"
+    needs_gradient_norms = True
+
+    def __init__(self, scale: Optional[float] = None, smoothing: Optional[float] = None,
+                 schedule: ScheduleSpec = None, total_num_steps: Optional[float] = None,
+                 single_gradient: str = "unit_gain", base_batch: float = 1.0) -> None:
+        super().__init__()
+        if scale is not None and not scale >= 1:
+            raise ValueError(f"scale must be >= 1, got {scale!r}")
+        if smoothing is not None and not 0 <= smoothing < 1:
+            raise ValueError(f"smoothing must lie in [0, 1), got {smoothing!r}")
+        if total_num_steps is not None and not total_num_steps > 0:
+            raise ValueError(f"total_num_steps must be > 0, got {total_num_steps!r}")
+        if single_gradient not in SINGLE_GRADIENT_CHOICES:
+            raise ValueError(f"single_gradient must be one of {SINGLE_GRADIENT_CHOICES}, got {single_gradient!r}")
+        if not base_batch > 0:
+            raise ValueError(f"base_batch must be > 0, got {base_batch!r}")
+        self.schedule = build_schedule(schedule)
+        self.total_num_steps = total_num_steps
+        self.single_gradient = single_gradient
+        self.base_batch = base_batch
+        self._user_scale = scale
+        self.statistics = GradientStatistics(scale or 1.0, smoothing)
+        self._progress = 0.0
+        self._gain = 1.0
+        self._factor = self.schedule(0.0)
+        self._warned_single = False
+
+    @property
+    def scale(self) -> float:
+        return self.statistics.scale
+
+    @property
+    def num_gradients(self) -> int:
+        return self.world_size * self.accumulation_steps
+
+    def configure(self, world_size: int, accumulation_steps: int) -> None:
+        super().configure(world_size, accumulation_steps)
+        if self.num_gradients < 2 and self.single_gradient == "error":
+            raise ValueError("AdaScale needs >= 2 gradients per step (workers × accumulation_steps), got 1 and "
+                             "single_gradient='error'; use accumulation_steps >= 2 or single_gradient='unit_gain'")
+        self.statistics.rescale(self._user_scale or float(self.num_gradients))
+
+    def step(self, observation: StepObservation) -> None:
+        sample = observation.gradients
+        if sample is None:
+            raise ValueError("AdaScale needs gradient norms every step; the backend passed none")
+        if sample.count >= 2:
+            self.statistics.update(sample)
+        elif not self._warned_single:
+            log.warning("AdaScale: one gradient per step (1 worker, no accumulation) has no measurable variance; "
+                        "using gain 1 (single_gradient='unit_gain')")
+            self._warned_single = True
+        self._gain = self.statistics.gain if sample.count >= 2 else 1.0
+        self._factor = self._gain * self.schedule(self._progress)
+        self._progress += self._gain
+        self.steps += 1
+
+    def learning_rate(self, base_lr: float) -> float:
+        return base_lr * self._factor
+
+    @property
+    def gain(self) -> float:
+        return self._gain
+
+    @property
+    def progress(self) -> float:
+        return self._progress
+
+    @property
+    def done(self) -> bool:
+        return self.total_num_steps is not None and self._progress >= self.total_num_steps
+
+    def metrics(self) -> dict[str, Any]:
+        return {
+            **super().metrics(),
+            "scale": self.scale,
+            "sigma_sq": self.statistics.sigma_sq,
+            "mu_sq": self.statistics.mu_sq,
+            "noise_scale": self.statistics.noise_scale(self.base_batch),
+            "skipped_update": self.statistics.last_update_skipped,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "statistics": self.statistics.state_dict(), "progress": self._progress,
+                "gain": self._gain, "factor": self._factor, "warned_single": self._warned_single}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.statistics.load_state_dict(state["statistics"])
+        self._progress = float(state["progress"])
+        self._gain = float(state["gain"])
+        self._factor = float(state["factor"])
+        self._warned_single = bool(state["warned_single"])

@@ -1,0 +1,61 @@
+"""Test helpers: run a function on N gloo ranks in fresh processes, and run real launcher commands."""
+from __future__ import annotations
+
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, out_dir: str, fn: Callable, args: tuple) -> None:
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        result = fn(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+    with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:
+        pickle.dump(result, f)
+
+
+def run_ranks(fn: Callable[..., Any], world: int = 2, *args: Any) -> list[Any]:
+    """``fn(rank, world, *args)`` on ``world`` spawned processes in one gloo group; their results by rank.
+
+    ``fn`` must be a module-level function (it is pickled into the child processes).
+    """
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_rank_main, args=(world, free_port(), out_dir, fn, args), nprocs=world, join=True)
+        results = []
+        for rank in range(world):
+            with open(os.path.join(out_dir, f"{rank}.pkl"), "rb") as f:
+                results.append(pickle.load(f))
+    return results
+
+
+def run_command(cmd: Sequence[str], timeout: float = 600, env: dict | None = None,
+                cwd: Path | str = REPO) -> subprocess.CompletedProcess:
+    """Run a real launcher command with the venv's bin first on PATH; fail with its output if it fails."""
+    full_env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                "PYTHONPATH": str(REPO), **(env or {})}
+    proc = subprocess.run(list(cmd), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
+                             f"\n--- stderr\n{proc.stderr[-6000:]}")
+    return proc
