@@ -1,6 +1,7 @@
 """Test helpers: run a function on N gloo ranks in fresh processes, and run real launcher commands."""
 from __future__ import annotations
 
+import gc
 import os
 import pickle
 import socket
@@ -29,6 +30,8 @@ def _rank_main(rank: int, world: int, port: int, out_dir: str, fn: Callable, arg
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         result = fn(rank, world, *args)
+        gc.collect()  # a DDP model held in a cycle (comm-hook state) must go before its process group
+        dist.barrier()
     finally:
         dist.destroy_process_group()
     with open(os.path.join(out_dir, f"{rank}.pkl"), "wb") as f:

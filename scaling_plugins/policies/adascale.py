@@ -88,7 +88,10 @@ class AdaScale(Policy):
         if sample is None:
             raise ValueError("AdaScale needs gradient norms every step; the backend passed none")
         if sample.count >= 2:
-            self.statistics.update(sample)
+            if not self.statistics.update(sample):
+                log.warning("AdaScale step %d: non-finite gradient norms (L=%s, T=%s); statistics not updated, "
+                            "the gain stays %.6g", self.steps + 1, sample.local_sq_sum, sample.mean_sq_norm,
+                            self.statistics.gain)
         elif not self._warned_single:
             log.warning("AdaScale: one gradient per step (1 worker, no accumulation) has no measurable variance; "
                         "using gain 1 (single_gradient='unit_gain')")
