@@ -64,6 +64,7 @@ class DDPController:
         self._meter: Optional[LocalNormMeter] = None
         self._reduced_sq: dict[int, torch.Tensor] = {}
         self._reduced_local: Optional[torch.Tensor] = None
+        self._payload: Optional[torch.Tensor] = None
         if self.policy.needs_gradient_norms:
             self._meter = LocalNormMeter(ddp_model.module.parameters())
             ddp_model.register_comm_hook(self, _allreduce_with_local_norm)
@@ -77,6 +78,14 @@ class DDPController:
         self.policy.step(StepObservation(gradients=gradients, loss=mean_loss))
         self._apply_learning_rate()
         self.optimizer.step()
+
+    def _last_bucket_payload(self, buffer: torch.Tensor) -> torch.Tensor:
+        """A persistent buffer of the last bucket's size + 1 (reallocated only when DDP rebuilds its buckets),
+        so carrying the scalar costs no allocation and no extra pass over the gradients."""
+        payload = self._payload
+        if payload is None or payload.numel() != buffer.numel() + 1 or payload.dtype != buffer.dtype:
+            payload = self._payload = buffer.new_empty(buffer.numel() + 1)
+        return payload
 
     def _take_gradient_sample(self) -> GradientSample:
         if self._reduced_local is None:
@@ -143,8 +152,12 @@ def _allreduce_with_local_norm(ctl: DDPController, bucket: dist.GradBucket) -> t
     """DDP's default averaging all-reduce; the last bucket also carries this rank's Σ‖g_i‖²."""
     buffer = bucket.buffer()
     last = bucket.is_last()
-    payload = torch.cat([buffer, ctl._meter.take().to(buffer.dtype).reshape(1)]) if last else buffer
-    payload.div_(ctl.world_size)
+    if last:
+        payload = ctl._last_bucket_payload(buffer)
+        torch.div(buffer, ctl.world_size, out=payload[:-1])   # the division DDP does anyway, into the payload
+        payload[-1] = ctl._meter.take().to(buffer.dtype) / ctl.world_size
+    else:
+        payload = buffer.div_(ctl.world_size)
     work = dist.all_reduce(payload, group=ctl.process_group, async_op=True)
     index = bucket.index()
 
