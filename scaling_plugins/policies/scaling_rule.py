@@ -1,0 +1,133 @@
+"""The shared mechanics of fixed batch-size scaling rules (linear, square-root, LEGW).
+
+A rule is tuned at base batch B0 and run at k·B0. Each optimizer step then consumes k base batches, so
+progress τ (in base-scale steps, the unit every schedule in ``scaling_plugins.schedules`` takes) advances
+by k per step, exactly as AdaScale's τ advances by its gain. The learning rate of a step at progress τ is
+
+    lr = base_lr · k^e · f(τ),   f(τ) = (s/k^e + (1 − s/k^e)·τ/W_k) · schedule(W_k)   for τ < W_k,
+                                  f(τ) = schedule(τ)                                     for τ ≥ W_k
+
+with e the rule's exponent (1 linear, ½ square-root and LEGW), s = ``warmup_start_factor`` (where the
+warmup starts, as a fraction of the unscaled rate) and W_k the warmup in base-scale steps: f is
+``schedules.linear_warmup``. W_k is ``warmup_num_steps`` (the same epochs at every k) unless the rule says
+otherwise (LEGW: k × it).
+
+k is ``scale`` when given; else ``micro_batch_size`` × workers × accumulation steps / ``base_batch`` when
+those are given; else workers × accumulation steps (each worker's micro-batch is the base batch).
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar, Optional
+
+from ..schedules import Schedule, ScheduleSpec, build_schedule, linear_warmup
+from .base import Policy, StepObservation
+
+
+class ScalingRule(Policy):
+    """A fixed scaling rule over a base schedule. Subclasses set ``exponent`` (and may change the warmup).
+
+    Args (all optional):
+        scale: k = effective batch / base batch (>= 1); default from the run's shape (module docstring).
+        base_batch, micro_batch_size: B0 and the per-worker micro-batch, in samples, to derive k instead.
+        schedule: the base schedule of τ (base-scale steps), as tuned at B0: a name, ``{"type": ...}`` or a
+            callable; default constant.
+        warmup_num_steps: the warmup, in base-scale steps (see the rule for how k changes it); default 0.
+        warmup_start_factor: where the warmup starts, as a fraction of the unscaled rate; default the
+            rule's own (``default_warmup_start_factor``).
+        total_num_steps: the budget in base-scale steps; ``done`` once τ reaches it.
+    """
+
+    exponent: ClassVar[float]
+    default_warmup_start_factor: ClassVar[float]
+
+    def __init__(self, scale: Optional[float] = None, base_batch: Optional[float] = None,
+                 micro_batch_size: Optional[float] = None, schedule: ScheduleSpec = None,
+                 warmup_num_steps: float = 0, warmup_start_factor: Optional[float] = None,
+                 total_num_steps: Optional[float] = None) -> None:
+        super().__init__()
+        if scale is not None and not scale >= 1:
+            raise ValueError(f"scale (k) must be >= 1, got {scale!r}")
+        if (base_batch is None) != (micro_batch_size is None):
+            raise ValueError(f"base_batch and micro_batch_size go together, got base_batch={base_batch!r}, "
+                             f"micro_batch_size={micro_batch_size!r}")
+        if base_batch is not None:
+            if scale is not None:
+                raise ValueError("give either scale or base_batch with micro_batch_size, not both")
+            if not (base_batch > 0 and micro_batch_size > 0):
+                raise ValueError(f"base_batch and micro_batch_size must be > 0, got {base_batch!r}, "
+                                 f"{micro_batch_size!r}")
+        if not warmup_num_steps >= 0:
+            raise ValueError(f"warmup_num_steps must be >= 0, got {warmup_num_steps!r}")
+        if warmup_start_factor is None:
+            warmup_start_factor = self.default_warmup_start_factor
+        if not 0 <= warmup_start_factor <= 1:
+            raise ValueError(f"warmup_start_factor must lie in [0, 1], got {warmup_start_factor!r}")
+        if total_num_steps is not None and not total_num_steps > 0:
+            raise ValueError(f"total_num_steps must be > 0, got {total_num_steps!r}")
+        self.base_schedule = build_schedule(schedule)
+        self.warmup_num_steps = warmup_num_steps
+        self.warmup_start_factor = warmup_start_factor
+        self.total_num_steps = total_num_steps
+        self._user_scale = scale
+        self._batch_ratio = None if base_batch is None else micro_batch_size / base_batch
+        self._progress = 0.0
+        self._rescale(check=base_batch is None)  # a k from batch sizes is checked once configure() knows n
+
+    def scaled_warmup_steps(self, k: float) -> float:
+        """The warmup's length in base-scale steps at batch multiple ``k``: by default the same number of
+        epochs at every k (Goyal et al.); LEGW overrides it."""
+        return self.warmup_num_steps
+
+    @property
+    def peak_factor(self) -> float:
+        """k^e: the multiplier of the base learning rate once the warmup is over."""
+        return self.scale ** self.exponent
+
+    def configure(self, world_size: int, accumulation_steps: int) -> None:
+        super().configure(world_size, accumulation_steps)
+        self._rescale()
+
+    def _rescale(self, check: bool = True) -> None:
+        """Fix k (and the warmup, which may depend on it) for the run's current shape."""
+        n = self.world_size * self.accumulation_steps
+        if self._user_scale is not None:
+            k = float(self._user_scale)
+        elif self._batch_ratio is not None:
+            k = n * self._batch_ratio
+        else:
+            k = float(n)
+        if check and not k >= 1:
+            raise ValueError(f"the batch multiple k = {n} gradients × micro_batch_size / base_batch = {k!r} "
+                             "must be >= 1")
+        self.scale = k
+        start = self.warmup_start_factor / k ** self.exponent
+        self.schedule: Schedule = linear_warmup(self.scaled_warmup_steps(k), start, after=self.base_schedule)
+        self._factor = self.peak_factor * self.schedule(self._progress)
+
+    def step(self, observation: StepObservation) -> None:
+        self._factor = self.peak_factor * self.schedule(self._progress)
+        self._progress += self.scale
+        self.steps += 1
+
+    def learning_rate(self, base_lr: float) -> float:
+        return base_lr * self._factor
+
+    @property
+    def progress(self) -> float:
+        return self._progress
+
+    @property
+    def done(self) -> bool:
+        return self.total_num_steps is not None and self._progress >= self.total_num_steps
+
+    def metrics(self) -> dict[str, Any]:
+        return {**super().metrics(), "scale": self.scale, "lr_factor": self._factor}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "progress": self._progress, "factor": self._factor}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._progress = float(state["progress"])
+        self._rescale()
+        self._factor = float(state["factor"])
