@@ -69,6 +69,86 @@ def linear_warmup(warmup_steps: float, start_factor: float = 0.0, after: Schedul
     return schedule
 
 
+# DeepSpeed-named schedules (deepspeed.runtime.lr_schedules' names and parameter names). They are multipliers
+# like every schedule here: DeepSpeed's curve divided by its peak, so the optimizer's configured lr is the peak.
+# DeepSpeed's own WarmupLR/WarmupDecayLR take absolute rates; here only their ratio
+# warmup_min_lr/warmup_max_lr matters, and with the optimizer's lr equal to warmup_max_lr (DeepSpeed's default
+# when warmup_max_lr is omitted) the rates are DeepSpeed's. schedule(t) is DeepSpeed's value at
+# last_batch_iteration = t; t may be fractional (AdaScale's progress τ).
+WARMUP_TYPES = ("log", "linear")
+
+
+def _deepspeed_warmup(warmup_num_steps: float, warmup_type: str, start: float) -> Callable[[float], float]:
+    """w(t) = a + (1 − a)·γ(t) with γ(t) = ln(t + 1)/ln(W) ("log") or t/W ("linear"), W = max(2, warmup_num_steps)."""
+    _require_positive("warmup_num_steps", warmup_num_steps)
+    if warmup_type not in WARMUP_TYPES:
+        raise ValueError(f"warmup_type must be one of {WARMUP_TYPES}, got {warmup_type!r}")
+    if not 0 <= start <= 1:
+        raise ValueError(f"the warmup start ratio must lie in [0, 1], got {start!r}")
+    steps = max(2.0, float(warmup_num_steps))
+    if warmup_type == "log":
+        return lambda t: start + (1 - start) * math.log(t + 1) / math.log(steps)
+    return lambda t: start + (1 - start) * t / steps
+
+
+def _min_ratio(warmup_min_lr: float, warmup_max_lr: Union[None, float]) -> float:
+    if warmup_max_lr is None:
+        if warmup_min_lr != 0:
+            raise ValueError(f"warmup_min_lr={warmup_min_lr!r} needs warmup_max_lr: schedules are multipliers of "
+                             "the optimizer's lr, so only warmup_min_lr/warmup_max_lr is used")
+        return 0.0
+    _require_positive("warmup_max_lr", warmup_max_lr)
+    if not 0 <= warmup_min_lr <= warmup_max_lr:
+        raise ValueError(f"warmup_min_lr must lie in [0, warmup_max_lr={warmup_max_lr!r}], got {warmup_min_lr!r}")
+    return warmup_min_lr / warmup_max_lr
+
+
+def warmup_lr(warmup_min_lr: float = 0.0, warmup_max_lr: Union[None, float] = None,
+              warmup_num_steps: float = 1000, warmup_type: str = "log") -> Schedule:
+    """DeepSpeed's WarmupLR: lr(t) = a + (1 − a)·γ(t) for t < W, then 1, with a = warmup_min_lr/warmup_max_lr."""
+    warmup = _deepspeed_warmup(warmup_num_steps, warmup_type, _min_ratio(warmup_min_lr, warmup_max_lr))
+    steps = max(2.0, float(warmup_num_steps))
+    return lambda t: warmup(t) if t < steps else 1.0
+
+
+def warmup_decay_lr(total_num_steps: float, warmup_min_lr: float = 0.0, warmup_max_lr: Union[None, float] = None,
+                    warmup_num_steps: float = 1000, warmup_type: str = "log") -> Schedule:
+    """DeepSpeed's WarmupDecayLR: WarmupLR's warmup, then lr(t) = a + (1 − a)·max(0, (T − t)/max(1, T − W))
+    (linear back down to a = warmup_min_lr/warmup_max_lr at T)."""
+    start = _min_ratio(warmup_min_lr, warmup_max_lr)
+    warmup = _deepspeed_warmup(warmup_num_steps, warmup_type, start)
+    steps = max(2.0, float(warmup_num_steps))
+    _require_total_after_warmup(total_num_steps, warmup_num_steps)
+    decay_steps = max(1.0, total_num_steps - steps)
+    return lambda t: warmup(t) if t < steps else start + (1 - start) * max(0.0, (total_num_steps - t) / decay_steps)
+
+
+def warmup_cosine_lr(total_num_steps: float, warmup_min_ratio: float = 0.0, warmup_num_steps: float = 1000,
+                     cos_min_ratio: float = 0.0001, warmup_type: str = "log") -> Schedule:
+    """DeepSpeed's WarmupCosineLR: warmup from warmup_min_ratio, then
+    lr(t) = c + (1 − c)·½(1 + cos(π·p)), p = min(1, (t − W + 1)/max(1, T − W)), c = cos_min_ratio."""
+    warmup = _deepspeed_warmup(warmup_num_steps, warmup_type, warmup_min_ratio)
+    steps = max(2.0, float(warmup_num_steps))
+    _require_total_after_warmup(total_num_steps, warmup_num_steps)
+    if not 0 <= cos_min_ratio <= 1:
+        raise ValueError(f"cos_min_ratio must lie in [0, 1], got {cos_min_ratio!r}")
+    decay_steps = max(1.0, total_num_steps - steps)
+
+    def schedule(t: float) -> float:
+        if t < steps:
+            return warmup(t)
+        progress = min(1.0, (t - steps + 1) / decay_steps)
+        return max(0.0, cos_min_ratio + (1 - cos_min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return schedule
+
+
+def _require_total_after_warmup(total_num_steps: float, warmup_num_steps: float) -> None:
+    _require_positive("total_num_steps", total_num_steps)
+    if total_num_steps < warmup_num_steps:
+        raise ValueError(f"total_num_steps={total_num_steps!r} must be >= warmup_num_steps={warmup_num_steps!r}")
+
+
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "constant": constant,
     "step": step_decay,
@@ -77,6 +157,9 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "cosine": cosine,
     "polynomial": polynomial,
     "linear_warmup": linear_warmup,
+    "WarmupLR": warmup_lr,
+    "WarmupDecayLR": warmup_decay_lr,
+    "WarmupCosineLR": warmup_cosine_lr,
 }
 
 
