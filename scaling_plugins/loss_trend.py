@@ -34,6 +34,8 @@ import numpy as np
 INSTALL_HINT = "AutoWU's loss test needs scikit-learn: pip install 'scaling_plugins[autowu]' (or scikit-learn)"
 LENGTHSCALE = 0.2
 MIN_POINTS = 5
+AMPLITUDE_BOUNDS, NOISE_BOUNDS = (1e-3, 1e3), (1e-8, 1e1)
+INITIAL_HYPERPARAMETERS = (1.0, 0.1)   # (c, noise level) on standardised losses
 
 
 def require_sklearn() -> None:
@@ -67,35 +69,41 @@ class MinimumTest:
 @dataclass(frozen=True)
 class TestResult:
     """positive: the minimum has passed; probability: median p over subsamples; minimum_index: where the
-    smoothed loss is lowest, as an index into the losses given to :func:`minimum_has_passed`."""
+    smoothed loss is lowest, as an index into the losses given to :func:`minimum_has_passed`;
+    hyperparameters: the fitted (c, noise level) of the first subsample, to start the next test's fit from."""
 
     positive: bool
     probability: float
     minimum_index: int
+    hyperparameters: tuple[float, float] = INITIAL_HYPERPARAMETERS
 
 
-def minimum_has_passed(losses: Sequence[float], test: MinimumTest, seed: Sequence[int]) -> TestResult:
+def minimum_has_passed(losses: Sequence[float], test: MinimumTest, seed: Sequence[int],
+                       start: tuple[float, float] = INITIAL_HYPERPARAMETERS) -> TestResult:
     """Run the test on ``losses`` (one per step, oldest first; non-finite entries are left out of the fit).
 
-    Fewer than ``MIN_POINTS`` finite losses give a negative result (too little history to smooth).
+    The marginal-likelihood fit of (c, noise level) starts from ``start`` — the previous test's result, which
+    the loss curve has barely changed since, so the optimiser needs few iterations. Fewer than
+    ``MIN_POINTS`` finite losses give a negative result (too little history to smooth).
     """
     values = np.asarray(losses, dtype=np.float64)
     finite = np.flatnonzero(np.isfinite(values))
     if finite.size < MIN_POINTS:
         last = int(finite[-1]) if finite.size else 0
-        return TestResult(positive=False, probability=0.0, minimum_index=last)
+        return TestResult(positive=False, probability=0.0, minimum_index=last, hyperparameters=start)
     rng = np.random.default_rng(list(seed))
-    votes, probabilities, minima = 0, [], []
+    votes, probabilities, minima, fitted = 0, [], [], []
     for _ in range(test.num_subsamples):
         chosen = _subsample(finite, test.max_points, rng)
-        probability, minimum = _fit_and_test(chosen, values[chosen], len(values), test.num_draws,
-                                             int(rng.integers(2**31)))
+        probability, minimum, hyperparameters = _fit_and_test(chosen, values[chosen], len(values), test.num_draws,
+                                                              int(rng.integers(2**31)), start)
         votes += probability > test.threshold
         probabilities.append(probability)
         minima.append(minimum)
+        fitted.append(hyperparameters)
     return TestResult(positive=votes * 2 > test.num_subsamples,
                       probability=float(statistics.median(probabilities)),
-                      minimum_index=int(statistics.median_low(minima)))
+                      minimum_index=int(statistics.median_low(minima)), hyperparameters=fitted[0])
 
 
 def _subsample(indices: np.ndarray, max_points: int, rng: np.random.Generator) -> np.ndarray:
@@ -106,9 +114,9 @@ def _subsample(indices: np.ndarray, max_points: int, rng: np.random.Generator) -
     return np.append(np.sort(earlier), indices[-1])
 
 
-def _fit_and_test(steps: np.ndarray, losses: np.ndarray, length: int, num_draws: int,
-                  draw_seed: int) -> tuple[float, int]:
-    """(p, step of the posterior mean's minimum) for one subsample."""
+def _fit_and_test(steps: np.ndarray, losses: np.ndarray, length: int, num_draws: int, draw_seed: int,
+                  start: tuple[float, float]) -> tuple[float, int, tuple[float, float]]:
+    """(p, step of the posterior mean's minimum, fitted (c, noise level)) for one subsample."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.gaussian_process import GaussianProcessRegressor
     from sklearn.gaussian_process.kernels import RBF, ConstantKernel, WhiteKernel
@@ -117,14 +125,16 @@ def _fit_and_test(steps: np.ndarray, losses: np.ndarray, length: int, num_draws:
     x = (steps / max(length - 1, 1)).reshape(-1, 1)
     spread = losses.std()
     y = (losses - losses.mean()) / (spread if spread > 0 else 1.0)
-    kernel = (ConstantKernel(1.0, (1e-3, 1e3)) * RBF(LENGTHSCALE, length_scale_bounds="fixed")
-              + WhiteKernel(0.1, (1e-8, 1e1)))
+    amplitude, noise = (float(np.clip(v, *bounds)) for v, bounds in zip(start, (AMPLITUDE_BOUNDS, NOISE_BOUNDS)))
+    kernel = (ConstantKernel(amplitude, AMPLITUDE_BOUNDS) * RBF(LENGTHSCALE, length_scale_bounds="fixed")
+              + WhiteKernel(noise, NOISE_BOUNDS))
     gp = GaussianProcessRegressor(kernel=kernel, normalize_y=False)
     # One BLAS thread: the matrices are at most max_points², threads only contend with training for cores,
     # and a single-threaded factorisation gives every rank the same bits.
     with warnings.catch_warnings(), threadpool_limits(limits=1):
         warnings.simplefilter("ignore", ConvergenceWarning)
         gp.fit(x, y)
+        fitted = (float(gp.kernel_.k1.k1.constant_value), float(gp.kernel_.k2.noise_level))
         # The fitted factorisation already accounts for the noise; dropping the white term from kernel_
         # turns predictions at x into the latent curve's posterior (no observation noise on the diagonal).
         gp.kernel_ = gp.kernel_.k1
@@ -132,4 +142,4 @@ def _fit_and_test(steps: np.ndarray, losses: np.ndarray, length: int, num_draws:
         warnings.simplefilter("ignore", RuntimeWarning)  # near-singular latent covariance: harmless here
         draws = gp.sample_y(x, n_samples=num_draws, random_state=draw_seed)  # shape (points, draws)
     probability = float(np.mean(draws[:-1].min(axis=0) < draws[-1]))
-    return probability, int(steps[int(np.argmin(mean))])
+    return probability, int(steps[int(np.argmin(mean))]), fitted

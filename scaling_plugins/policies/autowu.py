@@ -27,10 +27,11 @@ Needs scikit-learn (``pip install 'scaling_plugins[autowu]'``).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Optional
 
-from ..loss_trend import MinimumTest, TestResult, minimum_has_passed, require_sklearn
+from ..loss_trend import INITIAL_HYPERPARAMETERS, MinimumTest, TestResult, minimum_has_passed, require_sklearn
 from .base import Policy, StepObservation
 from .registry import register
 
@@ -136,12 +137,13 @@ class AutoWU(Policy):
     def _test_epoch(self, t: int) -> None:
         epoch = (t + 1) // self.steps_per_epoch
         recent = self.losses[-self.steps_per_epoch:]
+        start = INITIAL_HYPERPARAMETERS if self.last_test is None else self.last_test.hyperparameters
         if all(math.isfinite(x) for x in recent):
-            self.last_test = minimum_has_passed(self.losses, self.test, seed=(self.seed, epoch))
+            self.last_test = minimum_has_passed(self.losses, self.test, seed=(self.seed, epoch), start=start)
         else:
             finite = [(x, i) for i, x in enumerate(self.losses) if math.isfinite(x)]
             self.last_test = TestResult(positive=True, probability=1.0,
-                                        minimum_index=min(finite)[1] if finite else 0)
+                                        minimum_index=min(finite)[1] if finite else 0, hyperparameters=start)
         self.positive_streak = self.positive_streak + 1 if self.last_test.positive else 0
         if self.positive_streak >= self.patience:
             self._switch(t, self.warmup_lr(self.last_test.minimum_index))
@@ -166,8 +168,7 @@ class AutoWU(Policy):
         test = self.last_test
         return {**super().state_dict(), "losses": list(self.losses), "phase": self.phase,
                 "positive_streak": self.positive_streak, "switch_step": self.switch_step, "peak_lr": self.peak_lr,
-                "lr": self._lr, "last_test": None if test is None else
-                [test.positive, test.probability, test.minimum_index]}
+                "lr": self._lr, "last_test": None if test is None else dataclasses.asdict(test)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
@@ -178,7 +179,9 @@ class AutoWU(Policy):
         self.peak_lr = state["peak_lr"]
         self._lr = float(state["lr"])
         test = state["last_test"]
-        self.last_test = None if test is None else TestResult(bool(test[0]), float(test[1]), int(test[2]))
+        self.last_test = None if test is None else TestResult(
+            positive=bool(test["positive"]), probability=float(test["probability"]),
+            minimum_index=int(test["minimum_index"]), hyperparameters=tuple(map(float, test["hyperparameters"])))
 
 
 def _require_int(key: str, value: Any, minimum: int) -> None:
