@@ -1,0 +1,139 @@
+"""The ``scaling-plugins`` command: ``demo``, ``report`` and ``check-config``. Run ``scaling-plugins --help``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+DESCRIPTION = """\
+Batch-size-aware learning-rate policies (AdaScale, and the scaling rules in the policy registry) for
+PyTorch DDP, DeepSpeed and Horovod.
+
+  demo           train a built-in workload at a large scale with AdaScale and the baselines, against the
+                 S = 1 reference; print a comparison table and write metrics and plots
+  report         re-render the table and plots from saved run folders
+  check-config   validate a DeepSpeed config's policy ("scheduler") entry or a standalone policy config
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .engines import BACKENDS
+    from .workloads import WORKLOADS
+
+    parser = argparse.ArgumentParser(prog="scaling-plugins", description=DESCRIPTION,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser(
+        "demo", help="train a built-in workload: AdaScale and baselines at scale S vs the S = 1 reference",
+        description="Train a built-in workload at scale S = workers × accumulation with each policy, plus the "
+                    "S = 1 reference (one rank, base batch), on local CPU processes (no launcher needed). "
+                    "Prints the comparison table; writes OUT/<timestamp>/<run>/metrics.jsonl and PNG plots.")
+    demo.add_argument("--backend", choices=BACKENDS, default="ddp",
+                      help="engine: PyTorch DDP (default), DeepSpeed (needs deepspeed) or Horovod (needs `make horovod`)")
+    demo.add_argument("--policy", action="append", metavar="NAME",
+                      help="a registered policy to run at scale S (repeat for several); default: AdaScale and "
+                           "linear scaling with warmup when registered. `--policy list` shows the registry")
+    demo.add_argument("--workload", choices=sorted(WORKLOADS), default="digits",
+                      help="digits: scikit-learn's digits images, small CNN; charlm: character LSTM on the Python "
+                           "reference text shipped with Python; quadratic: synthetic noisy quadratic (default: digits)")
+    demo.add_argument("--workers", type=_positive_int, default=2, help="ranks (processes) for the scaled runs (default: 2)")
+    demo.add_argument("--scale", type=_positive_int, default=16,
+                      help="S = effective batch / base batch = workers × gradient-accumulation steps (default: 16)")
+    demo.add_argument("--budget", type=_positive_float, default=None,
+                      help="training length in base-scale steps (samples / base batch); AdaScale stops when its "
+                           "progress τ reaches it, other policies after the same number of samples. "
+                           "Default: the workload's (digits 1600, charlm 1200, quadratic 800)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of the data order and the model initialisation (default: 0)")
+    demo.add_argument("--evals", type=_positive_int, default=8, help="validation evaluations per run (default: 8)")
+    demo.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives the run folders (default: runs)")
+    demo.add_argument("--no-reference", action="store_true", help="skip the S = 1 reference run")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    report = commands.add_parser(
+        "report", help="re-render the comparison table and plots from saved runs",
+        description="Load run folders (or folders of run folders, as the demo writes them), print the comparison "
+                    "table and write validation.png, lr_gain.png, progress.png and table.md.")
+    report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
+    report.add_argument("--out", type=Path, default=None,
+                        help="where to write the figures; default: RUN_DIR when one is given, else ./report")
+    report.add_argument("--title", default=None, help="figure title; default: workloads and backends")
+
+    check = commands.add_parser(
+        "check-config", help="validate a DeepSpeed config's policy entry or a standalone policy config",
+        description="Check a JSON file without training: a DeepSpeed config's \"scheduler\" entry naming a "
+                    "scaling_plugins policy, or a standalone {\"type\": NAME, \"params\": {...}}. Prints every "
+                    "problem with its key path, the bad value and what is allowed; exit status 0 when valid, 1 not.")
+    check.add_argument("file", type=Path, metavar="FILE")
+    return parser
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import default_policies, plan, run_demo
+    from .engines import BackendUnavailable
+    from .policies import POLICIES
+
+    if args.policy == ["list"]:
+        print("\n".join(sorted(POLICIES)))
+        return 0
+    try:
+        specs = plan(args.workload, args.backend, args.policy or default_policies(), args.workers, args.scale,
+                     args.budget, args.seed, reference=not args.no_reference, evals=args.evals)
+        run_demo(specs, args.out, progress_bar=not args.no_progress)
+    except (ValueError, BackendUnavailable) as err:
+        print(f"scaling-plugins demo: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from .plots import comparison_table, load_runs, render
+
+    try:
+        runs = load_runs(args.run_dirs)
+    except (FileNotFoundError, json.JSONDecodeError, KeyError) as err:
+        print(f"scaling-plugins report: {err}", file=sys.stderr)
+        return 2
+    out = args.out or (args.run_dirs[0] if len(args.run_dirs) == 1 else Path("report"))
+    print(comparison_table(runs))
+    for path in render(runs, out, title=args.title):
+        print(f"wrote {path}")
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    from .config_check import check_file
+
+    problems, notes = check_file(args.file)
+    for note in notes:
+        print(f"{args.file}: {note}")
+    for problem in problems:
+        print(f"{args.file}: {problem}")
+    print(f"{args.file}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    handler = {"demo": _demo, "report": _report, "check-config": _check_config}[args.command]
+    return handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Engine adapters for the built-in trainer: one small class per backend, one surface for the training loop.
+
+Each adapter wraps a model with its engine and a policy and offers
+
+    forward_backward(x, y, last) -> loss      one micro-batch (``last`` closes the optimizer step)
+    step(mean_loss)                            the optimizer step, learning rate set by the policy
+    mean_over_ranks(value)                     an all-reduced mean (for the training-loss telemetry)
+    metrics(), policy, module                  what the telemetry reads; the bare model for evaluation
+
+Backends that are not installed, or whose module has not landed, raise ``BackendUnavailable`` with a hint.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from .workloads import Workload
+
+BACKENDS = ("ddp", "deepspeed", "horovod")
+INSTALL_HINTS = {
+    "deepspeed": "pip install 'scaling_plugins[deepspeed]'",
+    "horovod": "make horovod (builds Horovod 0.28.1 against this torch; see README)",
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """The chosen backend cannot run here (engine not installed, or its scaling_plugins module missing)."""
+
+
+def require_backend(name: str) -> Any:
+    """The ``scaling_plugins.backends.<name>`` module, or ``BackendUnavailable`` saying how to get it."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; valid backends: {list(BACKENDS)}")
+    try:
+        return importlib.import_module(f"scaling_plugins.backends.{name}")
+    except ImportError as err:
+        hint = INSTALL_HINTS.get(name, "")
+        raise BackendUnavailable(f"backend {name!r} is not available here ({err}). {hint}".strip()) from err
+
+
+class DDPEngine:
+    """``DistributedDataParallel`` + SGD + ``scaling_plugins.backends.ddp.attach``; needs an initialised
+    torch.distributed process group."""
+
+    def __init__(self, model: nn.Module, workload: Workload, lr: float, policy: Mapping[str, Any],
+                 accumulation: int) -> None:
+        ddp_backend = require_backend("ddp")
+        self.module = model
+        self.workload = workload
+        self.accumulation = accumulation
+        self.ddp = torch.nn.parallel.DistributedDataParallel(model)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=workload.momentum)
+        self.controller = ddp_backend.attach(self.ddp, self.optimizer, dict(policy), accumulation_steps=accumulation)
+
+    @property
+    def policy(self) -> Any:
+        return self.controller.policy
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
+        context = contextlib.nullcontext() if last else self.ddp.no_sync()
+        with context:
+            loss = self.workload.loss(self.ddp(x), y)
+            (loss / self.accumulation).backward()
+        return loss.detach()
+
+    def step(self, mean_loss: float) -> None:
+        self.controller.step(mean_loss)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def mean_over_ranks(self, value: torch.Tensor) -> float:
+        import torch.distributed as dist
+
+        total = value.detach().to(torch.float64).reshape(1).clone()
+        dist.all_reduce(total)
+        return total.item() / dist.get_world_size()
+
+    def metrics(self) -> dict[str, Any]:
+        return self.controller.metrics()
+
+
+ENGINES = {"ddp": DDPEngine}
+
+
+def make_engine(backend: str, model: nn.Module, workload: Workload, lr: float, policy: Mapping[str, Any],
+                accumulation: int) -> Any:
+    """The adapter for ``backend``; ``BackendUnavailable`` when that backend cannot run here."""
+    require_backend(backend)
+    if backend not in ENGINES:
+        raise BackendUnavailable(f"backend {backend!r} is installed but the built-in trainer has no adapter for it yet")
+    return ENGINES[backend](model, workload, lr, policy, accumulation)

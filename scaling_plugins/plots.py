@@ -1,0 +1,181 @@
+"""Figures and the comparison table from saved run folders (each with ``run.json``, ``metrics.jsonl`` and
+``eval.jsonl``, as ``scaling_plugins.training`` writes them).
+
+    runs = load_runs(["runs/20240101-120000"])       # a run folder, or a folder of run folders
+    print(comparison_table(runs))
+    render(runs, "runs/20240101-120000")             # validation.png, lr_gain.png, progress.png, table.md
+
+matplotlib (Agg, no display needed) is imported lazily: ``pip install 'scaling_plugins[plot]'``.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence, Union
+
+from .telemetry import EVAL_FILE, METRICS_FILE, read_jsonl
+from .training import RUN_FILE
+
+FIGURES = ("validation.png", "lr_gain.png", "progress.png")
+TABLE_FILE = "table.md"
+
+
+@dataclass
+class Run:
+    """One saved run: its folder, spec and summary (``run.json``), step records and evaluations."""
+
+    path: Path
+    spec: dict[str, Any]
+    summary: dict[str, Any]
+    steps: list[dict[str, Any]]
+    evals: list[dict[str, Any]]
+
+    @property
+    def name(self) -> str:
+        return self.spec.get("name", self.path.name)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} (S={self.summary.get('scale', '?')})"
+
+
+def load_run(path: Union[str, Path]) -> Run:
+    """The run saved in ``path``; ``FileNotFoundError`` when it holds no ``run.json``."""
+    path = Path(path)
+    info_file = path / RUN_FILE
+    if not info_file.exists():
+        raise FileNotFoundError(f"{path} is not a run folder (no {RUN_FILE})")
+    info = json.loads(info_file.read_text())
+    return Run(path=path, spec=info["spec"], summary=info["summary"], steps=read_jsonl(path / METRICS_FILE),
+               evals=read_jsonl(path / EVAL_FILE))
+
+
+def load_runs(paths: Iterable[Union[str, Path]]) -> list[Run]:
+    """Runs from run folders and from folders of run folders (sorted by name inside each)."""
+    runs: list[Run] = []
+    for path in map(Path, paths):
+        if (path / RUN_FILE).exists():
+            runs.append(load_run(path))
+            continue
+        children = sorted(child for child in path.glob("*") if (child / RUN_FILE).exists()) if path.is_dir() else []
+        if not children:
+            raise FileNotFoundError(f"{path} holds no runs (no {RUN_FILE} in it or in its sub-folders)")
+        runs.extend(load_run(child) for child in children)
+    return runs
+
+
+# -- table ------------------------------------------------------------------------------------------------
+COLUMNS = ("run", "policy", "S", "val loss", "val acc", "steps", "samples", "wall s", "mean gain")
+
+
+def _row(run: Run) -> list[str]:
+    summary = run.summary
+    accuracy = summary.get("final_val_accuracy")
+    return [run.name, str(run.spec.get("policy", "?")), str(summary["scale"]), f"{summary['final_val_loss']:.4f}",
+            "-" if accuracy is None else f"{100 * accuracy:.1f}%", str(summary["steps"]), str(summary["samples"]),
+            f"{summary['wall_s']:.1f}", f"{summary['mean_gain']:.2f}"]
+
+
+def comparison_table(runs: Sequence[Run]) -> str:
+    """A Markdown table (readable as plain text): final validation loss/accuracy, optimizer steps, samples,
+    wall time and mean gain, one row per run."""
+    rows = [list(COLUMNS)] + [_row(run) for run in runs]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    return "\n".join(lines)
+
+
+# -- figures ----------------------------------------------------------------------------------------------
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as err:
+        raise ImportError("plots need matplotlib: pip install 'scaling_plugins[plot]'") from err
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _series(records: list[dict[str, Any]], x: str, y: str) -> tuple[list[float], list[float]]:
+    points = [(r[x], r[y]) for r in records if r.get(x) is not None and r.get(y) is not None]
+    return [p[0] for p in points], [p[1] for p in points]
+
+
+def _finish(fig: Any, axes: Iterable[Any], path: Path, title: str) -> None:
+    for ax in axes:
+        ax.grid(True, which="major", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def plot_validation(runs: Sequence[Run], path: Path, title: str) -> None:
+    """Validation loss (log scale) and, where the task has one, accuracy against training samples seen."""
+    plt = _pyplot()
+    with_accuracy = any(e.get("val_accuracy") is not None for run in runs for e in run.evals)
+    fig, axes = plt.subplots(1, 2 if with_accuracy else 1, figsize=(11 if with_accuracy else 6, 4.2), squeeze=False)
+    axes = axes[0]
+    for run in runs:
+        axes[0].plot(*_series(run.evals, "samples", "val_loss"), marker="o", markersize=3, label=run.label)
+        if with_accuracy:
+            axes[1].plot(*_series(run.evals, "samples", "val_accuracy"), marker="o", markersize=3, label=run.label)
+    axes[0].set(xlabel="training samples seen", ylabel="validation loss", yscale="log")
+    if with_accuracy:
+        axes[1].set(xlabel="training samples seen", ylabel="validation accuracy")
+        finals = [e["val_accuracy"] for run in runs for e in run.evals[-1:] if e.get("val_accuracy") is not None]
+        if finals:   # zoom on the end of training, where the runs differ
+            axes[1].set_ylim(max(0.0, min(finals) - 0.15), min(1.0, max(finals) + 0.02))
+    _finish(fig, axes, path, title)
+    plt.close(fig)
+
+
+def plot_lr_gain(runs: Sequence[Run], path: Path, title: str) -> None:
+    """Learning rate and gain against optimizer step (log step axis: runs at different S take very
+    different numbers of steps)."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for run in runs:
+        axes[0].plot(*_series(run.steps, "step", "lr"), label=run.label)
+        axes[1].plot(*_series(run.steps, "step", "gain"), label=run.label)
+    axes[0].set(xlabel="optimizer step", ylabel="learning rate", xscale="log")
+    axes[1].set(xlabel="optimizer step", ylabel="gain r  (1 ≤ r ≤ S)", xscale="log")
+    _finish(fig, axes, path, title)
+    plt.close(fig)
+
+
+def plot_progress(runs: Sequence[Run], path: Path, title: str) -> None:
+    """The policy's progress τ against optimizer step, with the budget as a dashed line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for run in runs:
+        ax.plot(*_series(run.steps, "step", "progress"), label=run.label)
+    budgets = {run.spec.get("budget") for run in runs} - {None}
+    for budget in budgets:
+        ax.axhline(budget, color="gray", linestyle="--", linewidth=1)
+    ax.set(xlabel="optimizer step", ylabel="progress τ (base-scale steps)", xscale="log", yscale="log")
+    _finish(fig, [ax], path, title + ("  (dashed: budget)" if budgets else ""))
+    plt.close(fig)
+
+
+def render(runs: Sequence[Run], out_dir: Union[str, Path], title: Optional[str] = None) -> list[Path]:
+    """Write the three figures and ``table.md`` into ``out_dir``; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    title = title or _default_title(runs)
+    paths = [out_dir / name for name in FIGURES]
+    plot_validation(runs, paths[0], title)
+    plot_lr_gain(runs, paths[1], title)
+    plot_progress(runs, paths[2], title)
+    table = out_dir / TABLE_FILE
+    table.write_text(f"# {title}\n\n{comparison_table(runs)}\n")
+    return paths + [table]
+
+
+def _default_title(runs: Sequence[Run]) -> str:
+    workloads = sorted({str(run.spec.get("workload")) for run in runs})
+    backends = sorted({str(run.spec.get("backend")) for run in runs})
+    return f"{', '.join(workloads)} on {', '.join(backends)}"

@@ -1,0 +1,159 @@
+"""The built-in trainer: one run of a built-in workload under one backend and one policy, with telemetry.
+
+A run is described by a :class:`RunSpec`. Its length is a budget in base-scale steps (B0 = the workload's
+micro-batch): a policy that measures its progress in base-scale steps (AdaScale's τ, which advances by the
+gain; the scaling rules', which advance by k) runs until that progress reaches the budget; any other policy
+runs until it has seen budget × B0 samples (the same number of epochs as the S = 1 reference).
+
+:func:`train` runs inside an already-started distributed job (one process per rank: spawned by
+``scaling_plugins.spawn`` or started by a launcher) and writes, on rank 0, ``metrics.jsonl`` (one record
+per step, see ``scaling_plugins.telemetry``), ``eval.jsonl`` and ``run.json`` (the spec and the summary).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+
+from .config import allowed_keys
+from .engines import make_engine
+from .policies import Policy, policy_class
+from .telemetry import TelemetryWriter, record_from
+from .workloads import Workload, get_workload
+
+RUN_FILE = "run.json"
+
+
+@dataclasses.dataclass
+class RunSpec:
+    """One training run. Scale S = workers × accumulation.
+
+    name: the run's folder name and label in tables and plots.
+    policy: a registered policy name; ``policy_params`` are passed to it (validated by the policy).
+    budget: base-scale steps; None = the workload's default.
+    lr: base learning rate for B0; None = the workload's tuned one.
+    schedule: the base schedule as a function of base-scale steps (a ``scaling_plugins.schedules`` entry);
+        None = cosine decay over the budget.
+    evals: validation evaluations spread over the run (plus one before the first step).
+    """
+
+    name: str
+    workload: str = "digits"
+    backend: str = "ddp"
+    policy: str = "AdaScale"
+    policy_params: dict[str, Any] = dataclasses.field(default_factory=dict)
+    workers: int = 2
+    accumulation: int = 1
+    budget: Optional[float] = None
+    lr: Optional[float] = None
+    schedule: Optional[dict[str, Any]] = None
+    seed: int = 0
+    evals: int = 8
+    tensorboard: bool = True
+
+    def __post_init__(self) -> None:
+        for key in ("workers", "accumulation", "evals"):
+            value = getattr(self, key)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{key} must be an int >= 1, got {value!r}")
+        if self.budget is not None and not self.budget > 0:
+            raise ValueError(f"budget must be > 0 base-scale steps, got {self.budget!r}")
+        policy_class(self.policy)   # unknown names fail here, listing the valid ones
+
+    @property
+    def scale(self) -> int:
+        return self.workers * self.accumulation
+
+    def resolved(self, workload: Workload) -> "RunSpec":
+        """This spec with the workload's defaults filled in (budget, lr, schedule)."""
+        budget = self.budget if self.budget is not None else workload.default_budget
+        return dataclasses.replace(
+            self, budget=budget, lr=self.lr if self.lr is not None else workload.base_lr,
+            schedule=self.schedule if self.schedule is not None else {"type": "cosine", "total_steps": budget})
+
+
+def counts_base_steps(cls: type[Policy]) -> bool:
+    """Whether ``cls`` measures progress in base-scale steps (it overrides ``Policy.progress``, as AdaScale's τ
+    and the scaling rules do) rather than in optimizer steps (the protocol's default)."""
+    return cls.progress is not Policy.progress
+
+
+def policy_entry(spec: RunSpec) -> dict[str, Any]:
+    """``{"type", "params"}`` for the run: the budget (in the policy's own unit of progress) and the base
+    schedule where the policy takes them, overridden by ``spec.policy_params``. Scale is left to the policy,
+    whose default is workers × accumulation = S."""
+    cls = policy_class(spec.policy)
+    budget = spec.budget if counts_base_steps(cls) else math.ceil(spec.budget / spec.scale)
+    facts = {"schedule": spec.schedule, "total_num_steps": budget}
+    params = {key: value for key, value in facts.items() if key in allowed_keys(cls)}
+    return {"type": spec.policy, "params": {**params, **spec.policy_params}}
+
+
+def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progress_bar: bool = True) -> dict[str, Any]:
+    """Train ``spec`` on this rank of an initialised ``world``-rank job; returns the summary (on every rank)."""
+    if world != spec.workers:
+        raise ValueError(f"run {spec.name!r} wants {spec.workers} workers but the job has {world} ranks")
+    workload = get_workload(spec.workload, spec.seed)
+    spec = spec.resolved(workload)
+    engine = make_engine(spec.backend, workload.make_model(), workload, spec.lr, policy_entry(spec),
+                         spec.accumulation)
+    base_steps = counts_base_steps(type(engine.policy))
+    samples_per_step = spec.scale * workload.micro_batch
+    eval_every = spec.budget / spec.evals
+    run_dir = Path(run_dir)
+    bar = _progress_bar(spec, enabled=progress_bar and rank == 0)
+    gains: list[float] = []
+    step = samples = 0
+    base_progress = 0.0
+    next_eval = 0.0
+    started = time.perf_counter()
+    with TelemetryWriter(run_dir, rank, tensorboard=spec.tensorboard) as telemetry:
+        while base_progress < spec.budget:
+            if rank == 0 and base_progress >= next_eval:
+                result = workload.evaluate(engine.module)
+                telemetry.write_eval(step, samples, result.loss, result.accuracy)
+                next_eval += eval_every
+            loss_sum = torch.zeros((), dtype=torch.float64)
+            for micro in range(spec.accumulation):
+                x, y = workload.micro_batch_at(step, rank, world, spec.accumulation, micro)
+                loss_sum += engine.forward_backward(x, y, last=micro == spec.accumulation - 1)
+            mean_loss = engine.mean_over_ranks(loss_sum / spec.accumulation)
+            engine.step(mean_loss)
+            step += 1
+            samples += samples_per_step
+            record = record_from(engine.metrics(), step=step, samples=samples, loss=mean_loss)
+            telemetry.write_step(record)
+            gains.append(record["gain"] if record["gain"] is not None else 1.0)
+            previous, base_progress = base_progress, (engine.policy.progress if base_steps
+                                                      else samples / workload.micro_batch)
+            if bar is not None:
+                bar.update(min(base_progress, spec.budget) - min(previous, spec.budget))
+                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{record['lr']:.3g}", gain=f"{gains[-1]:.2f}")
+        wall = time.perf_counter() - started
+        final = workload.evaluate(engine.module)
+        telemetry.write_eval(step, samples, final.loss, final.accuracy)
+    if bar is not None:
+        bar.close()
+    summary = {"final_val_loss": final.loss, "final_val_accuracy": final.accuracy, "steps": step, "samples": samples,
+               "wall_s": wall, "mean_gain": sum(gains) / len(gains), "scale": spec.scale,
+               "final_progress": base_progress}
+    if rank == 0:
+        (run_dir / RUN_FILE).write_text(json.dumps({"spec": dataclasses.asdict(spec), "summary": summary}, indent=2))
+    return summary
+
+
+def _progress_bar(spec: RunSpec, enabled: bool) -> Optional[Any]:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:
+        print("(no progress bar: pip install tqdm)")
+        return None
+    return tqdm(total=spec.budget, desc=f"{spec.name} S={spec.scale}", unit="base step", mininterval=0.5,
+                bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} base steps [{elapsed}<{remaining}{postfix}]")
