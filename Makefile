@@ -14,7 +14,7 @@ $(BIN)/python:
 # torch is pinned and installed first so pip never resolves an unpinned (CUDA) torch.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,demo,launch]'
 	touch $(STAMP)
 
 install: $(STAMP)
