@@ -1,0 +1,341 @@
+"""Horovod backend: a drop-in ``hvd.DistributedOptimizer`` whose learning rate follows a policy.
+
+    import horovod.torch as hvd
+    import scaling_plugins.backends.horovod as sph
+
+    hvd.init()
+    opt = sph.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                   named_parameters=model.named_parameters(), policy="AdaScale",
+                                   backward_passes_per_step=2)     # every hvd.DistributedOptimizer argument
+    for x, y in micro_batches:                                      # backward_passes_per_step of them
+        (loss_fn(model(x), y) / 2).backward()
+    opt.step()                     # this step's learning rate from the fresh gain, then the update
+    opt.zero_grad()
+    opt.gain, opt.lr, opt.progress, opt.scale, opt.metrics(), opt.state_dict()
+
+Launch with ``horovodrun -np N``, ``horovodrun --gloo -np N`` or ``mpirun -np N``. The returned object *is*
+Horovod's optimizer (same class, same methods, ``synchronize``/``skip_synchronize`` included) with the policy
+at ``opt.scaling``; its ``state_dict()`` carries the policy state under ``"scaling_plugins"``.
+
+How the numbers move (AdaScale, Johnson et al., ICML 2020: L = Σ_i ‖g_i‖², T = ‖ḡ‖², n = workers × passes),
+with no collective beyond one scalar in Horovod's own fusion buffer:
+
+- L: a tensor hook per parameter adds each backward pass's own ⟨g, g⟩ into one float64 scalar
+  (``LocalNormMeter``). Tensor hooks run before the gradient is accumulated into ``.grad``, hence before
+  Horovod's hook on the gradient accumulator, which fires after accumulation and (on the last pass) starts
+  the in-place all-reduce that overwrites ``.grad``.
+- The scalar travels as a fp32 one-element tensor with the gradients' op and pre/post-scale factors, under
+  a name fixed per optimizer (``NORM_NAME.<parameter name>``, so Horovod's response cache keeps it and two
+  optimizers never clash), in one grouped all-reduce with the last gradient of the ``backward_passes_per_step``-th backward
+  (the gradient whose Horovod hook completes the set of trainable parameters; with Horovod's ``groups``, the
+  group that completes last). A group is negotiated and executed as one, and Horovod fuses ready responses of
+  equal dtype, op and scale factors, so the scalar shares that gradient's fusion buffer: no collective of its
+  own (``HOROVOD_TIMELINE`` shows it; tests/test_horovod.py checks it).
+- Fallback, when that cannot be (a parameter got no gradient this step, ``Compression.fp16`` or non-fp32
+  gradients — a fusion buffer holds one dtype and the scalar stays fp32 — or no Horovod hooks on one rank
+  without Elastic): the scalar is enqueued on its own right after the last gradient, by an autograd
+  end-of-backward callback, which runs after every accumulator hook. It usually still fuses, but nothing
+  guarantees it.
+- T: after ``synchronize()``, one dot product per reduced gradient summed in float64 on the device;
+  ``step()`` reads L and T with one host sync.
+- ``gradient_predivide_factor`` is applied to the scalar exactly as to the gradients.
+  ``op=hvd.Adasum`` is refused: Adasum combines gradients adaptively instead of averaging them, so the mean
+  gradient whose statistics the policies read does not exist.
+
+Policies that use the training loss take it as ``opt.step(loss=loss)``; it is averaged over ranks with one
+1-element all-reduce (the only collective this backend adds, and only for those policies).
+Loss convention for ``backward_passes_per_step`` = A > 1: each pass's loss divided by A (``loss_reduction=
+"mean"``, Horovod's own examples) or summed (``"sum"``); the gain is right under both.
+Horovod Elastic: see ``scaling_plugins.backends.horovod_elastic`` (used automatically).
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import inspect
+from types import ModuleType
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..policies import build_policy
+from ..policies.registry import PolicySpec
+from ..stats import GradientSample
+from .driver import LOSS_REDUCTIONS, PolicyDriver, accumulation_sample
+from .local_norms import LocalNormMeter, squared_norm_sum
+
+NORM_NAME = "scaling_plugins.local_sq_norm"
+LOSS_NAME = "scaling_plugins.mean_loss"
+STATE_KEY = "scaling_plugins"
+
+
+def horovod_torch() -> ModuleType:
+    """``horovod.torch``, imported on first use, with a message saying how to install it."""
+    try:
+        import horovod.torch as hvd
+    except ImportError as err:
+        raise ImportError(
+            "the Horovod backend needs horovod 0.28.1 built with PyTorch: run `make horovod` (builds it once from "
+            "source with the C++17 fix, caches the wheel, installs it into .venv), then `pip install .[horovod]` "
+            f"finds it installed ({err})") from err
+    return hvd
+
+
+class ScaledOptimizer(abc.ABC):
+    """Marker type: ``isinstance(opt, ScaledOptimizer)`` is true for optimizers made by :func:`DistributedOptimizer`."""
+
+
+class HorovodScaling(PolicyDriver):
+    """Harvests L and T from one Horovod ``DistributedOptimizer`` and drives its policy (``opt.scaling``)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, policy: PolicySpec, backward_passes_per_step: int,
+                 gradient_predivide_factor: float, process_set: Any, loss_reduction: str) -> None:
+        self.hvd = horovod_torch()
+        super().__init__(optimizer, policy, process_set.size(), backward_passes_per_step, loss_reduction)
+        self.process_set = process_set
+        self.op = optimizer.op
+        average = self.op == self.hvd.Average
+        self._scale_factors = (1.0 / gradient_predivide_factor, gradient_predivide_factor) if average else (1.0, 1.0)
+        self._meter: Optional[LocalNormMeter] = None
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        self._num_params = len(params)
+        self._discard_pending()
+        if self.policy.needs_gradient_norms:
+            self._meter = LocalNormMeter(params)
+            self._norm_name = f"{NORM_NAME}.{optimizer._parameter_names[params[0]]}"
+            for p in params:
+                p.register_hook(self._on_gradient)
+
+    # -- harvesting -----------------------------------------------------------------------------------------
+    def _discard_pending(self) -> None:
+        """Forget a half-done step (a reload, an elastic reset): no pass seen, nothing in flight."""
+        self._passes = 0
+        self._enqueued = 0              # gradients (or Horovod groups) enqueued by hooks in this backward
+        self._in_backward = False       # a gradient hook fired and the end-of-backward callback has not run
+        self._norm: Optional[tuple[torch.Tensor, Any]] = None   # (buffer, handle; None when in a group)
+        self._reduced: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+        if self._meter is not None:
+            self._meter.take()
+
+    def _on_gradient(self, grad: torch.Tensor) -> None:
+        if not self._in_backward:
+            self._in_backward = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+
+    def _end_of_backward(self) -> None:
+        """After every accumulator hook of this backward: the fallback enqueue, if no gradient carried the norm."""
+        self._in_backward = False
+        self._enqueued = 0
+        self._passes += 1
+        if self._passes == self.accumulation_steps and self._norm is None:
+            self._enqueue_norm()
+
+    def _take_norm_buffer(self) -> torch.Tensor:
+        return self._meter.take().to(torch.float32).reshape(1)
+
+    def _enqueue_norm(self) -> None:
+        """This rank's Σ‖g‖² as a fp32 one-element all-reduce of its own, with the gradients' op and factors."""
+        buffer = self._take_norm_buffer()
+        prescale, postscale = self._scale_factors
+        handle = self.hvd.allreduce_async_(buffer, name=self._norm_name, op=self.op, prescale_factor=prescale,
+                                           postscale_factor=postscale, process_set=self.process_set)
+        self._norm = (buffer, handle)
+
+    def _carries_norm(self, optimizer: Any, grads: list[torch.Tensor], enqueued_of: int) -> bool:
+        """Whether this hook's all-reduce is the last of the backward and can carry the fp32 norm with it."""
+        if self._meter is None or self._norm is not None or not self._in_backward:
+            return False
+        self._enqueued += 1
+        return (self._enqueued == enqueued_of and optimizer._compression is self.hvd.Compression.none
+                and all(g.dtype == torch.float32 and g.layout == torch.strided for g in grads))
+
+    def allreduce_gradient(self, optimizer: Any, p: torch.Tensor) -> tuple[Any, Any]:
+        """Horovod's all-reduce of one gradient; the last one of the backward takes the norm into its group."""
+        if not self._carries_norm(optimizer, [p.grad], self._num_params):
+            return optimizer._horovod_allreduce(p)
+        buffer = self._take_norm_buffer()
+        prescale, postscale = self._scale_factors
+        handle = self.hvd.grouped_allreduce_async_(
+            [p.grad, buffer], name=f"{NORM_NAME}.{optimizer._parameter_names[p]}", op=self.op,
+            prescale_factor=prescale, postscale_factor=postscale, process_set=self.process_set)
+        self._norm = (buffer, None)
+        return (lambda: self.hvd.synchronize(handle)[0]), None   # Horovod calls a callable handle for the result
+
+    def grouped_allreduce(self, optimizer: Any, params: tuple) -> tuple[Any, tuple]:
+        """Horovod's all-reduce of one gradient group (``groups=``); the group completing last takes the norm."""
+        if not self._carries_norm(optimizer, [p.grad for p in params], len(optimizer._group_counts)):
+            return optimizer._horovod_grouped_allreduce(params)
+        buffer = self._take_norm_buffer()
+        handle = self.hvd.grouped_allreduce_async_(       # Horovod's grouped path applies no scale factors
+            [*(p.grad for p in params), buffer], name=f"{NORM_NAME}.{optimizer._parameter_names[params[0]]}",
+            op=self.op, process_set=self.process_set)
+        self._norm = (buffer, None)
+        return handle, (None,) * len(params)
+
+    def before_synchronize(self) -> None:
+        """Enqueue the norm now if backward did not (fewer passes than announced, or no Horovod hooks)."""
+        if self._meter is not None and self._norm is None and self._passes > 0:
+            self._enqueue_norm()
+
+    def after_synchronize(self, optimizer: torch.optim.Optimizer) -> None:
+        """Wait for the norm; T from the reduced gradients, as a device scalar (no host sync here)."""
+        if self._norm is None:
+            return
+        buffer, handle = self._norm
+        if handle is not None:
+            self.hvd.synchronize(handle)
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                 if p.requires_grad and p.grad is not None]
+        self._reduced = (buffer[0].to(torch.float64), squared_norm_sum(grads))
+        self._norm = None
+        self._passes = 0
+
+    # -- per step -------------------------------------------------------------------------------------------
+    def observe_step(self, loss: Optional[torch.Tensor | float]) -> None:
+        """Follow the world size, feed the policy this step's statistics (and loss), set the learning rates."""
+        self.resize(self.process_set.size())
+        gradients = self._take_gradient_sample() if self._meter is not None else None
+        mean_loss = self._mean_loss(loss) if self.policy.needs_loss else None
+        self.observe(gradients, mean_loss)
+
+    def _take_gradient_sample(self) -> GradientSample:
+        if self._reduced is None:
+            raise RuntimeError("no gradients were reduced since the last step(): call loss.backward() "
+                               "before opt.step()")
+        reduced_local, reduced_sq = torch.stack(self._reduced).tolist()     # the one host sync per step
+        self._reduced = None
+        world = self.world_size
+        if self.op == self.hvd.Sum:           # Sum: Σ over ranks, not the mean
+            reduced_local /= world
+            reduced_sq /= world * world
+        return accumulation_sample(reduced_local, reduced_sq, world, self.accumulation_steps, self.loss_reduction)
+
+    def _mean_loss(self, loss: Optional[torch.Tensor | float]) -> float:
+        if loss is None:
+            raise ValueError(f"policy {self.policy.name!r} uses the training loss: call opt.step(loss=loss)")
+        value = torch.as_tensor(loss, dtype=torch.float64).detach().reshape(1)
+        return self.hvd.allreduce(value, op=self.hvd.Average, name=LOSS_NAME, process_set=self.process_set).item()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self._discard_pending()
+
+
+class _ScaledMembers:
+    """What :func:`DistributedOptimizer` adds to the class Horovod built for one optimizer."""
+
+    def synchronize(self) -> None:
+        """Horovod's ``synchronize()``, with the norm all-reduce (enqueued here if backward did not) and T."""
+        self.scaling.before_synchronize()
+        self._horovod_synchronize()
+        self.scaling.after_synchronize(self)
+
+    def step(self, closure: Optional[Callable[[], float]] = None, loss: Optional[torch.Tensor | float] = None) -> Any:
+        """Synchronize, feed the policy, set this step's learning rates, then Horovod's step (the update)."""
+        synchronize_here = self._should_synchronize and not self._synchronized
+        if synchronize_here:
+            self.synchronize()
+        self.scaling.observe_step(loss)
+        with self.skip_synchronize() if synchronize_here else contextlib.nullcontext():
+            return self._horovod_step(closure)
+
+    def _allreduce_grad_async(self, p: torch.Tensor) -> tuple[Any, Any]:
+        return self.scaling.allreduce_gradient(self, p)
+
+    def _grouped_allreduce_grad_async(self, params: tuple) -> tuple[Any, tuple]:
+        return self.scaling.grouped_allreduce(self, params)
+
+    @property
+    def gain(self) -> float:
+        return self.scaling.gain
+
+    @property
+    def lr(self) -> float:
+        return self.scaling.lr
+
+    @property
+    def progress(self) -> float:
+        return self.scaling.progress
+
+    @property
+    def scale(self) -> float:
+        return self.scaling.scale
+
+    @property
+    def done(self) -> bool:
+        return self.scaling.done
+
+    def metrics(self) -> dict[str, Any]:
+        return self.scaling.metrics()
+
+
+def _save_scaling_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    state[STATE_KEY] = optimizer.scaling.state_dict()
+    return state
+
+
+def _load_scaling_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    if STATE_KEY not in state:
+        raise ValueError(f"optimizer state has no {STATE_KEY!r} entry (not saved from a scaling_plugins "
+                         "optimizer); load it into the wrapped optimizer before DistributedOptimizer(...)")
+    state = dict(state)
+    optimizer.scaling.load_state_dict(state.pop(STATE_KEY))
+    return state
+
+
+def _extend(optimizer: torch.optim.Optimizer, scaling: HorovodScaling) -> None:
+    """Add the policy to the class Horovod made for this one optimizer (Horovod's methods call
+    ``super(self.__class__, self)``, so the class cannot be subclassed; it is extended in place)."""
+    cls = type(optimizer)
+    if "_allreduce_grad_async" not in vars(cls):
+        raise RuntimeError(f"unexpected Horovod optimizer class {cls!r}: this backend supports horovod 0.28.1")
+    cls._horovod_step = cls.step
+    cls._horovod_synchronize = cls.synchronize
+    cls._horovod_allreduce = cls._allreduce_grad_async
+    cls._horovod_grouped_allreduce = cls._grouped_allreduce_grad_async
+    for name, member in vars(_ScaledMembers).items():
+        if not name.startswith("__"):
+            setattr(cls, name, member)
+    ScaledOptimizer.register(cls)
+    optimizer.scaling = scaling
+    optimizer.register_state_dict_post_hook(_save_scaling_state)
+    optimizer.register_load_state_dict_pre_hook(_load_scaling_state)
+
+
+def DistributedOptimizer(optimizer: torch.optim.Optimizer, *args: Any, policy: PolicySpec = "AdaScale",
+                         loss_reduction: str = "mean", **kwargs: Any):
+    """``hvd.DistributedOptimizer(optimizer, *args, **kwargs)`` whose learning rate follows ``policy``.
+
+    Takes every argument of ``hvd.DistributedOptimizer`` (same names, same defaults) plus:
+        policy: a registered name (``scaling_plugins.POLICIES``), ``{"type": name, "params": {...}}`` or a Policy.
+        loss_reduction: "mean" (each pass's loss divided by backward_passes_per_step) or "sum".
+    The policy's scale defaults to workers × backward_passes_per_step.
+    """
+    hvd = horovod_torch()
+    signature = inspect.signature(hvd.DistributedOptimizer)
+    try:
+        bound = signature.bind(optimizer, *args, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"{err}; allowed: hvd.DistributedOptimizer's arguments {list(signature.parameters)} "
+                        "and policy, loss_reduction") from None
+    bound.apply_defaults()
+    hvd_args = bound.arguments
+    if hvd_args["op"] not in (hvd.Average, hvd.Sum):
+        op_name = next((name for name in ("Adasum", "Min", "Max", "Product") if getattr(hvd, name) == hvd_args["op"]),
+                       hvd_args["op"])
+        raise ValueError(f"op=hvd.{op_name} is not supported (allowed: hvd.Average, hvd.Sum): the policies set the "
+                         "learning rate of the averaged gradient, and Adasum (or min/max/product) does not average, "
+                         "so AdaScale's gain has no meaning there")
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+    process_set = hvd_args["process_set"]
+    if not process_set.included():
+        raise ValueError("this rank is not in process_set: a policy needs the reduced gradients of its own set")
+    policy = build_policy(policy)              # bad policy input fails before Horovod registers hooks
+    distributed = hvd.DistributedOptimizer(**hvd_args)
+    scaling = HorovodScaling(distributed, policy, hvd_args["backward_passes_per_step"],
+                             hvd_args["gradient_predivide_factor"], process_set, loss_reduction)
+    _extend(distributed, scaling)
+    from .horovod_elastic import register_state_handler
+    register_state_handler()
+    return distributed

@@ -1,0 +1,153 @@
+"""Horovod backend, for real: two CPU ranks launched by `horovodrun --gloo`, `horovodrun` (MPI) and `mpirun`.
+
+One launch per launcher runs every check in tests/horovod_scripts/checks.py; these tests read its per-rank
+JSON and rank 0's HOROVOD_TIMELINE.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("horovod.torch", reason="Horovod is not installed: run `make horovod`")
+
+from tests.distributed import REPO, VENV_BIN, run_command  # noqa: E402
+
+SCRIPT = REPO / "tests" / "horovod_scripts" / "checks.py"
+NORM = "scaling_plugins.local_sq_norm"
+MPI_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+LAUNCHERS = {
+    "horovodrun --gloo": ["horovodrun", "--gloo", "-np", "2"],
+    "horovodrun (MPI)": ["horovodrun", "-np", "2"],
+    "mpirun": ["mpirun", "-np", "2"],
+}
+# Scaled-optimizer cases and their optimizer steps; in each the norm must share a gradient's fusion buffer.
+FUSED_CASES = {"orth": 1, "same": 1, "opp": 1, "onehot_mean_None": 1, "onehot_mean_1": 1, "onehot_sum_None": 1,
+               "onehot_sum_1": 1, "resume_a": 12, "resume_b": 6, "agree": 8, "append": 4, "grouped": 4,
+               "predivide": 4}
+
+
+@pytest.fixture(scope="module", params=list(LAUNCHERS))
+def launch(request, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp(re.sub(r"\W+", "_", request.param))
+    timeline = out / "timeline.json"
+    run_command([*LAUNCHERS[request.param], str(VENV_BIN / "python"), str(SCRIPT), str(out)], timeout=300,
+                env={**MPI_ROOT_ENV, "HOROVOD_TIMELINE": str(timeline)})
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
+    return {"launcher": request.param, "ranks": ranks, "batches": fusion_batches(timeline)}
+
+
+def fusion_batches(timeline: Path) -> list[list[str]]:
+    """The tensors of each executed all-reduce response, in order: a run of consecutive ALLREDUCE starts in
+    Horovod's timeline is one response, i.e. one fusion buffer (a response starts all its tensors at once)."""
+    text = timeline.read_text().rstrip().rstrip(",")
+    events = json.loads(text if text.endswith("]") else text + "]")     # Horovod leaves the array open
+    names = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name" and "name" in e["args"]}
+    batches: list[list[str]] = []
+    current = None
+    for event in events:
+        if event.get("ph") == "B" and event.get("name") == "ALLREDUCE":
+            if current is None:
+                current = []
+                batches.append(current)
+            current.append(names[event["pid"]])
+        elif event.get("ph") not in (None, "M"):
+            current = None
+    return batches
+
+
+def tensor_role(name: str) -> tuple[str, str]:
+    """("norm" | "grad", case) of a timeline tensor name (parameter names start with their case)."""
+    base = re.sub(r"^(grouped_)?allreduce\.", "", name)
+    grouped = re.match(r"(.*)_(\d+)of(\d+)$", base)
+    if grouped:
+        base = grouped.group(1)
+    if base.startswith(NORM + "."):
+        base = base[len(NORM) + 1:]
+        is_norm = grouped is None or grouped.group(2) == grouped.group(3)   # the norm is a group's last tensor
+        return ("norm" if is_norm else "grad"), base.split(".")[0]
+    return "grad", base.split(".")[0]
+
+
+def test_horovod_check_build_lists_pytorch_mpi_gloo():
+    out = run_command([str(VENV_BIN / "horovodrun"), "--check-build"], timeout=120).stdout
+    for line in ("[X] PyTorch", "[X] MPI", "[X] Gloo"):
+        assert line in out, out
+
+
+def test_golden_two_rank_gains(launch):
+    for rank in launch["ranks"]:
+        assert rank["size"] == 2
+        golden = rank["golden"]
+        assert golden["orthogonal"]["gain"] == pytest.approx(4 / 3, rel=1e-12)
+        assert golden["orthogonal_unused"]["gain"] == pytest.approx(4 / 3, rel=1e-12)
+        assert golden["identical"]["gain"] == pytest.approx(1.0, abs=1e-6)
+        assert golden["opposite"]["gain"] == pytest.approx(2.0, rel=1e-12)
+        for case in golden.values():
+            assert case["scale"] == 2.0
+            assert case["lr"] == pytest.approx(0.1 * case["gain"], rel=1e-12)
+            assert case["applied_lr"] and all(a == pytest.approx(case["lr"], rel=1e-6) for a in case["applied_lr"])
+
+
+def test_backward_passes_one_hot_gain_equals_scale(launch):
+    for rank in launch["ranks"]:
+        assert set(rank["one_hot"]) == {"mean_groupsNone", "mean_groups1", "sum_groupsNone", "sum_groups1"}
+        for case in rank["one_hot"].values():
+            assert case["scale"] == 4.0
+            assert case["gain"] == pytest.approx(4.0, rel=1e-12)
+
+
+def test_ranks_agree_bit_for_bit(launch):
+    first, second = launch["ranks"]
+    assert len(first["agreement"]["record"]) == 8
+    for key in ("agreement", "golden", "one_hot", "resume"):
+        assert first[key] == second[key], key
+
+
+def test_resume_reproduces_learning_rates_exactly(launch):
+    resume = launch["ranks"][0]["resume"]
+    assert len(set(resume["straight"])) > 1          # the learning rate moves, so equality means something
+    assert resume["resumed"] == resume["straight"][6:]
+    assert resume["progress_resumed"] == resume["progress"]
+    assert resume["params_equal"]
+
+
+def test_every_registered_policy_runs(launch):
+    import scaling_plugins
+
+    policies = launch["ranks"][0]["policies"]
+    assert set(policies) == set(scaling_plugins.POLICIES) | {"AdaScale object"}
+    for key, result in policies.items():
+        assert result["policy"] == key.split()[0]
+        assert all(0 < lr < float("inf") for lr in result["lrs"]), (key, result)
+    assert policies["AdaScale object"]["scale"] == 8.0 and policies["AdaScale"]["scale"] == 2.0
+    assert launch["ranks"][0]["policies"] == launch["ranks"][1]["policies"]
+
+
+def test_bad_arguments_are_refused(launch):
+    messages = launch["ranks"][0]["refusals"]
+    assert "op=hvd.Adasum is not supported" in messages["adasum"] and "hvd.Average" in messages["adasum"]
+    assert "loss_reduction" in messages["loss_reduction"] and "'median'" in messages["loss_reduction"]
+    assert "'NoSuchPolicy'" in messages["policy"] and "AdaScale" in messages["policy"]
+    assert messages["unknown_arg"].startswith("TypeError") and "no_such_argument" in messages["unknown_arg"]
+
+
+def test_norm_shares_the_gradients_fusion_buffer(launch):
+    """Per step the norm is reduced once, inside a response that also carries that optimizer's gradients
+    (so no collective of its own); under Compression.fp16 it is its own fp32 response; bare Horovod has none."""
+    fused, alone = {}, {}
+    for batch in launch["batches"]:
+        roles = [tensor_role(name) for name in batch]
+        grad_cases = {case for role, case in roles if role == "grad"}
+        for role, case in roles:
+            if role == "norm":
+                target = fused if case in grad_cases else alone
+                target[case] = target.get(case, 0) + 1
+    assert {case: fused.get(case) for case in FUSED_CASES} == FUSED_CASES, (fused, alone)
+    assert alone.get("fp16") == 4 and set(alone) <= {"fp16", "unused"}, alone
+    assert fused.get("unused", 0) + alone.get("unused", 0) == 1    # the fallback path: one norm, fused or not
+    assert not any(case == "bare" for batch in launch["batches"] for role, case in map(tensor_role, batch)
+                   if role == "norm")
