@@ -17,6 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from .engines import require_backend
+from .launch_env import shutdown_process_group
 from .training import RUN_FILE, RunSpec, train
 
 LOCAL_BACKENDS = ("ddp", "deepspeed")
@@ -34,11 +35,8 @@ def _rank_main(rank: int, spec: RunSpec, run_dir: str, port: int, progress_bar: 
                       WORLD_SIZE=str(spec.workers))
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", rank=rank, world_size=spec.workers)
-    try:
-        train(spec, run_dir, rank, spec.workers, progress_bar=progress_bar)
-        dist.barrier()   # tear the group down together: a rank leaving early can abort its peer's gloo threads
-    finally:
-        dist.destroy_process_group()
+    train(spec, run_dir, rank, spec.workers, progress_bar=progress_bar)
+    shutdown_process_group()
 
 
 def run_local(spec: RunSpec, run_dir: Union[str, Path], progress_bar: bool = True) -> dict[str, Any]:

@@ -1,0 +1,51 @@
+"""Train a built-in workload with a scaling_plugins policy, under any launcher, with any backend.
+
+    launch/torchrun.sh   launch/examples/train.py --backend ddp --policy AdaScale
+    launch/deepspeed.sh  launch/examples/train.py --backend ddp
+    launch/mpirun.sh     launch/examples/train.py --backend ddp
+    launch/horovodrun.sh launch/examples/train.py --backend horovod
+    (or the launchers themselves: torchrun --nproc_per_node 2 launch/examples/train.py ...)
+
+The rank comes from whatever started the process (scaling_plugins.launch_env); the run is the built-in
+trainer's (scaling_plugins.training), so metrics land in OUT/metrics.jsonl exactly as in the demo. Every
+rank prints one line `RESULT {...}` with its rank, the world size and the run's summary.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from scaling_plugins.engines import BACKENDS, require_backend
+from scaling_plugins.launch_env import init_process_group, shutdown_process_group
+from scaling_plugins.training import RunSpec, train
+from scaling_plugins.workloads import WORKLOADS
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", choices=BACKENDS, default="ddp")
+    parser.add_argument("--policy", default="AdaScale", help="a name registered in scaling_plugins.POLICIES")
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="digits")
+    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per rank per optimizer step")
+    parser.add_argument("--budget", type=float, default=None, help="base-scale steps (default: the workload's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=Path("runs/example"))
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    require_backend(args.backend)
+    where = init_process_group("gloo")
+    spec = RunSpec(name=args.out.name, workload=args.workload, backend=args.backend, policy=args.policy,
+                   workers=where.world_size, accumulation=args.accumulation, budget=args.budget, seed=args.seed)
+    summary = train(spec, args.out, where.rank, where.world_size, progress_bar=False)
+    result = {"rank": where.rank, "world_size": where.world_size, "rank_from": where.source, **summary}
+    sys.stdout.write(f"RESULT {json.dumps(result)}\n")   # one write: ranks share the launcher's stdout
+    sys.stdout.flush()
+    shutdown_process_group()
+
+
+if __name__ == "__main__":
+    main()

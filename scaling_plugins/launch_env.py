@@ -1,0 +1,76 @@
+"""Rank and world size from whatever started this process, and the gloo/NCCL process group from them.
+
+Launchers describe a rank in different variables:
+
+    torchrun, deepspeed launcher     RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT
+    mpirun (Open MPI)                OMPI_COMM_WORLD_RANK, OMPI_COMM_WORLD_SIZE, OMPI_COMM_WORLD_LOCAL_RANK
+    mpiexec (MPICH, Intel MPI)       PMI_RANK, PMI_SIZE
+    srun (SLURM, one task per rank)  SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID
+    horovodrun                       HOROVOD_RANK, HOROVOD_SIZE, HOROVOD_LOCAL_RANK (gloo mode; MPI mode sets OMPI_*)
+
+Nothing set means one process (rank 0 of 1). The rendezvous for torch.distributed is MASTER_ADDR:MASTER_PORT
+(default 127.0.0.1:29500); the launch/ wrappers set both from the batch system's node list.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+# (rank, world size, local rank) variable names, in the order they are tried
+CONVENTIONS = (
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK"),
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK"),
+    ("HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID"),
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"),
+)
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where this process sits in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    source: str  # the variable the rank came from, or "single process"
+
+
+def placement(environ: Optional[Mapping[str, str]] = None) -> Placement:
+    """This process's rank, world size and local rank from the first launcher convention that is set."""
+    env = os.environ if environ is None else environ
+    for rank_key, size_key, local_key in CONVENTIONS:
+        if rank_key in env and size_key in env:
+            rank, world = int(env[rank_key]), int(env[size_key])
+            if not 0 <= rank < world:
+                raise ValueError(f"{rank_key}={rank} is outside [0, {size_key}={world})")
+            return Placement(rank, world, int(env.get(local_key, rank)), rank_key)
+    return Placement(0, 1, 0, "single process")
+
+
+def init_process_group(backend: str = "gloo") -> Placement:
+    """Join (or create) the default torch.distributed group for this process's placement; returns it.
+
+    Exports RANK/WORLD_SIZE/LOCAL_RANK and a default MASTER_ADDR/MASTER_PORT so that engines which read the
+    environment themselves (DeepSpeed) see the same job.
+    """
+    import torch.distributed as dist
+
+    where = placement()
+    os.environ.update(RANK=str(where.rank), WORLD_SIZE=str(where.world_size), LOCAL_RANK=str(where.local_rank))
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    if not dist.is_initialized():
+        dist.init_process_group(backend, rank=where.rank, world_size=where.world_size)
+    return where
+
+
+def shutdown_process_group() -> None:
+    """Leave the default group together with the other ranks (a barrier first: a rank that tears gloo down
+    while a peer is still finishing can abort that peer's communication threads)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,55 @@
+"""The launch/ wrappers run for real on localhost with 2 ranks (no batch system), with the example script."""
+import shutil
+import subprocess
+
+import pytest
+
+from tests.distributed import REPO
+from tests.launching import TRAIN, assert_two_ranks_trained_together, run_launch
+
+LOCAL = {"NPROC_PER_NODE": "2"}
+
+
+@pytest.mark.slow
+def test_torchrun_wrapper(tmp_path):
+    outcome = run_launch(["launch/torchrun.sh", *TRAIN], LOCAL, tmp_path)
+    assert outcome["commands"][0].startswith("torchrun --nnodes 1 --node_rank 0 --nproc_per_node 2 "
+                                             "--master_addr 127.0.0.1 --master_port ")
+    assert_two_ranks_trained_together(outcome)
+    assert outcome["results"][0]["rank_from"] == "RANK"
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_mpirun_wrapper(tmp_path):
+    outcome = run_launch(["launch/mpirun.sh", *TRAIN], LOCAL, tmp_path)
+    assert outcome["hostfile"] == ["127.0.0.1 slots=2"]
+    assert outcome["commands"][0].startswith(f"mpirun -np 2 --hostfile {tmp_path / 'hostfile'} --map-by slot")
+    assert_two_ranks_trained_together(outcome)
+    assert outcome["results"][0]["rank_from"] == "OMPI_COMM_WORLD_RANK"
+
+
+@pytest.mark.slow
+def test_deepspeed_wrapper(tmp_path):
+    outcome = run_launch(["launch/deepspeed.sh", *TRAIN], LOCAL, tmp_path)
+    assert outcome["hostfile"] == ["127.0.0.1 slots=2"]
+    assert outcome["commands"][0].startswith(f"deepspeed --hostfile {tmp_path / 'hostfile'} --no_ssh_check "
+                                             "--master_addr 127.0.0.1")
+    assert_two_ranks_trained_together(outcome)
+
+
+@pytest.mark.slow
+def test_horovodrun_wrapper(tmp_path):
+    if shutil.which("horovodrun", path=str(REPO / ".venv" / "bin")) is None:
+        pytest.skip("horovodrun is not built here yet (make horovod)")
+    outcome = run_launch(["launch/horovodrun.sh", *TRAIN], LOCAL, tmp_path)
+    assert outcome["hostfile"] == ["127.0.0.1 slots=2"]
+    assert outcome["commands"][0].startswith("horovodrun -np 2 --hostfile")
+    assert_two_ranks_trained_together(outcome)
+    assert outcome["results"][0]["rank_from"] == "HOROVOD_RANK"
+
+
+@pytest.mark.parametrize("wrapper", ["torchrun", "deepspeed", "mpirun", "horovodrun"])
+def test_wrappers_explain_their_usage(wrapper):
+    proc = subprocess.run([f"launch/{wrapper}.sh"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage:" in proc.stderr and "TRAINING_SCRIPT" in proc.stderr

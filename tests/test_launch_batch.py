@@ -1,0 +1,84 @@
+"""The SLURM and PBS templates under a simulated batch environment (the variables the scheduler sets; a fake
+`srun` that starts one copy per simulated node): the right hostfile and launcher command for a multi-node
+allocation (dry run), then a real 2-rank launch on localhost."""
+import pytest
+
+from tests.launching import TRAIN, assert_two_ranks_trained_together, pbs_env, run_launch, slurm_env
+
+MULTI_NODE_COMMANDS = {   # launcher -> (command start, with the hostfile as {hostfile})
+    "deepspeed": "deepspeed --hostfile {hostfile} --master_addr cn01 --master_port 24242 launch/examples/train.py",
+    "mpirun": "mpirun -np 5 --hostfile {hostfile} --map-by slot",
+    "torchrun": "srun --nodes 3 --ntasks-per-node=1 --kill-on-bad-exit=1 ",
+}
+
+
+@pytest.mark.parametrize("launcher", sorted(MULTI_NODE_COMMANDS))
+def test_slurm_multi_node_hostfile_and_command(tmp_path, launcher):
+    env = {**slurm_env("cn[01-02,05]", "2(x2),1"), "DRY_RUN": "1"}
+    outcome = run_launch(["bash", f"launch/slurm/{launcher}.sbatch", *TRAIN], env, tmp_path, free=False)
+    expected = MULTI_NODE_COMMANDS[launcher].format(hostfile=tmp_path / "hostfile")
+    assert outcome["commands"][0].startswith(expected), outcome["commands"]
+    if launcher != "torchrun":
+        assert outcome["hostfile"] == ["cn01 slots=2", "cn02 slots=2", "cn05 slots=1"]
+
+
+def test_slurm_torchrun_on_each_node_gets_its_node_rank(tmp_path):
+    env = {**slurm_env("cn[01-03]", "4(x3)"), "SCALING_PLUGINS_ON_NODE": "1", "SLURM_NODEID": "2",
+           "NPROC_PER_NODE": "4", "DRY_RUN": "1"}
+    outcome = run_launch(["bash", "launch/torchrun.sh", *TRAIN], env, tmp_path, free=False)
+    assert outcome["commands"][0].startswith("torchrun --nnodes 3 --node_rank 2 --nproc_per_node 4 "
+                                             "--master_addr cn01 --master_port 24242 launch/examples/train.py")
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "mpirun", "torchrun"])
+def test_pbs_multi_node_hostfile_and_command(tmp_path, launcher):
+    env = {**pbs_env(tmp_path, ["n07", "n07", "n03", "n03"]), "LAUNCHER": launcher,
+           "TRAIN_ARGS": " ".join(TRAIN), "DRY_RUN": "1"}
+    outcome = run_launch(["bash", "launch/pbs/train.pbs"], env, tmp_path, free=False)
+    assert outcome["hostfile"] == ["n07 slots=2", "n03 slots=2"]
+    hostfile = tmp_path / "hostfile"
+    expected = {"deepspeed": f"deepspeed --hostfile {hostfile} --master_addr n07 --master_port 21234",
+                "mpirun": f"mpirun -np 4 --hostfile {hostfile} --map-by slot",
+                "torchrun": f"mpirun -np 2 --hostfile {hostfile} --map-by ppr:1:node"}[launcher]
+    assert outcome["commands"][0].startswith(expected), outcome["commands"]
+
+
+@pytest.mark.slow
+def test_slurm_torchrun_launches_two_simulated_nodes(tmp_path):
+    """Two 'nodes' (localhost and 127.0.0.1), one rank each: srun starts torchrun.sh per node, each torchrun
+    joins the static rendezvous at the first node with its SLURM_NODEID as node rank."""
+    env = {**slurm_env("localhost,127.0.0.1", "1(x2)"), "FAKE_SRUN_LOG": str(tmp_path / "srun.log")}
+    outcome = run_launch(["bash", "launch/slurm/torchrun.sbatch", *TRAIN], env, tmp_path)
+    node_commands = sorted(c for c in outcome["commands"] if c.startswith("torchrun"))
+    assert [c.split("--node_rank ")[1].split()[0] for c in node_commands] == ["0", "1"]
+    assert all("--nnodes 2 " in c and "--nproc_per_node 1 " in c for c in node_commands)
+    assert (tmp_path / "srun.log").read_text().startswith("srun --nodes 2 --ntasks-per-node=1")
+    assert_two_ranks_trained_together(outcome)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["deepspeed", "mpirun"])
+def test_slurm_template_launches_locally(tmp_path, launcher):
+    outcome = run_launch(["bash", f"launch/slurm/{launcher}.sbatch", *TRAIN], slurm_env("localhost", "2"), tmp_path)
+    assert outcome["hostfile"] == ["localhost slots=2"]
+    assert_two_ranks_trained_together(outcome)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("launcher", ["mpirun", "torchrun"])
+def test_pbs_template_launches_locally(tmp_path, launcher):
+    env = {**pbs_env(tmp_path, ["localhost", "localhost"]), "LAUNCHER": launcher, "TRAIN_ARGS": " ".join(TRAIN)}
+    outcome = run_launch(["bash", "launch/pbs/train.pbs"], env, tmp_path)
+    assert_two_ranks_trained_together(outcome)
+    assert outcome["commands"][0].split()[0] == launcher
+
+
+def test_pbs_template_rejects_an_unknown_launcher(tmp_path):
+    import subprocess
+
+    from tests.distributed import REPO
+
+    env = {**pbs_env(tmp_path, ["localhost"]), "LAUNCHER": "srun"}
+    proc = subprocess.run(["bash", "launch/pbs/train.pbs"], cwd=REPO, env={**__import__("os").environ, **env},
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and "allowed: torchrun, deepspeed, mpirun, horovodrun" in proc.stderr
