@@ -1,0 +1,305 @@
+"""DeepSpeed backend: every scaling_plugins policy is a DeepSpeed ``"scheduler"`` config entry.
+
+    import scaling_plugins.backends.deepspeed        # registers every policy name with DeepSpeed
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, config="ds.json")
+    for batch in loader:                              # the usual loop, under the `deepspeed` launcher
+        engine.backward(engine(batch)); engine.step()
+
+with, in the config (every parameter optional; names as DeepSpeed's own schedulers use them)::
+
+    "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}},
+    "scheduler": {"type": "AdaScale", "params": {"schedule": {"type": "WarmupCosineLR",
+                  "params": {"total_num_steps": 10000, "warmup_num_steps": 500}}, "total_num_steps": 10000}}
+
+``"type"`` is any name in ``scaling_plugins.POLICIES`` (AdaScale, AdaScaleAdam, AutoWU, LEGW, LinearScaling,
+SqrtScaling, and any policy registered later: names are looked up when DeepSpeed asks for them), ``"params"`` are
+that policy's constructor keywords plus DeepSpeed's ``last_batch_iteration`` (only -1: a run resumes from
+``engine.load_checkpoint``, which restores the policy's whole state). Schedules inside are multipliers of the
+optimizer's lr (``scaling_plugins.schedules``; DeepSpeed's WarmupLR/WarmupDecayLR/WarmupCosineLR are there by
+name). No optimizer wrapper is needed: the config's own optimizer is used as is. In code, use
+:func:`initialize` (``deepspeed.initialize`` with ``policy=``).
+
+How it works. DeepSpeed steps its scheduler after ``optimizer.step()``, too late for this step's learning rate,
+so the scheduler object only writes telemetry; the policy runs in a step pre-hook on DeepSpeed's basic
+optimizer, once per optimizer step (ZeRO calls the basic optimizer once per parameter group), fed by numbers
+that rode DeepSpeed's own reductions (``deepspeed_harvest``). Each group's lr becomes
+``policy.learning_rate(group["initial_lr"])`` (the configured lr, kept under torch's key). A step DeepSpeed skips
+for fp16 overflow never reaches the basic optimizer, so the policy does not advance, on any rank.
+
+Gradient clipping. The statistics use unclipped gradients (DeepSpeed's norm before clipping; ZeRO-0 measures
+right after the reduction, before clipping). The update is then clipped by DeepSpeed with the gain already in
+the learning rate, so with ``gradient_clipping`` active the effective step is min(1, c/‖ḡ‖)·lr·ḡ: clipping
+caps the update's size, AdaScale sets its rate; a clip that binds every step hides part of the gain.
+
+Telemetry. When the config enables a DeepSpeed monitor (csv, TensorBoard, W&B, Comet), every applied step
+writes ``scaling_plugins/<field>`` events (lr, gain, sigma_sq, mu_sq, noise_scale, progress, skipped_update,
+loss) beside DeepSpeed's own, against the same sample count.
+
+Not supported (refused at ``deepspeed.initialize``): pipeline parallelism, MoE layers, model parallelism.
+fp16 paths follow DeepSpeed's loss scale but cannot run on CPU, so they are untested here.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import json
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+try:
+    import deepspeed
+    from deepspeed.runtime import lr_schedules
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError("scaling_plugins.backends.deepspeed needs DeepSpeed: "
+                      "pip install 'scaling_plugins[deepspeed]'") from err
+
+from ..policies import POLICIES, build_policy, policy_class
+from ..policies.base import StepObservation
+from ..policies.registry import PolicySpec
+from ..stats import GradientSample
+from ..telemetry import monitor_events, record_from
+from .deepspeed_harvest import Harvest, Payload, build_rider
+
+
+class PolicyScheduler:
+    """The object DeepSpeed holds as its LR scheduler; drives one policy for one engine.
+
+    DeepSpeed builds it from the config (``"scheduler": {"type": <policy name>}``) or from :func:`initialize`.
+    ``step()`` (called by DeepSpeed after each applied optimizer step) only counts and writes telemetry.
+    What users read: ``gain``, ``lr``, ``progress``, ``scale``, ``done``, ``metrics()``, ``policy``.
+    """
+
+    def __init__(self, optimizer: Any, policy: PolicySpec = "AdaScale", last_batch_iteration: int = -1) -> None:
+        if last_batch_iteration != -1:
+            raise ValueError(f"last_batch_iteration={last_batch_iteration!r}: only -1 is allowed; resume with "
+                             "engine.load_checkpoint, which restores the policy's state")
+        self.policy = build_policy(policy)
+        self.engine = _engine_building_scheduler()
+        _refuse_unsupported(self.engine)
+        self.optimizer = self.engine.optimizer
+        self.world_size = int(self.engine.dp_world_size)
+        self.accumulation_steps = int(self.engine.gradient_accumulation_steps())
+        self.policy.configure(self.world_size, self.accumulation_steps)
+        self.last_batch_iteration = -1
+        self.last_loss: Optional[float] = None
+        self._harvest: Optional[Harvest] = None
+        self._stepped_at: Optional[int] = None
+        self.rider = None
+        if self.policy.needs_gradient_norms or self.policy.needs_loss:
+            self.payload = Payload(self.engine, self.policy.needs_gradient_norms, self.policy.needs_loss)
+            self.rider = build_rider(self.engine, self.payload, self._receive)
+            if self.policy.needs_loss:
+                self._read_loss_in_backward()
+        for group in self.optimizer.param_groups:
+            group.setdefault("initial_lr", group["lr"])
+        self._apply(self.optimizer.param_groups)
+        self.engine.basic_optimizer.register_step_pre_hook(self._before_optimizer_step)
+
+    # -- per step -------------------------------------------------------------------------------------------
+    def _receive(self, harvest: Harvest) -> None:
+        self._harvest = harvest
+
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        """Once per optimizer step: feed the policy; every call: set the lr of the groups about to step."""
+        if self._stepped_at != self.engine.global_steps:
+            self._stepped_at = self.engine.global_steps
+            self.policy.step(self._observation())
+        self._apply(optimizer.param_groups)
+
+    def _observation(self) -> StepObservation:
+        if self.rider is None:
+            return StepObservation()
+        harvest, self._harvest = self._harvest, None
+        if harvest is None:
+            raise RuntimeError(f"no gradient statistics reached policy {self.policy.name!r} this step: train with "
+                               "engine.backward(loss) and engine.step()")
+        parts = [harvest.payload.reshape(-1)]
+        if harvest.mean_sq_norm is not None:
+            parts.append(harvest.mean_sq_norm.reshape(1).to(harvest.payload.device))
+        values = torch.cat(parts).tolist()  # the one host sync of the step
+        count = self.world_size * self.accumulation_steps
+        gradients = loss = None
+        if self.policy.needs_gradient_norms:
+            gradients = GradientSample(local_sq_sum=values[0], mean_sq_norm=values[-1], count=count)
+        if self.policy.needs_loss:
+            loss = self.last_loss = values[self.payload.size - 1] / count
+        return StepObservation(gradients=gradients, loss=loss)
+
+    def _apply(self, groups: list[dict]) -> None:
+        for group in groups:
+            group["lr"] = self.policy.learning_rate(group["initial_lr"])
+
+    def _read_loss_in_backward(self) -> None:
+        original = self.engine.backward
+
+        @functools.wraps(original)
+        def backward(loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            self.payload.add_loss(loss)
+            return original(loss, *args, **kwargs)
+
+        self.engine.backward = backward
+
+    # -- DeepSpeed's scheduler interface -------------------------------------------------------------------
+    def step(self, *args: Any, **kwargs: Any) -> None:
+        """DeepSpeed calls this after every applied step. Never raises ``TypeError`` (DeepSpeed would retry
+        with the batch size as the iteration); ``last_batch_iteration`` only labels the step."""
+        unexpected = sorted(set(kwargs) - {"last_batch_iteration"})
+        if args or unexpected:
+            raise ValueError(f"{type(self).__name__}.step() takes only last_batch_iteration=, got args {args!r}"
+                             f" and keys {unexpected}; the loss is read from engine.backward(loss)")
+        try:
+            last = kwargs.get("last_batch_iteration")
+            self.last_batch_iteration = self.last_batch_iteration + 1 if last is None else int(last)
+            self._write_monitor()
+        except TypeError as err:
+            raise RuntimeError(f"scaling_plugins scheduler step failed: {err}") from err
+
+    def get_lr(self) -> list[float]:
+        return [group["lr"] for group in self.optimizer.param_groups]
+
+    get_last_lr = get_lr
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy.state_dict(), "last_batch_iteration": self.last_batch_iteration,
+                "initial_lrs": [group["initial_lr"] for group in self.optimizer.param_groups]}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        groups = self.optimizer.param_groups
+        if len(state["initial_lrs"]) != len(groups):
+            raise ValueError(f"checkpoint has {len(state['initial_lrs'])} param groups' initial_lr, the optimizer "
+                             f"has {len(groups)} groups")
+        self.policy.load_state_dict(state["policy"])
+        self.last_batch_iteration = int(state["last_batch_iteration"])
+        for group, initial_lr in zip(groups, state["initial_lrs"]):
+            group["initial_lr"] = initial_lr
+        self._apply(groups)
+
+    # -- what users read ------------------------------------------------------------------------------------
+    @property
+    def gain(self) -> float:
+        return self.policy.gain
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @property
+    def progress(self) -> float:
+        return self.policy.progress
+
+    @property
+    def scale(self) -> float:
+        return getattr(self.policy, "scale", float(self.world_size * self.accumulation_steps))
+
+    @property
+    def done(self) -> bool:
+        return self.policy.done
+
+    @property
+    def extra_collectives_per_step(self) -> int:
+        """Collectives this backend adds per step: 0 where a DeepSpeed reduction carries the statistics."""
+        return getattr(self.rider, "extra_collectives", 0)
+
+    def metrics(self) -> dict[str, Any]:
+        """The step's telemetry numbers: step, learning rate and the policy's own (gain, progress, σ², ...)."""
+        return {"step": self.policy.steps, "lr": self.lr, **self.policy.metrics()}
+
+    def _write_monitor(self) -> None:
+        monitor = getattr(self.engine, "monitor", None)
+        if monitor is None or not monitor.enabled:
+            return
+        samples = self.engine.global_samples + self.engine.train_batch_size()  # DeepSpeed counts it after us
+        monitor.write_events(monitor_events(record_from(self, samples=samples, loss=self.last_loss)))
+
+
+def _engine_building_scheduler() -> DeepSpeedEngine:
+    """The DeepSpeedEngine whose ``deepspeed.initialize`` is constructing this scheduler (found on the stack)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, DeepSpeedEngine):
+            return candidate
+        frame = frame.f_back
+    raise RuntimeError("a scaling_plugins scheduler is built by deepspeed.initialize (a \"scheduler\" config entry "
+                       "or scaling_plugins.backends.deepspeed.initialize(..., policy=...)), not directly")
+
+
+def _refuse_unsupported(engine: DeepSpeedEngine) -> None:
+    if isinstance(engine, PipelineEngine):
+        raise ValueError("scaling_plugins does not support DeepSpeed pipeline parallelism")
+    if engine.has_moe_layers:
+        raise ValueError("scaling_plugins does not support MoE layers (expert gradients reduce over other groups)")
+    if engine.mpu is not None:
+        raise ValueError("scaling_plugins does not support model parallelism (mpu): local norms would be partial")
+
+
+# -- registration: DeepSpeed resolves "scheduler": {"type": NAME} with getattr(lr_schedules, NAME) ----------
+_SCHEDULER_CLASSES: dict[str, type[PolicyScheduler]] = {}
+
+
+def scheduler_class(name: str) -> type[PolicyScheduler]:
+    """The DeepSpeed scheduler class for policy ``name``: ``cls(optimizer, **params)`` builds it from a config."""
+    policy_class(name)  # unknown names raise ValueError listing the valid ones
+    if name not in _SCHEDULER_CLASSES:
+        def __init__(self: PolicyScheduler, optimizer: Any, last_batch_iteration: int = -1, **params: Any) -> None:
+            PolicyScheduler.__init__(self, optimizer, {"type": name, "params": params}, last_batch_iteration)
+
+        _SCHEDULER_CLASSES[name] = type(f"{name}Scheduler", (PolicyScheduler,), {
+            "__init__": __init__, "__module__": __name__,
+            "__doc__": f"DeepSpeed scheduler running the {name} policy; params are its keywords."})
+    return _SCHEDULER_CLASSES[name]
+
+
+def _asked_by_deepspeed_scheduler_lookup() -> bool:
+    caller = sys._getframe(2)  # _lookup's caller (hasattr is C code, so this is DeepSpeed's frame)
+    return caller.f_code.co_name == "_scheduler_from_config"
+
+
+def _lookup(name: str) -> type:
+    """Module ``__getattr__`` of deepspeed.runtime.lr_schedules: policy names resolve to scheduler classes."""
+    if name in POLICIES:
+        return scheduler_class(name)
+    if (not name.startswith("_") and not hasattr(torch.optim.lr_scheduler, name)
+            and _asked_by_deepspeed_scheduler_lookup()):
+        close = difflib.get_close_matches(name, list(POLICIES) + lr_schedules.VALID_LR_SCHEDULES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"\"scheduler\": {{\"type\": {name!r}}} is unknown{hint}; valid: the scaling_plugins "
+                         f"policies {sorted(POLICIES)}, DeepSpeed's {lr_schedules.VALID_LR_SCHEDULES} or a "
+                         "torch.optim.lr_scheduler class")
+    if _previous_getattr is not None:
+        return _previous_getattr(name)
+    raise AttributeError(f"module {lr_schedules.__name__!r} has no attribute {name!r}")
+
+
+_previous_getattr = lr_schedules.__dict__.get("__getattr__")
+if _previous_getattr is not _lookup:
+    lr_schedules.__getattr__ = _lookup
+
+
+# -- the code path --------------------------------------------------------------------------------------------
+def initialize(*args: Any, policy: Optional[PolicySpec] = None, **kwargs: Any) -> tuple:
+    """``deepspeed.initialize(*args, **kwargs)`` with ``policy`` (a name, ``{"type", "params"}`` or a Policy) as
+    the LR scheduler, for users who prefer code to a ``"scheduler"`` config entry. Returns DeepSpeed's tuple."""
+    if policy is None:
+        return deepspeed.initialize(*args, **kwargs)
+    if kwargs.get("lr_scheduler") is not None:
+        raise ValueError("pass policy= or lr_scheduler=, not both")
+    if "scheduler" in _config_dict(kwargs.get("config")):
+        raise ValueError("policy= was given and the config has a \"scheduler\" entry too; keep one of them")
+    built = build_policy(policy)
+    kwargs["lr_scheduler"] = lambda optimizer: PolicyScheduler(optimizer, built)
+    return deepspeed.initialize(*args, **kwargs)
+
+
+def _config_dict(config: Any) -> Mapping:
+    if config is None:
+        return {}
+    if isinstance(config, Mapping):
+        return config
+    return json.loads(Path(config).read_text())

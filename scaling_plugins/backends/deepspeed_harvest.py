@@ -1,0 +1,253 @@
+"""How one DeepSpeed optimizer step's numbers reach the policy without an extra collective.
+
+Per optimizer step a policy may need L = Σ_i ‖g_i‖² (every micro-batch of every rank), T = ‖ḡ‖² and the
+mean training loss. Each rank's share of L and of the loss is a *payload* of one or two float64 numbers;
+the payload rides a reduction DeepSpeed already does, and T comes from what that reduction produced:
+
+- ``FlatRider`` (ZeRO stage 0 in fp32/fp16/bf16, and DeepSpeed's BF16_Optimizer): DeepSpeed's flat gradient
+  all-reduce asks the optimizer for ``get_grads_for_reduction()`` when it has one. The rider supplies it (or
+  wraps the one BF16_Optimizer has) and appends the payload, in the gradients' dtype, to the list; it is
+  averaged with the gradients in the same flat buffer. Right after the reduction (before any clipping) it
+  sums ⟨g, g⟩ over the reduced gradients for T.
+- ``NormRider`` (ZeRO stages 1, 2, 3, with or without CPU offload): the optimizer all-reduces a 1-element
+  squared gradient norm per parameter group (``get_grad_norm_direct`` or its CPU-offload twin, called from
+  ``scaled_global_norm`` in stages 1/2 and ``_get_norm_groups`` in stage 3). While that method runs, the
+  first such all-reduce is widened to [squared norm, payload] in float64 — one collective, as before. T is
+  the square of the global norm that method returned (the unclipped norm DeepSpeed itself keeps).
+  With ``zero_optimization.compute_grad_norm = false`` there is no norm reduction; the rider then calls
+  ``scaled_global_norm`` itself once per step (one 1-element all-reduce per parameter group, logged once).
+
+Units. DeepSpeed divides each micro-batch loss by gradient_accumulation_steps (gas) and, in fp16, multiplies
+it by the loss scale s, so a hook sees g_i·s/gas: the payload is (gas/s)²·Σ‖hooked‖². The reduced gradient is
+c·Σ_ranks(s·mean_i g_i) with c = 1/W when DeepSpeed averages gradients (the default) and 1 when it sums, so
+T = ‖reduced‖²/(c·W·s)². The loss scale is read when the payload is taken, before DeepSpeed updates it.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from deepspeed import comm as ds_comm
+from deepspeed.runtime.utils import combine_grad_norm_groups
+from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+from .local_norms import LocalNormMeter
+
+log = logging.getLogger(__name__)
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+class StepMeter(LocalNormMeter):
+    """``LocalNormMeter`` for DeepSpeed: squares fp16/bf16 gradients in float32, and starts afresh when the
+    engine moves to a new optimizer step (a step DeepSpeed skipped for fp16 overflow never consumed its sum)."""
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], current_step: Callable[[], int]) -> None:
+        self._current_step = current_step
+        self._window = current_step()
+        super().__init__(parameters)
+
+    def _add(self, grad: torch.Tensor) -> None:
+        self._restart_if_new_step()
+        super()._add(grad.float() if grad.dtype in LOW_PRECISION else grad)
+
+    def take(self) -> torch.Tensor:
+        self._restart_if_new_step()
+        return super().take()
+
+    def _restart_if_new_step(self) -> None:
+        step = self._current_step()
+        if step != self._window:
+            self._total.zero_()
+            self._window = step
+
+
+@dataclass
+class Harvest:
+    """One step's reduced numbers: ``payload`` summed over ranks (float64: [L] and/or [loss sum]) and T."""
+
+    payload: torch.Tensor
+    mean_sq_norm: Optional[torch.Tensor]
+
+
+class Payload:
+    """This rank's share of the step's numbers, accumulated over the micro-batches of one optimizer step."""
+
+    def __init__(self, engine: Any, needs_norms: bool, needs_loss: bool) -> None:
+        self.engine = engine
+        self.accumulation_steps = engine.gradient_accumulation_steps()
+        params = [p for p in engine.module.parameters() if p.requires_grad]
+        self.meter = StepMeter(params, lambda: engine.global_steps) if needs_norms else None
+        self.needs_loss = needs_loss
+        self._loss_window: Optional[int] = None
+        self._loss_sum: Optional[torch.Tensor] = None
+
+    @property
+    def size(self) -> int:
+        return int(self.meter is not None) + int(self.needs_loss)
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        """Add one micro-batch's (unscaled) loss; called by the engine.backward wrapper."""
+        value = loss.detach().reshape(()).to(torch.float64)
+        if self._loss_window != self.engine.global_steps or self._loss_sum is None:
+            self._loss_window, self._loss_sum = self.engine.global_steps, value
+        else:
+            self._loss_sum = self._loss_sum + value
+
+    def take(self, loss_scale: float) -> torch.Tensor:
+        """[Σ_i ‖g_i‖² in true units][, Σ losses] of this rank, float64; resets for the next step."""
+        parts = []
+        if self.meter is not None:
+            parts.append(self.meter.take() * (self.accumulation_steps / loss_scale) ** 2)
+        if self.needs_loss:
+            if self._loss_sum is None or self._loss_window != self.engine.global_steps:
+                raise RuntimeError("this policy needs the training loss: call engine.backward(loss) for every "
+                                   "micro-batch (the loss is read there)")
+            parts.append(self._loss_sum)
+            self._loss_sum = None
+        device = parts[0].device
+        return torch.stack([p.to(device) for p in parts])
+
+
+def loss_scale_of(optimizer: Any) -> float:
+    """The loss scale the current backward passes used: fp16's (dynamic or static) scale, else 1."""
+    return float(getattr(optimizer, "loss_scale", 1.0) or 1.0)
+
+
+def squared_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Σ ⟨t, t⟩ as a float64 scalar; low-precision tensors are squared in float32."""
+    total = torch.zeros((), dtype=torch.float64)
+    for tensor in tensors:
+        flat = tensor.reshape(-1)
+        if flat.dtype in LOW_PRECISION:
+            flat = flat.float()
+        total = total.to(flat.device) + torch.dot(flat, flat).to(torch.float64)
+    return total
+
+
+class FlatRider:
+    """ZeRO-0 (and BF16_Optimizer): the payload rides DeepSpeed's flat gradient all-reduce."""
+
+    extra_collectives = 0
+
+    def __init__(self, engine: Any, payload: Payload, deliver: Callable[[Harvest], None],
+                 grad_multiplier: float) -> None:
+        self.engine = engine
+        self.payload = payload
+        self.deliver = deliver
+        self.grad_multiplier = grad_multiplier
+        self._carrier: Optional[torch.Tensor] = None
+        self._grads: list[torch.Tensor] = []
+        self._loss_scale = 1.0
+        optimizer = engine.optimizer
+        own = getattr(optimizer, "get_grads_for_reduction", None)
+        self._collect = own if own is not None else engine._get_gradients_for_reduction
+        optimizer.get_grads_for_reduction = self._grads_with_payload
+        original_allreduce = engine.allreduce_gradients
+
+        @functools.wraps(original_allreduce)
+        def allreduce_gradients(*args: Any, **kwargs: Any) -> Any:
+            result = original_allreduce(*args, **kwargs)
+            self._after_reduction()
+            return result
+
+        engine.allreduce_gradients = allreduce_gradients
+
+    def _grads_with_payload(self) -> tuple[list[torch.Tensor], dict]:
+        grads, expert_grads = self._collect()
+        grads = list(grads)
+        if not grads:
+            raise RuntimeError("DeepSpeed gave no gradients to reduce; nothing to measure")
+        self._loss_scale = loss_scale_of(self.engine.optimizer)
+        self._grads = grads
+        self._carrier = self.payload.take(self._loss_scale).to(device=grads[-1].device, dtype=grads[-1].dtype)
+        return grads + [self._carrier], expert_grads
+
+    def _after_reduction(self) -> None:
+        if self._carrier is None:
+            return
+        payload = self._carrier.to(torch.float64) / self.grad_multiplier
+        mean_sq = None
+        if self.payload.meter is not None:
+            world = self.engine.dp_world_size
+            mean_sq = squared_norm(self._grads) / (self.grad_multiplier * world * self._loss_scale) ** 2
+        self._carrier, self._grads = None, []
+        self.deliver(Harvest(payload, mean_sq))
+
+
+class NormRider:
+    """ZeRO-1/2/3: the payload rides the 1-element all-reduce of DeepSpeed's squared gradient norm."""
+
+    def __init__(self, engine: Any, payload: Payload, deliver: Callable[[Harvest], None],
+                 grad_multiplier: float) -> None:
+        self.engine = engine
+        self.payload = payload
+        self.deliver = deliver
+        self.grad_multiplier = grad_multiplier
+        optimizer = engine.optimizer
+        self.stage3 = isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3)
+        name = "_get_norm_groups" if self.stage3 else "scaled_global_norm"
+        original = getattr(optimizer, name)
+        setattr(optimizer, name, functools.partial(self._norm_with_payload, original))
+        self.extra_collectives = 0
+        if not self.stage3 and not optimizer.compute_grad_norm:
+            self._install_fallback(optimizer)
+
+    def _norm_with_payload(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        loss_scale = loss_scale_of(self.engine.optimizer)
+        local = self.payload.take(loss_scale)
+        reduced: list[torch.Tensor] = []
+        real_all_reduce = ds_comm.all_reduce
+
+        def all_reduce(tensor: torch.Tensor, op: Any = ds_comm.ReduceOp.SUM, group: Any = None,
+                       async_op: bool = False, **more: Any) -> Any:
+            if reduced or async_op or tensor.numel() != 1 or op != ds_comm.ReduceOp.SUM:
+                return real_all_reduce(tensor, op=op, group=group, async_op=async_op, **more)
+            packed = torch.cat([tensor.detach().reshape(1).to(torch.float64), local.to(tensor.device)])
+            work = real_all_reduce(packed, op=op, group=group, async_op=False, **more)
+            tensor.copy_(packed[:1].reshape(tensor.shape))
+            reduced.append(packed[1:])
+            return work
+
+        ds_comm.all_reduce = all_reduce
+        try:
+            norm = original(*args, **kwargs)
+        finally:
+            ds_comm.all_reduce = real_all_reduce
+        if not reduced:
+            raise RuntimeError("DeepSpeed's gradient-norm computation did no 1-element all-reduce to carry the "
+                               "statistics; this DeepSpeed version is not supported by scaling_plugins")
+        total = combine_grad_norm_groups(norm) if self.stage3 else norm
+        total = torch.as_tensor(total, dtype=torch.float64)
+        valid = torch.isfinite(total) & (total >= 0)
+        scale = self.grad_multiplier * self.engine.dp_world_size * loss_scale
+        mean_sq = torch.where(valid, (total / scale) ** 2, torch.full_like(total, float("inf")))
+        self.deliver(Harvest(reduced[0], mean_sq if self.payload.meter is not None else None))
+        return norm
+
+    def _install_fallback(self, optimizer: Any) -> None:
+        """compute_grad_norm = false: no norm reduction to ride, so compute DeepSpeed's norm once per step."""
+        self.extra_collectives = len(optimizer.bit16_groups)
+        log.warning("scaling_plugins: zero_optimization.compute_grad_norm=false leaves no gradient-norm reduction "
+                    "to ride; computing DeepSpeed's gradient norm once per step (%d extra 1-element all-reduce(s) "
+                    "per step)", self.extra_collectives)
+        original_step = optimizer.step
+
+        @functools.wraps(original_step)
+        def step(*args: Any, **kwargs: Any) -> Any:
+            optimizer.scaled_global_norm()
+            return original_step(*args, **kwargs)
+
+        optimizer.step = step
+
+
+def build_rider(engine: Any, payload: Payload, deliver: Callable[[Harvest], None]) -> FlatRider | NormRider:
+    """The rider for this engine's optimizer: the ZeRO norm reduction for stages 1–3, else the flat all-reduce."""
+    grad_multiplier = 1.0 / engine.dp_world_size if engine.gradient_average else 1.0
+    if isinstance(engine.optimizer, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
+        return NormRider(engine, payload, deliver, grad_multiplier)
+    return FlatRider(engine, payload, deliver, grad_multiplier)

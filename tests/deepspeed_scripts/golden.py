@@ -1,0 +1,189 @@
+"""Launched by tests/test_deepspeed.py: `deepspeed --num_gpus 2 golden.py --out DIR --stage {0,2}`.
+
+Each rank writes DIR/rank<r>.json with: the golden first-step gains (and the lr read off the bias update),
+the 4-micro-batch gain, collectives per step against bare DeepSpeed (and for ZeRO-1/2 with
+compute_grad_norm=false, the documented fallback), a checkpoint resume, every registered policy's lrs, the code
+path (initialize(policy=...)), and the errors raised at deepspeed.initialize.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+
+import scaling_plugins.backends.deepspeed as ds_backend
+from scaling_plugins import POLICIES
+from tests.deepspeed_scripts.common import LrRecorder, collectives, config, error_of, setup, write
+
+ADASCALE = {"type": "AdaScale", "params": {}}
+GOLDEN = {"orthogonal": ([1.0, 0.0], [0.0, 1.0]), "identical": ([1.0, 2.0], [1.0, 2.0]),
+          "opposite": ([-1.0, 1.0], [1.0, -1.0])}
+NEEDED_PARAMS = {"AutoWU": {"total_num_steps": 20, "steps_per_epoch": 2}}
+
+
+def engine_for(model: torch.nn.Module, cfg: dict) -> tuple:
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    return engine, scheduler
+
+
+def golden(rank: int, stage: int) -> dict:
+    """Linear(2, 2) with bias, loss = output.sum(), one sample per rank: first-step gain and applied lr."""
+    results = {}
+    for name, inputs in GOLDEN.items():
+        torch.manual_seed(0)
+        engine, scheduler = engine_for(torch.nn.Linear(2, 2), config(stage, scheduler=ADASCALE))
+        recorder = LrRecorder(engine)
+        bias_before = engine.module.bias.detach().clone()
+        engine.backward(engine(torch.tensor([inputs[rank]])).sum())
+        engine.step()
+        # d(sum)/d(bias) = [1, 1] for every sample, so the averaged bias gradient is 1 and Δbias = −lr.
+        applied = (bias_before - engine.module.bias.detach()).tolist()
+        results[name] = {"gain": scheduler.gain, "lr_used": recorder.lrs[0], "applied_lr": applied,
+                         "scale": scheduler.scale}
+    return results
+
+
+def one_hot_accumulation(rank: int, stage: int) -> dict:
+    """Bias-free Linear(4, 2), 2 ranks × 2 micro-batches of one-hot inputs e_{2r+k}: gain = scale = 4."""
+    torch.manual_seed(0)
+    engine, scheduler = engine_for(torch.nn.Linear(4, 2, bias=False),
+                                   config(stage, gas=2, scheduler=ADASCALE))
+    for k in range(2):
+        engine.backward(engine(torch.eye(4)[2 * rank + k].reshape(1, 4)).sum())
+        engine.step()
+    return {"gain": scheduler.gain, "scale": scheduler.scale}
+
+
+def step_fn(engine: object, rank: int, width: int = 6) -> callable:
+    """One optimizer step (all micro-batches) on data fixed by (step, micro-batch, rank)."""
+    def step() -> None:
+        for micro in range(engine.gradient_accumulation_steps()):
+            gen = torch.Generator().manual_seed(1000 * engine.global_steps + 10 * micro + rank)
+            x, y = torch.randn(3, width, generator=gen), torch.randn(3, 2, generator=gen)
+            engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+            engine.step()
+    return step
+
+
+def mlp(width: int = 6) -> torch.nn.Module:
+    torch.manual_seed(1)
+    return torch.nn.Sequential(torch.nn.Linear(width, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
+
+
+def count_collectives(rank: int, stage: int) -> dict:
+    """gloo collectives per step (4 steps, gas 2) for bare DeepSpeed and DeepSpeed + AdaScale, same config."""
+    counts = {}
+    variants = {"bare": config(stage, gas=2), "adascale": config(stage, gas=2, scheduler=ADASCALE)}
+    if stage in (1, 2):
+        no_norm = {"stage": stage, "compute_grad_norm": False}
+        variants["bare_no_norm"] = config(stage, gas=2, zero_optimization=no_norm)
+        variants["adascale_no_norm"] = config(stage, gas=2, zero_optimization=no_norm, scheduler=ADASCALE)
+    extra = {}
+    for name, cfg in variants.items():
+        engine, scheduler = engine_for(mlp(), cfg)
+        step = step_fn(engine, rank)
+        counts[name] = [collectives(step) for _ in range(4)]
+        if scheduler is not None:
+            extra[name] = {"extra_collectives": scheduler.extra_collectives_per_step, "gain": scheduler.gain}
+    return {"counts": counts, "schedulers": extra}
+
+
+def checkpoint_resume(rank: int, stage: int, out: str) -> dict:
+    """6 steps straight vs 3 steps, save, a fresh engine loads and runs 3 more: the same lrs bit for bit."""
+    cfg = config(stage, gas=2, optimizer={"type": "SGD", "params": {"lr": 0.05, "momentum": 0.9}},
+                 scheduler={"type": "AdaScale", "params": {
+                     "schedule": {"type": "WarmupCosineLR", "params": {"total_num_steps": 60, "warmup_num_steps": 4}},
+                     "total_num_steps": 100}})
+    ckpt = Path(out) / f"ckpt_stage{stage}"
+    engine, scheduler = engine_for(mlp(), cfg)
+    recorder, step = LrRecorder(engine), step_fn(engine, rank)
+    states = []
+    for k in range(6):
+        if k == 3:
+            engine.save_checkpoint(str(ckpt), tag="step3")
+        step()
+        states.append(scheduler.policy.state_dict())
+    straight = {"lrs": recorder.lrs, "final_state": states[-1]}
+    engine, scheduler = engine_for(mlp(), cfg)
+    engine.load_checkpoint(str(ckpt), tag="step3")
+    recorder, step = LrRecorder(engine), step_fn(engine, rank)
+    resumed_from = scheduler.policy.state_dict()
+    for _ in range(3):
+        step()
+    return {"straight": straight, "resumed": {"lrs": recorder.lrs, "final_state": scheduler.policy.state_dict()},
+            "state_at_3": states[2], "loaded_state": resumed_from, "global_steps": engine.global_steps}
+
+
+def every_policy(rank: int, stage: int) -> dict:
+    """Every registered policy by its config name: lrs of 4 steps and, for loss-driven ones, the loss seen."""
+    results = {}
+    for name in sorted(POLICIES):
+        engine, scheduler = engine_for(mlp(), config(stage, gas=2, scheduler={
+            "type": name, "params": NEEDED_PARAMS.get(name, {})}))
+        recorder, step = LrRecorder(engine), step_fn(engine, rank)
+        losses = []
+        original_backward = engine.backward
+
+        def backward(loss: torch.Tensor, **kwargs: object) -> object:
+            losses.append(loss.item())
+            return original_backward(loss, **kwargs)
+
+        engine.backward = backward
+        for _ in range(4):
+            step()
+        mean = torch.tensor(losses, dtype=torch.float64).reshape(4, 2).sum(1)
+        dist.all_reduce(mean)
+        results[name] = {"lrs": recorder.lrs, "true_mean_loss": (mean / 4).tolist(),
+                         "policy_losses": getattr(scheduler.policy, "losses", None)}
+    return results
+
+
+def code_path(rank: int, stage: int) -> dict:
+    """scaling_plugins.backends.deepspeed.initialize(policy=...) instead of a "scheduler" entry."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    engine, _, _, scheduler = ds_backend.initialize(model=model, model_parameters=model.parameters(),
+                                                    config=config(stage), policy="AdaScale")
+    engine.backward(engine(torch.tensor([GOLDEN["orthogonal"][rank]])).sum())
+    engine.step()
+    return {"gain": scheduler.gain, "type": type(scheduler).__name__}
+
+
+def errors(stage: int) -> dict:
+    model = torch.nn.Linear(2, 2)
+
+    def init(scheduler: dict) -> None:
+        engine_for(copy.deepcopy(model), config(stage, scheduler=scheduler))
+
+    engine, scheduler = engine_for(copy.deepcopy(model), config(stage, scheduler=ADASCALE))
+    return {
+        "typo": error_of(lambda: init({"type": "AdaScael", "params": {}})),
+        "unknown": error_of(lambda: init({"type": "Foo", "params": {}})),
+        "bad_value": error_of(lambda: init({"type": "AdaScale", "params": {"smoothing": 2.0}})),
+        "unknown_key": error_of(lambda: init({"type": "AdaScale", "params": {"warmup_steps": 10}})),
+        "bad_schedule": error_of(lambda: init({"type": "AdaScale", "params": {"schedule": {"type": "Cosine"}}})),
+        "last_batch_iteration": error_of(lambda: init({"type": "AdaScale", "params": {"last_batch_iteration": 5}})),
+        "step_with_batch_size": error_of(lambda: scheduler.step(128)),
+        "step_with_kwargs": error_of(lambda: scheduler.step(increment=1)),
+        "policy_and_scheduler": error_of(lambda: ds_backend.initialize(
+            model=copy.deepcopy(model), config=config(stage, scheduler=ADASCALE), policy="AdaScale")),
+        "torch_scheduler_still_works": error_of(lambda: engine_for(  # torch schedulers need a torch optimizer
+            copy.deepcopy(model), config(0, scheduler={"type": "StepLR", "params": {"step_size": 2}}))),
+    }
+
+
+def main() -> None:
+    rank, args = setup()
+    results = {"golden": golden(rank, args.stage), "one_hot": one_hot_accumulation(rank, args.stage),
+               "collectives": count_collectives(rank, args.stage),
+               "checkpoint": checkpoint_resume(rank, args.stage, args.out),
+               "policies": every_policy(rank, args.stage), "code_path": code_path(rank, args.stage),
+               "errors": errors(args.stage)}
+    write(args.out, rank, results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""DeepSpeed backend through the real `deepspeed` launcher: 2 CPU ranks, gloo, ZeRO stages 0 and 2.
+
+One launch per stage runs tests/deepspeed_scripts/golden.py, which batches every check's raw numbers into a
+JSON file per rank; the assertions are here. A few registration checks run in this process.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from scaling_plugins import POLICIES
+from scaling_plugins.policies.adascale import AdaScale
+from tests.distributed import VENV_BIN, free_port, run_command
+
+pytest.importorskip("deepspeed")
+
+GOLDEN_GAINS = {"orthogonal": 4 / 3, "identical": 1.0, "opposite": 2.0}
+BASE_LR = 0.1
+
+
+def launch(script: str, out: Path, *args: str) -> list[dict]:
+    """Run ``script`` under ``deepspeed --num_gpus 2`` (CPU accelerator); the per-rank JSON results."""
+    run_command([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+                 f"tests/deepspeed_scripts/{script}", "--out", str(out), *args],
+                timeout=600, env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
+
+
+@pytest.fixture(scope="module", params=[0, 2], ids=["zero0", "zero2"])
+def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, list[dict]]:
+    stage = request.param
+    return stage, launch("golden.py", tmp_path_factory.mktemp(f"zero{stage}"), "--stage", str(stage))
+
+
+@pytest.mark.slow
+def test_every_number_agrees_across_ranks(run):
+    _, (rank0, rank1) = run
+    assert rank0 == rank1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(GOLDEN_GAINS))
+def test_golden_first_step_gain_and_applied_lr(run, case):
+    result = run[1][0]["golden"][case]
+    expected = GOLDEN_GAINS[case]
+    assert result["scale"] == 2
+    assert result["gain"] == pytest.approx(expected, rel=1e-6)
+    assert result["lr_used"] == [BASE_LR * result["gain"]]
+    assert result["applied_lr"] == pytest.approx([BASE_LR * expected] * 2, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_four_one_hot_micro_batches_give_gain_four(run):
+    result = run[1][0]["one_hot"]
+    assert result["scale"] == 4
+    assert result["gain"] == pytest.approx(4.0, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_collectives_per_step_equal_bare_deepspeed(run):
+    stage, (rank0, _) = run
+    counts = rank0["collectives"]["counts"]
+    assert counts["adascale"] == counts["bare"]
+    assert all(step.get("gloo:all_reduce", 0) >= 1 for step in counts["bare"])
+    assert rank0["collectives"]["schedulers"]["adascale"]["extra_collectives"] == 0
+    if stage in (1, 2):  # compute_grad_norm=false: the documented fallback adds exactly one all-reduce
+        for bare, ours in zip(counts["bare_no_norm"], counts["adascale_no_norm"]):
+            assert ours == {**bare, "gloo:all_reduce": bare["gloo:all_reduce"] + 1}
+        fallback = rank0["collectives"]["schedulers"]["adascale_no_norm"]
+        assert fallback["extra_collectives"] == 1
+        assert fallback["gain"] == rank0["collectives"]["schedulers"]["adascale"]["gain"]
+
+
+@pytest.mark.slow
+def test_checkpoint_resume_reproduces_the_lr_trajectory(run):
+    ckpt = run[1][0]["checkpoint"]
+    straight, resumed = ckpt["straight"], ckpt["resumed"]
+    assert len({lr for (lr,) in straight["lrs"]}) == 6          # the schedule moves every step
+    assert ckpt["loaded_state"] == ckpt["state_at_3"]
+    assert resumed["lrs"] == straight["lrs"][3:]
+    assert resumed["final_state"] == straight["final_state"]
+    assert ckpt["global_steps"] == 6
+
+
+@pytest.mark.slow
+def test_every_registered_policy_runs_by_its_config_name(run):
+    policies = run[1][0]["policies"]
+    assert sorted(policies) == sorted(POLICIES)
+    for name, result in policies.items():
+        assert len(result["lrs"]) == 4 and all(math.isfinite(lr) and lr > 0 for (lr,) in result["lrs"]), name
+        if POLICIES[name].needs_loss:  # the loss read in engine.backward, averaged over ranks and micro-batches
+            assert result["policy_losses"] == pytest.approx(result["true_mean_loss"], rel=1e-6), name
+
+
+@pytest.mark.slow
+def test_code_path_initialize_with_policy(run):
+    result = run[1][0]["code_path"]
+    assert result["gain"] == pytest.approx(4 / 3, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_errors_at_initialize(run):
+    errors = run[1][0]["errors"]
+    assert errors["typo"].startswith("ValueError") and "did you mean 'AdaScale'" in errors["typo"]
+    for key in ("typo", "unknown"):
+        assert all(name in errors[key] for name in POLICIES), errors[key]
+    assert errors["bad_value"].startswith("ValueError") and "smoothing" in errors["bad_value"] \
+        and "2.0" in errors["bad_value"] and "[0, 1)" in errors["bad_value"]
+    assert "warmup_steps" in errors["unknown_key"] and "allowed" in errors["unknown_key"]
+    assert "'Cosine'" in errors["bad_schedule"] and "WarmupCosineLR" in errors["bad_schedule"]
+    assert errors["last_batch_iteration"].startswith("ValueError") and "=5" in errors["last_batch_iteration"]
+    assert errors["step_with_batch_size"].startswith("ValueError")        # never TypeError: DeepSpeed would retry
+    assert errors["step_with_kwargs"].startswith("ValueError") and "increment" in errors["step_with_kwargs"]
+    assert errors["policy_and_scheduler"].startswith("ValueError")
+    assert errors["torch_scheduler_still_works"] == "no error"
+
+
+# -- in this process: registration --------------------------------------------------------------------------
+def test_import_registers_every_policy_including_later_ones():
+    from deepspeed.runtime import lr_schedules
+
+    import scaling_plugins.backends.deepspeed as backend
+
+    assert all(getattr(lr_schedules, name).__name__ == f"{name}Scheduler" for name in POLICIES)
+
+    class LateRule(AdaScale):
+        name = "LateRuleForTest"
+
+    POLICIES[LateRule.name] = LateRule
+    try:
+        assert issubclass(getattr(lr_schedules, "LateRuleForTest"), backend.PolicyScheduler)
+    finally:
+        del POLICIES[LateRule.name]
+    assert not hasattr(lr_schedules, "LateRuleForTest")
+    assert not hasattr(lr_schedules, "NoSuchSchedulerAnywhere")      # outside DeepSpeed's lookup: plain False
+
+
+def test_scheduler_outside_deepspeed_initialize_is_refused():
+    import torch
+
+    from scaling_plugins.backends.deepspeed import PolicyScheduler
+
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(RuntimeError, match="deepspeed.initialize"):
+        PolicyScheduler(optimizer, "AdaScale")
