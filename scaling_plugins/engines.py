@@ -8,6 +8,7 @@ Each adapter wraps a model with its engine and a policy and offers
     metrics(), policy, module                  what the telemetry reads; the bare model for evaluation
 
 Backends that are not installed, or whose module has not landed, raise ``BackendUnavailable`` with a hint.
+:func:`start` joins the job a launcher (or ``scaling_plugins.spawn``) started, as the backend needs.
 """
 from __future__ import annotations
 
@@ -18,9 +19,11 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from .launch_env import Placement, init_process_group, shutdown_process_group
 from .workloads import Workload
 
 BACKENDS = ("ddp", "deepspeed", "horovod")
+ENGINE_MODULES = {"ddp": "torch.distributed", "deepspeed": "deepspeed", "horovod": "horovod.torch"}
 INSTALL_HINTS = {
     "deepspeed": "pip install 'scaling_plugins[deepspeed]'",
     "horovod": "make horovod (builds Horovod 0.28.1 against this torch; see README)",
@@ -32,10 +35,12 @@ class BackendUnavailable(RuntimeError):
 
 
 def require_backend(name: str) -> Any:
-    """The ``scaling_plugins.backends.<name>`` module, or ``BackendUnavailable`` saying how to get it."""
+    """The ``scaling_plugins.backends.<name>`` module once it and its engine import, or
+    ``BackendUnavailable`` saying how to get them."""
     if name not in BACKENDS:
         raise ValueError(f"unknown backend {name!r}; valid backends: {list(BACKENDS)}")
     try:
+        importlib.import_module(ENGINE_MODULES[name])
         return importlib.import_module(f"scaling_plugins.backends.{name}")
     except ImportError as err:
         hint = INSTALL_HINTS.get(name, "")
@@ -82,7 +87,61 @@ class DDPEngine:
         return self.controller.metrics()
 
 
-ENGINES = {"ddp": DDPEngine}
+class HorovodEngine:
+    """``scaling_plugins.backends.horovod.DistributedOptimizer`` over SGD; needs ``hvd.init()`` done."""
+
+    def __init__(self, model: nn.Module, workload: Workload, lr: float, policy: Mapping[str, Any],
+                 accumulation: int) -> None:
+        horovod_backend = require_backend("horovod")
+        self.hvd = horovod_backend.horovod_torch()
+        self.module = model
+        self.workload = workload
+        self.accumulation = accumulation
+        self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
+        sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=workload.momentum)
+        self.optimizer = horovod_backend.DistributedOptimizer(
+            sgd, named_parameters=model.named_parameters(), policy=dict(policy),
+            backward_passes_per_step=accumulation)
+
+    @property
+    def policy(self) -> Any:
+        return self.optimizer.scaling.policy
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
+        loss = self.workload.loss(self.module(x), y)
+        (loss / self.accumulation).backward()
+        return loss.detach()
+
+    def step(self, mean_loss: float) -> None:
+        self.optimizer.step(loss=mean_loss)
+        self.optimizer.zero_grad()   # Horovod's zero_grad takes no set_to_none
+
+    def mean_over_ranks(self, value: torch.Tensor) -> float:
+        total = value.detach().to(torch.float64).reshape(1)
+        return self.hvd.allreduce(total, op=self.hvd.Average, name="scaling_plugins.telemetry_loss").item()
+
+    def metrics(self) -> dict[str, Any]:
+        return self.optimizer.metrics()
+
+
+ENGINES = {"ddp": DDPEngine, "horovod": HorovodEngine}
+
+
+def start(backend: str) -> Placement:
+    """Join the job this process belongs to, the way ``backend`` needs: Horovod's own ``hvd.init()``, or a
+    torch.distributed gloo group from the launcher's variables (``scaling_plugins.launch_env``)."""
+    require_backend(backend)
+    if backend == "horovod":
+        hvd = importlib.import_module("horovod.torch")
+        hvd.init()
+        return Placement(hvd.rank(), hvd.size(), hvd.local_rank(), "horovod")
+    return init_process_group("gloo")
+
+
+def stop(backend: str) -> None:
+    """Leave the job started by :func:`start` (Horovod shuts down itself at exit)."""
+    if backend != "horovod":
+        shutdown_process_group()
 
 
 def make_engine(backend: str, model: nn.Module, workload: Workload, lr: float, policy: Mapping[str, Any],

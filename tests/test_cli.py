@@ -134,7 +134,22 @@ def test_console_script_exit_status(tmp_path):
     assert proc.returncode == 1
 
 
-def test_demo_says_how_to_get_a_backend_it_cannot_run(capsys):
+def test_demo_says_how_to_get_a_backend_it_cannot_run(capsys, monkeypatch):
+    from scaling_plugins import engines
+
+    monkeypatch.setitem(engines.ENGINE_MODULES, "horovod", "horovod_not_installed_here")
     assert main(["demo", "--backend", "horovod", "--budget", "8", "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "horovod" in err and ("make horovod" in err or "launcher" in err)
+    assert "backend 'horovod' is not available" in err and "make horovod" in err
+
+
+@pytest.mark.slow
+def test_demo_on_horovod(tmp_path):
+    if not (VENV_BIN / "horovodrun").exists():
+        pytest.skip("Horovod is not built here (make horovod)")
+    proc = run_command([CLI, "demo", "--backend", "horovod", "--policy", "AdaScale", "--no-reference", "--budget",
+                        "32", "--scale", "4", "--no-progress", "--out", str(tmp_path)], timeout=300)
+    (folder,) = tmp_path.iterdir()
+    run = json.loads((folder / "adascale-S4" / "run.json").read_text())
+    assert run["spec"]["backend"] == "horovod" and 8 <= run["summary"]["steps"] < 32
+    assert "adascale-S4" in proc.stdout

@@ -4,7 +4,7 @@ import subprocess
 
 import pytest
 
-from tests.distributed import REPO
+from tests.distributed import REPO, VENV_BIN
 from tests.launching import TRAIN, assert_two_ranks_trained_together, run_launch
 
 LOCAL = {"NPROC_PER_NODE": "2"}
@@ -38,15 +38,28 @@ def test_deepspeed_wrapper(tmp_path):
     assert_two_ranks_trained_together(outcome)
 
 
+def require_horovod():
+    if shutil.which("horovodrun", path=str(VENV_BIN)) is None:
+        pytest.skip("Horovod is not built here (make horovod)")
+
+
 @pytest.mark.slow
-def test_horovodrun_wrapper(tmp_path):
-    if shutil.which("horovodrun", path=str(REPO / ".venv" / "bin")) is None:
-        pytest.skip("horovodrun is not built here yet (make horovod)")
-    outcome = run_launch(["launch/horovodrun.sh", *TRAIN], LOCAL, tmp_path)
+@pytest.mark.parametrize("backend, rank_from", [("horovod", "horovod"), ("ddp", "HOROVOD_RANK")])
+def test_horovodrun_wrapper(tmp_path, backend, rank_from):
+    require_horovod()
+    outcome = run_launch(["launch/horovodrun.sh", *TRAIN, "--backend", backend], LOCAL, tmp_path)
     assert outcome["hostfile"] == ["127.0.0.1 slots=2"]
-    assert outcome["commands"][0].startswith("horovodrun -np 2 --hostfile")
+    assert outcome["commands"][0].startswith(f"horovodrun -np 2 --hostfile {tmp_path / 'hostfile'} --gloo")
     assert_two_ranks_trained_together(outcome)
-    assert outcome["results"][0]["rank_from"] == "HOROVOD_RANK"
+    assert outcome["results"][0]["rank_from"] == rank_from
+
+
+@pytest.mark.slow
+def test_mpirun_wrapper_with_the_horovod_backend(tmp_path):
+    require_horovod()
+    outcome = run_launch(["launch/mpirun.sh", *TRAIN, "--backend", "horovod"], LOCAL, tmp_path)
+    assert_two_ranks_trained_together(outcome)
+    assert outcome["results"][0]["rank_from"] == "horovod"
 
 
 @pytest.mark.parametrize("wrapper", ["torchrun", "deepspeed", "mpirun", "horovodrun"])

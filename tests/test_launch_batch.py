@@ -3,6 +3,7 @@
 allocation (dry run), then a real 2-rank launch on localhost."""
 import pytest
 
+from tests.distributed import VENV_BIN
 from tests.launching import TRAIN, assert_two_ranks_trained_together, pbs_env, run_launch, slurm_env
 
 MULTI_NODE_COMMANDS = {   # launcher -> (command start, with the hostfile as {hostfile})
@@ -57,9 +58,12 @@ def test_slurm_torchrun_launches_two_simulated_nodes(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("launcher", ["deepspeed", "mpirun"])
-def test_slurm_template_launches_locally(tmp_path, launcher):
-    outcome = run_launch(["bash", f"launch/slurm/{launcher}.sbatch", *TRAIN], slurm_env("localhost", "2"), tmp_path)
+@pytest.mark.parametrize("launcher, backend", [("deepspeed", "ddp"), ("mpirun", "ddp"), ("horovodrun", "horovod")])
+def test_slurm_template_launches_locally(tmp_path, launcher, backend):
+    if launcher == "horovodrun" and not (VENV_BIN / "horovodrun").exists():
+        pytest.skip("Horovod is not built here (make horovod)")
+    outcome = run_launch(["bash", f"launch/slurm/{launcher}.sbatch", *TRAIN, "--backend", backend],
+                         slurm_env("localhost", "2"), tmp_path)
     assert outcome["hostfile"] == ["localhost slots=2"]
     assert_two_ranks_trained_together(outcome)
 

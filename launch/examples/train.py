@@ -6,7 +6,7 @@
     launch/horovodrun.sh launch/examples/train.py --backend horovod
     (or the launchers themselves: torchrun --nproc_per_node 2 launch/examples/train.py ...)
 
-The rank comes from whatever started the process (scaling_plugins.launch_env); the run is the built-in
+The rank comes from whatever started the process (scaling_plugins.engines.start); the run is the built-in
 trainer's (scaling_plugins.training), so metrics land in OUT/metrics.jsonl exactly as in the demo. Every
 rank prints one line `RESULT {...}` with its rank, the world size and the run's summary.
 """
@@ -15,8 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from scaling_plugins.engines import BACKENDS, require_backend
-from scaling_plugins.launch_env import init_process_group, shutdown_process_group
+from scaling_plugins.engines import BACKENDS, start, stop
 from scaling_plugins.training import RunSpec, train
 from scaling_plugins.workloads import WORKLOADS
 
@@ -36,15 +35,14 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    require_backend(args.backend)
-    where = init_process_group("gloo")
+    where = start(args.backend)
     spec = RunSpec(name=args.out.name, workload=args.workload, backend=args.backend, policy=args.policy,
                    workers=where.world_size, accumulation=args.accumulation, budget=args.budget, seed=args.seed)
     summary = train(spec, args.out, where.rank, where.world_size, progress_bar=False)
     result = {"rank": where.rank, "world_size": where.world_size, "rank_from": where.source, **summary}
     sys.stdout.write(f"RESULT {json.dumps(result)}\n")   # one write: ranks share the launcher's stdout
     sys.stdout.flush()
-    shutdown_process_group()
+    stop(args.backend)
 
 
 if __name__ == "__main__":
