@@ -11,13 +11,13 @@ One test, on the finite losses ℓ_0..ℓ_{N−1} recorded so far:
 - ``num_subsamples`` times, a random subsample of at most ``max_points`` points (always keeping the newest)
   is fitted with scikit-learn's ``GaussianProcessRegressor``, kernel c·RBF(ℓ = 0.2, fixed) + white noise
   (c and the noise level learned by maximum marginal likelihood);
-- from ``num_draws`` draws of the latent (noise-free) posterior f over the subsample's points,
-  p = P(min_{x_i < x_now} f(x_i) < f(x_now)) — the probability that some earlier point lies below the current
-  one;
+- from ``num_draws`` draws of the latent (noise-free) posterior f on a grid of ``GRID_POINTS`` times
+  evenly spread over [0, 1] (spacing ≈ lengthscale/20: fine enough for a curve that smooth),
+  p = P(min_{x < 1} f(x) < f(1)) — the probability that some earlier point lies below the current one;
 - the test is positive when p > ``threshold`` in a strict majority of the subsamples.
 
-It also reports where the smoothed loss is lowest (the argmin of the posterior mean, median over the
-subsamples), which AutoWU uses to pick the learning rate it restarts from.
+It also reports where the smoothed loss is lowest (the argmin of the posterior mean over the subsample's
+steps, median over the subsamples), which AutoWU uses to pick the learning rate it restarts from.
 
 Randomness comes only from the ``seed`` passed in, so every rank that feeds the same (all-reduced) losses
 and the same seed reaches the same decision.
@@ -34,6 +34,7 @@ import numpy as np
 INSTALL_HINT = "AutoWU's loss test needs scikit-learn: pip install 'scaling_plugins[autowu]' (or scikit-learn)"
 LENGTHSCALE = 0.2
 MIN_POINTS = 5
+GRID_POINTS = 100
 AMPLITUDE_BOUNDS, NOISE_BOUNDS = (1e-3, 1e3), (1e-8, 1e1)
 INITIAL_HYPERPARAMETERS = (1.0, 0.1)   # (c, noise level) on standardised losses
 
@@ -140,6 +141,7 @@ def _fit_and_test(steps: np.ndarray, losses: np.ndarray, length: int, num_draws:
         gp.kernel_ = gp.kernel_.k1
         mean = gp.predict(x)
         warnings.simplefilter("ignore", RuntimeWarning)  # near-singular latent covariance: harmless here
-        draws = gp.sample_y(x, n_samples=num_draws, random_state=draw_seed)  # shape (points, draws)
+        grid = np.linspace(0.0, 1.0, GRID_POINTS).reshape(-1, 1)
+        draws = gp.sample_y(grid, n_samples=num_draws, random_state=draw_seed)  # shape (GRID_POINTS, draws)
     probability = float(np.mean(draws[:-1].min(axis=0) < draws[-1]))
     return probability, int(steps[int(np.argmin(mean))]), fitted
