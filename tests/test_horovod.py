@@ -26,8 +26,8 @@ LAUNCHERS = {
 }
 # Scaled-optimizer cases and their optimizer steps; in each the norm must share a gradient's fusion buffer.
 FUSED_CASES = {"orth": 1, "same": 1, "opp": 1, "onehot_mean_None": 1, "onehot_mean_1": 1, "onehot_sum_None": 1,
-               "onehot_sum_1": 1, "resume_a": 12, "resume_b": 6, "agree": 8, "append": 4, "grouped": 4,
-               "predivide": 4}
+               "onehot_sum_1": 1, "resume_a": 12, "resume_b": 6, "agree": 8, "elastic_state": 7, "append": 4,
+               "grouped": 4, "predivide": 4}
 
 
 @pytest.fixture(scope="module", params=list(LAUNCHERS))
@@ -113,6 +113,14 @@ def test_resume_reproduces_learning_rates_exactly(launch):
     assert resume["resumed"] == resume["straight"][6:]
     assert resume["progress_resumed"] == resume["progress"]
     assert resume["params_equal"]
+
+
+def test_elastic_state_saves_restores_and_syncs_the_policy(launch):
+    first, second = (rank["elastic_state"] for rank in launch["ranks"])
+    for rank in (first, second):
+        assert rank["ahead"][1] == rank["saved"][1] + 2 and rank["ahead"][0] > rank["saved"][0]
+        assert rank["restored"] == rank["saved"]
+    assert first["synced"] == first["ahead"] and second["synced"] == first["ahead"]   # rank 1 took rank 0's
 
 
 def test_every_registered_policy_runs(launch):

@@ -132,6 +132,27 @@ def fusion(case: str, **kwargs) -> dict:
     return {"steps": 4}
 
 
+def elastic_state() -> dict:
+    """hvd.elastic.TorchState carries the policy: restore() rolls it back to the last save(), and sync()
+    gives every rank rank 0's policy (here rank 1 alone rolls back before the sync)."""
+    model = mlp(6)
+    opt = scaled_sgd(model, "elastic_state")
+    state = hvd.elastic.TorchState(model=model, optimizer=opt)
+    train(range(3), model, opt)
+    state.save()
+    saved = (opt.progress, opt.scaling.policy.steps, opt.lr)
+    train(range(3, 5), model, opt)
+    ahead = (opt.progress, opt.scaling.policy.steps, opt.lr)
+    state.restore()
+    restored = (opt.progress, opt.scaling.policy.steps, opt.lr)
+    train(range(3, 5), model, opt)
+    if hvd.rank() == 1:
+        state.restore()
+    state.sync()
+    return {"saved": saved, "ahead": ahead, "restored": restored,
+            "synced": (opt.progress, opt.scaling.policy.steps, opt.lr)}
+
+
 def every_policy() -> dict:
     """Each registered policy by name with a 100-step budget where it takes one (and AdaScale as an object),
     three steps with the loss passed along."""
@@ -186,6 +207,7 @@ def main() -> None:
                    {"bare": {}, "append": {}, "grouped": {"groups": 2},
                     "fp16": {"compression": hvd.Compression.fp16},
                     "predivide": {"gradient_predivide_factor": 2.0}}.items()},
+        "elastic_state": elastic_state(),
         "policies": every_policy(),
         "refusals": refusals(),
     }
