@@ -6,18 +6,16 @@ JSON and rank 0's HOROVOD_TIMELINE.
 from __future__ import annotations
 
 import json
-import os
 import re
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("horovod.torch", reason="Horovod is not installed: run `make horovod`")
 
 from tests.distributed import REPO, VENV_BIN, run_command  # noqa: E402
+from tests.horovod_scripts.timeline import fusion_batches, norm_placement, tensor_role  # noqa: E402
 
 SCRIPT = REPO / "tests" / "horovod_scripts" / "checks.py"
-NORM = "scaling_plugins.local_sq_norm"
 MPI_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 LAUNCHERS = {
     "horovodrun --gloo": ["horovodrun", "--gloo", "-np", "2"],
@@ -38,38 +36,6 @@ def launch(request, tmp_path_factory) -> dict:
                 env={**MPI_ROOT_ENV, "HOROVOD_TIMELINE": str(timeline)})
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     return {"launcher": request.param, "ranks": ranks, "batches": fusion_batches(timeline)}
-
-
-def fusion_batches(timeline: Path) -> list[list[str]]:
-    """The tensors of each executed all-reduce response, in order: a run of consecutive ALLREDUCE starts in
-    Horovod's timeline is one response, i.e. one fusion buffer (a response starts all its tensors at once)."""
-    text = timeline.read_text().rstrip().rstrip(",")
-    events = json.loads(text if text.endswith("]") else text + "]")     # Horovod leaves the array open
-    names = {e["pid"]: e["args"]["name"] for e in events if e.get("name") == "process_name" and "name" in e["args"]}
-    batches: list[list[str]] = []
-    current = None
-    for event in events:
-        if event.get("ph") == "B" and event.get("name") == "ALLREDUCE":
-            if current is None:
-                current = []
-                batches.append(current)
-            current.append(names[event["pid"]])
-        elif event.get("ph") not in (None, "M"):
-            current = None
-    return batches
-
-
-def tensor_role(name: str) -> tuple[str, str]:
-    """("norm" | "grad", case) of a timeline tensor name (parameter names start with their case)."""
-    base = re.sub(r"^(grouped_)?allreduce\.", "", name)
-    grouped = re.match(r"(.*)_(\d+)of(\d+)$", base)
-    if grouped:
-        base = grouped.group(1)
-    if base.startswith(NORM + "."):
-        base = base[len(NORM) + 1:]
-        is_norm = grouped is None or grouped.group(2) == grouped.group(3)   # the norm is a group's last tensor
-        return ("norm" if is_norm else "grad"), base.split(".")[0]
-    return "grad", base.split(".")[0]
 
 
 def test_horovod_check_build_lists_pytorch_mpi_gloo():
@@ -146,14 +112,7 @@ def test_bad_arguments_are_refused(launch):
 def test_norm_shares_the_gradients_fusion_buffer(launch):
     """Per step the norm is reduced once, inside a response that also carries that optimizer's gradients
     (so no collective of its own); under Compression.fp16 it is its own fp32 response; bare Horovod has none."""
-    fused, alone = {}, {}
-    for batch in launch["batches"]:
-        roles = [tensor_role(name) for name in batch]
-        grad_cases = {case for role, case in roles if role == "grad"}
-        for role, case in roles:
-            if role == "norm":
-                target = fused if case in grad_cases else alone
-                target[case] = target.get(case, 0) + 1
+    fused, alone = norm_placement(launch["batches"])
     assert {case: fused.get(case) for case in FUSED_CASES} == FUSED_CASES, (fused, alone)
     assert alone.get("fp16") == 4 and set(alone) <= {"fp16", "unused"}, alone
     assert fused.get("unused", 0) + alone.get("unused", 0) == 1    # the fallback path: one norm, fused or not

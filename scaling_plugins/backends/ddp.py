@@ -27,40 +27,28 @@ Policies that use the training loss (``needs_loss``) take it as ``ctl.step(loss)
 with one 1-element all-reduce per step (the only collective this backend adds, and only for those policies).
 """
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
 
-from ..policies import build_policy
-from ..policies.base import StepObservation
 from ..policies.registry import PolicySpec
 from ..stats import GradientSample
+from .driver import PolicyDriver, accumulation_sample
 from .local_norms import LocalNormMeter
 
-LOSS_REDUCTIONS = ("mean", "sum")
 
-
-class DDPController:
+class DDPController(PolicyDriver):
     """Drives one policy for one DDP model and its optimizer. Build it with :func:`attach`."""
 
     def __init__(self, ddp_model: torch.nn.parallel.DistributedDataParallel, optimizer: torch.optim.Optimizer,
                  policy: PolicySpec = "AdaScale", accumulation_steps: int = 1, loss_reduction: str = "mean") -> None:
         if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
             raise ValueError(f"attach() needs a DistributedDataParallel model, got {type(ddp_model).__name__}")
-        if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
-            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        super().__init__(optimizer, policy, dist.get_world_size(ddp_model.process_group), accumulation_steps,
+                         loss_reduction)
         self.model = ddp_model
-        self.optimizer = optimizer
-        self.accumulation_steps = accumulation_steps
-        self.loss_reduction = loss_reduction
         self.process_group = ddp_model.process_group
-        self.world_size = dist.get_world_size(self.process_group)
-        self.policy = build_policy(policy)
-        self.policy.configure(self.world_size, accumulation_steps)
-        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self._meter: Optional[LocalNormMeter] = None
         self._reduced_sq: dict[int, torch.Tensor] = {}
         self._reduced_local: Optional[torch.Tensor] = None
@@ -68,15 +56,13 @@ class DDPController:
         if self.policy.needs_gradient_norms:
             self._meter = LocalNormMeter(ddp_model.module.parameters())
             ddp_model.register_comm_hook(self, _allreduce_with_local_norm)
-        self._apply_learning_rate()
 
     # -- per step -------------------------------------------------------------------------------------------
     def step(self, loss: Optional[torch.Tensor | float] = None) -> None:
         """Feed this step's statistics (and loss) to the policy, set the learning rate, step the optimizer."""
         gradients = self._take_gradient_sample() if self._meter is not None else None
         mean_loss = self._mean_loss(loss) if self.policy.needs_loss else None
-        self.policy.step(StepObservation(gradients=gradients, loss=mean_loss))
-        self._apply_learning_rate()
+        self.observe(gradients, mean_loss)
         self.optimizer.step()
 
     def _last_bucket_payload(self, buffer: torch.Tensor) -> torch.Tensor:
@@ -95,13 +81,7 @@ class DDPController:
         local_sum, mean_sq = torch.stack([self._reduced_local, reduced_sq]).tolist()  # the one host sync
         self._reduced_local = None
         self._reduced_sq.clear()
-        acc = self.accumulation_steps
-        if self.loss_reduction == "mean":
-            local_sum *= acc * acc          # each micro-batch gradient arrived divided by acc
-        else:
-            mean_sq /= acc * acc            # the accumulated gradient is acc × the mean
-        return GradientSample(local_sq_sum=local_sum * self.world_size, mean_sq_norm=mean_sq,
-                              count=self.world_size * acc)
+        return accumulation_sample(local_sum, mean_sq, self.world_size, self.accumulation_steps, self.loss_reduction)
 
     def _mean_loss(self, loss: Optional[torch.Tensor | float]) -> float:
         if loss is None:
@@ -109,43 +89,6 @@ class DDPController:
         value = torch.as_tensor(loss, dtype=torch.float64).detach().reshape(1).clone()
         dist.all_reduce(value, group=self.process_group)
         return value.item() / self.world_size
-
-    def _apply_learning_rate(self) -> None:
-        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = self.policy.learning_rate(base_lr)
-
-    # -- what users read ------------------------------------------------------------------------------------
-    @property
-    def gain(self) -> float:
-        return self.policy.gain
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    @property
-    def progress(self) -> float:
-        return self.policy.progress
-
-    @property
-    def scale(self) -> float:
-        return getattr(self.policy, "scale", float(self.world_size * self.accumulation_steps))
-
-    @property
-    def done(self) -> bool:
-        return self.policy.done
-
-    def metrics(self) -> dict[str, Any]:
-        """The step's telemetry numbers: step, learning rate and the policy's own (gain, progress, σ², ...)."""
-        return {"step": self.policy.steps, "lr": self.lr, **self.policy.metrics()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy.state_dict(), "base_lrs": list(self.base_lrs)}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.policy.load_state_dict(state["policy"])
-        self.base_lrs = list(state["base_lrs"])
-        self._apply_learning_rate()
 
 
 def _allreduce_with_local_norm(ctl: DDPController, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

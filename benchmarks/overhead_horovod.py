@@ -1,0 +1,136 @@
+"""Step-time overhead and collectives per step: Horovod + AdaScale against bare hvd.DistributedOptimizer.
+
+    .venv/bin/python benchmarks/overhead_horovod.py [--steps 30] [--warmup 5] [--batch 64] [--repeats 3]
+
+Each repeat launches `horovodrun --gloo -np 2` on this script's worker mode. Both ranks (one thread each)
+build two copies of benchmarks/overhead.py's ≥ 10M-parameter MLP: one under bare
+``hvd.DistributedOptimizer`` (plain SGD step), one under ``scaling_plugins.backends.horovod.
+DistributedOptimizer`` with AdaScale. Steps alternate between the two, the order flipping every round, with a
+barrier before each timed step. Reported: median step time of each and the ratio of medians; then, from a
+Horovod timeline recorded over a few more steps of each, the all-reduce responses (fusion buffers) per step
+and where the AdaScale norm travelled.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from benchmarks.overhead import WIDTHS, build_model  # noqa: E402
+from tests.horovod_scripts.timeline import fusion_batches, norm_placement, tensor_role  # noqa: E402
+
+TIMELINE_STEPS = 5
+
+
+def worker(args: argparse.Namespace) -> None:
+    import horovod.torch as hvd
+
+    import scaling_plugins.backends.horovod as sph
+
+    hvd.init()
+    torch.set_num_threads(1)
+    models = {"bare": build_model(), "ours": build_model()}
+    named = {name: [(f"{name}.{key}", p) for key, p in model.named_parameters()] for name, model in models.items()}
+    optimizers = {
+        "bare": hvd.DistributedOptimizer(torch.optim.SGD(models["bare"].parameters(), lr=1e-4, momentum=0.9),
+                                         named_parameters=named["bare"]),
+        "ours": sph.DistributedOptimizer(torch.optim.SGD(models["ours"].parameters(), lr=1e-4, momentum=0.9),
+                                         named_parameters=named["ours"], policy="AdaScale"),
+    }
+    gen = torch.Generator().manual_seed(hvd.rank())
+    x = torch.randn(args.batch, WIDTHS[0], generator=gen)
+    y = torch.randn(args.batch, WIDTHS[-1], generator=gen)
+
+    def step(name: str) -> None:
+        torch.nn.functional.mse_loss(models[name](x), y).backward()
+        optimizers[name].step()
+        optimizers[name].zero_grad()
+
+    def timed(name: str) -> float:
+        hvd.barrier()
+        start = time.perf_counter()
+        step(name)
+        return time.perf_counter() - start
+
+    for _ in range(args.warmup):
+        step("bare")
+        step("ours")
+    times: dict[str, list[float]] = {"bare": [], "ours": []}
+    for i in range(args.steps):
+        order = ["bare", "ours"] if i % 2 == 0 else ["ours", "bare"]
+        for name in order:
+            times[name].append(timed(name))
+    timeline = Path(args.worker) / "timeline.json"
+    hvd.start_timeline(str(timeline))
+    for name in ("bare", "ours"):
+        for _ in range(TIMELINE_STEPS):
+            step(name)
+    hvd.stop_timeline()
+    if hvd.rank() == 0:
+        params = sum(p.numel() for p in models["bare"].parameters())
+        (Path(args.worker) / "result.json").write_text(json.dumps(
+            {"params": params, "times": times, "gain": optimizers["ours"].gain}))
+    hvd.shutdown()
+
+
+def responses_per_step(batches: list[list[str]]) -> dict[str, float]:
+    """All-reduce responses per step of each variant (a response counts for the variant whose tensors it holds)."""
+    counts = {"bare": 0, "ours": 0}
+    for batch in batches:
+        for case in {case for _, case in map(tensor_role, batch)}:
+            counts[case] += 1
+    return {case: n / TIMELINE_STEPS for case, n in counts.items()}
+
+
+def run_once(args: argparse.Namespace) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = ["horovodrun", "--gloo", "-np", "2", sys.executable, __file__, "--worker", tmp,
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+               "PYTHONPATH": str(REPO), "HOROVOD_TIMELINE": "DYNAMIC"}   # recorded only between start/stop
+        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        result = json.loads((Path(tmp) / "result.json").read_text())
+        batches = fusion_batches(Path(tmp) / "timeline.json")
+    result["responses_per_step"] = responses_per_step(batches)
+    result["norm_fused"], result["norm_alone"] = norm_placement(batches)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant per repeat")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first")
+    parser.add_argument("--batch", type=int, default=64, help="samples per rank per step")
+    parser.add_argument("--repeats", type=int, default=3, help="independent runs; the median ratio is reported")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    ratios = []
+    for repeat in range(args.repeats):
+        result = run_once(args)
+        bare = statistics.median(result["times"]["bare"])
+        ours = statistics.median(result["times"]["ours"])
+        ratios.append(ours / bare)
+        print(f"run {repeat + 1}: params={result['params']:,} bare={bare * 1e3:.1f} ms ours={ours * 1e3:.1f} ms "
+              f"ratio={ours / bare:.4f} responses/step={result['responses_per_step']} "
+              f"norm fused={result['norm_fused'].get('ours', 0)}/{TIMELINE_STEPS} "
+              f"alone={result['norm_alone'].get('ours', 0)}", flush=True)
+    print(f"Horovod + AdaScale / bare hvd.DistributedOptimizer step time: median ratio "
+          f"{statistics.median(ratios):.4f} over {args.repeats} runs "
+          f"(overhead {100 * (statistics.median(ratios) - 1):+.2f}%)")
+
+
+if __name__ == "__main__":
+    main()
