@@ -7,11 +7,14 @@
 import logging
 
 from . import schedules
-from .policies import POLICIES, AdaScale, Policy, StepObservation, build_policy, register
+from .ema import ModelEMA, scale_ema_momentum
+from .policies import (LEGW, POLICIES, AdaScale, AdaScaleAdam, AutoWU, LinearScaling, Policy, SqrtScaling,
+                       StepObservation, build_policy, register)
 from .stats import GradientSample, GradientStatistics
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
-__all__ = ["AdaScale", "GradientSample", "GradientStatistics", "POLICIES", "Policy", "StepObservation",
-           "build_policy", "register", "schedules"]
+__all__ = ["AdaScale", "AdaScaleAdam", "AutoWU", "GradientSample", "GradientStatistics", "LEGW", "LinearScaling",
+           "ModelEMA", "POLICIES", "Policy", "SqrtScaling", "StepObservation", "build_policy", "register",
+           "scale_ema_momentum", "schedules"]
 __version__ = "0.1.0"

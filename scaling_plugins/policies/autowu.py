@@ -19,10 +19,12 @@ Steps t = 0 .. T−1 (T = ``total_num_steps`` optimizer steps), warmup cap W = `
 The learning rates are absolute: every param group gets the same rate, whatever it was configured with
 (as DeepSpeed's WarmupLR does).
 
-Loss: ``step()`` needs the training loss of every step. With several workers, pass the all-reduced mean so
-every rank tests the same numbers; the test's randomness is seeded by (``seed``, epoch), so every rank
-switches at the same step. DDP: ``ctl.step(loss)`` (the backend all-reduces it). DeepSpeed: the config's
-``"scheduler": {"type": "AutoWU", "params": {...}}`` and ``engine.step(lr_kwargs={"loss": loss})``.
+Loss: ``step()`` needs the training loss of every step. With several workers it must be the mean over all
+ranks (and micro-batches), so every rank tests the same numbers; the test's randomness is seeded by
+(``seed``, epoch), so every rank switches at the same step. The backends do the averaging:
+DDP ``ctl.step(loss)``; Horovod ``opt.step(loss=loss)``; DeepSpeed, with ``"scheduler": {"type": "AutoWU",
+"params": {...}}`` in the config, reads the loss given to ``engine.backward(loss)`` (it must be known before
+the optimizer step, so ``engine.step(lr_kwargs=...)``, which reaches the scheduler after it, is not used).
 Needs scikit-learn (``pip install 'scaling_plugins[autowu]'``).
 """
 from __future__ import annotations
@@ -122,8 +124,8 @@ class AutoWU(Policy):
     # -- the protocol -----------------------------------------------------------------------------------------
     def step(self, observation: StepObservation) -> None:
         if observation.loss is None:
-            raise ValueError("AutoWU needs the training loss every step: DDP ctl.step(loss); DeepSpeed "
-                             "engine.step(lr_kwargs={'loss': loss}); or StepObservation(loss=...)")
+            raise ValueError("AutoWU needs the training loss every step: DDP ctl.step(loss), Horovod "
+                             "opt.step(loss=loss), DeepSpeed engine.backward(loss), or StepObservation(loss=...)")
         t = self.steps
         if self.phase == WARMUP:
             self.losses.append(float(observation.loss))
