@@ -86,6 +86,14 @@ def test_checkpoint_resume_reproduces_the_lr_trajectory(run):
 
 
 @pytest.mark.slow
+def test_overflow_step_is_skipped_by_the_policy_on_every_rank(run):
+    overflow = run[1][0]["overflow"]
+    assert overflow["skipped_steps"] == [1, 0]
+    assert overflow["with_skip"]["steps"] == 3
+    assert overflow["with_skip"] == overflow["without"]
+
+
+@pytest.mark.slow
 def test_every_registered_policy_runs_by_its_config_name(run):
     policies = run[1][0]["policies"]
     assert sorted(policies) == sorted(POLICIES)

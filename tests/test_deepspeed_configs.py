@@ -2,8 +2,9 @@
 
 Checked per config: the first-step σ², μ² and gain against statistics computed independently from each
 micro-batch's own float64 gradient; the lr every param group really had when the optimizer stepped
-(= initial lr × gain × schedule(τ), τ advancing by the gain); agreement across ranks; and for a config with
-DeepSpeed's csv monitor, the policy's metrics written beside DeepSpeed's own.
+(= initial lr × gain × schedule(τ), τ advancing by the gain); agreement across ranks; collectives per step
+equal to bare DeepSpeed's with the same config; and for a config with DeepSpeed's csv monitor, the policy's
+metrics written beside DeepSpeed's own.
 """
 from __future__ import annotations
 
@@ -70,6 +71,14 @@ def test_lr_used_is_initial_lr_times_gain_times_schedule_of_progress(results, pa
         assert lrs == pytest.approx(expected, rel=1e-12, abs=1e-15), step
         progress += gain
     assert any(lr > 0 for (lr, *_) in run["lrs_used"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", CONFIGS, ids=[path.stem for path in CONFIGS])
+def test_collectives_per_step_equal_bare_deepspeed_with_the_same_config(results, path):
+    run = results[0][path.name]
+    assert run["collectives"] == run["bare_collectives"]
+    assert all(step.get("gloo:all_reduce", 0) >= 1 for step in run["collectives"])
 
 
 @pytest.mark.slow

@@ -60,32 +60,32 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
                       "pip install 'scaling_plugins[deepspeed]'") from err
 
 from ..policies import POLICIES, build_policy, policy_class
-from ..policies.base import StepObservation
 from ..policies.registry import PolicySpec
 from ..stats import GradientSample
 from ..telemetry import monitor_events, record_from
 from .deepspeed_harvest import Harvest, Payload, build_rider
+from .driver import PolicyDriver
 
 
-class PolicyScheduler:
+class PolicyScheduler(PolicyDriver):
     """The object DeepSpeed holds as its LR scheduler; drives one policy for one engine.
 
     DeepSpeed builds it from the config (``"scheduler": {"type": <policy name>}``) or from :func:`initialize`.
     ``step()`` (called by DeepSpeed after each applied optimizer step) only counts and writes telemetry.
-    What users read: ``gain``, ``lr``, ``progress``, ``scale``, ``done``, ``metrics()``, ``policy``.
+    What users read (from :class:`PolicyDriver`): ``gain``, ``lr``, ``progress``, ``scale``, ``done``,
+    ``metrics()``, ``policy``; and ``extra_collectives_per_step``.
     """
 
     def __init__(self, optimizer: Any, policy: PolicySpec = "AdaScale", last_batch_iteration: int = -1) -> None:
         if last_batch_iteration != -1:
             raise ValueError(f"last_batch_iteration={last_batch_iteration!r}: only -1 is allowed; resume with "
                              "engine.load_checkpoint, which restores the policy's state")
-        self.policy = build_policy(policy)
         self.engine = _engine_building_scheduler()
         _refuse_unsupported(self.engine)
-        self.optimizer = self.engine.optimizer
-        self.world_size = int(self.engine.dp_world_size)
-        self.accumulation_steps = int(self.engine.gradient_accumulation_steps())
-        self.policy.configure(self.world_size, self.accumulation_steps)
+        for group in self.engine.optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+        super().__init__(self.engine.optimizer, policy, int(self.engine.dp_world_size),
+                         int(self.engine.gradient_accumulation_steps()))
         self.last_batch_iteration = -1
         self.last_loss: Optional[float] = None
         self._harvest: Optional[Harvest] = None
@@ -96,9 +96,6 @@ class PolicyScheduler:
             self.rider = build_rider(self.engine, self.payload, self._receive)
             if self.policy.needs_loss:
                 self._read_loss_in_backward()
-        for group in self.optimizer.param_groups:
-            group.setdefault("initial_lr", group["lr"])
-        self._apply(self.optimizer.param_groups)
         self.engine.basic_optimizer.register_step_pre_hook(self._before_optimizer_step)
 
     # -- per step -------------------------------------------------------------------------------------------
@@ -107,14 +104,21 @@ class PolicyScheduler:
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Once per optimizer step: feed the policy; every call: set the lr of the groups about to step."""
-        if self._stepped_at != self.engine.global_steps:
-            self._stepped_at = self.engine.global_steps
-            self.policy.step(self._observation())
-        self._apply(optimizer.param_groups)
+        if self._stepped_at == self.engine.global_steps:
+            self.apply_learning_rate()  # ZeRO-1/2 step the basic optimizer once per param group
+            return
+        self._stepped_at = self.engine.global_steps
+        self.observe(*self._observation())
 
-    def _observation(self) -> StepObservation:
+    def apply_learning_rate(self) -> None:
+        """lr = policy.learning_rate(initial lr) for every group visible now (ZeRO-1/2 show the basic optimizer
+        only the group it is stepping, so each group carries its own initial lr, under torch's key)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.policy.learning_rate(group["initial_lr"])
+
+    def _observation(self) -> tuple[Optional[GradientSample], Optional[float]]:
         if self.rider is None:
-            return StepObservation()
+            return None, None
         harvest, self._harvest = self._harvest, None
         if harvest is None:
             raise RuntimeError(f"no gradient statistics reached policy {self.policy.name!r} this step: train with "
@@ -129,11 +133,7 @@ class PolicyScheduler:
             gradients = GradientSample(local_sq_sum=values[0], mean_sq_norm=values[-1], count=count)
         if self.policy.needs_loss:
             loss = self.last_loss = values[self.payload.size - 1] / count
-        return StepObservation(gradients=gradients, loss=loss)
-
-    def _apply(self, groups: list[dict]) -> None:
-        for group in groups:
-            group["lr"] = self.policy.learning_rate(group["initial_lr"])
+        return gradients, loss
 
     def _read_loss_in_backward(self) -> None:
         original = self.engine.backward
@@ -166,49 +166,22 @@ class PolicyScheduler:
     get_last_lr = get_lr
 
     def state_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy.state_dict(), "last_batch_iteration": self.last_batch_iteration,
-                "initial_lrs": [group["initial_lr"] for group in self.optimizer.param_groups]}
+        return {**super().state_dict(), "last_batch_iteration": self.last_batch_iteration}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         groups = self.optimizer.param_groups
-        if len(state["initial_lrs"]) != len(groups):
-            raise ValueError(f"checkpoint has {len(state['initial_lrs'])} param groups' initial_lr, the optimizer "
-                             f"has {len(groups)} groups")
-        self.policy.load_state_dict(state["policy"])
-        self.last_batch_iteration = int(state["last_batch_iteration"])
-        for group, initial_lr in zip(groups, state["initial_lrs"]):
+        if len(state["base_lrs"]) != len(groups):
+            raise ValueError(f"the checkpoint has initial lrs for {len(state['base_lrs'])} param groups, the "
+                             f"optimizer has {len(groups)}")
+        for group, initial_lr in zip(groups, state["base_lrs"]):
             group["initial_lr"] = initial_lr
-        self._apply(groups)
-
-    # -- what users read ------------------------------------------------------------------------------------
-    @property
-    def gain(self) -> float:
-        return self.policy.gain
-
-    @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    @property
-    def progress(self) -> float:
-        return self.policy.progress
-
-    @property
-    def scale(self) -> float:
-        return getattr(self.policy, "scale", float(self.world_size * self.accumulation_steps))
-
-    @property
-    def done(self) -> bool:
-        return self.policy.done
+        super().load_state_dict(dict(state))
+        self.last_batch_iteration = int(state["last_batch_iteration"])
 
     @property
     def extra_collectives_per_step(self) -> int:
         """Collectives this backend adds per step: 0 where a DeepSpeed reduction carries the statistics."""
         return getattr(self.rider, "extra_collectives", 0)
-
-    def metrics(self) -> dict[str, Any]:
-        """The step's telemetry numbers: step, learning rate and the policy's own (gain, progress, σ², ...)."""
-        return {"step": self.policy.steps, "lr": self.lr, **self.policy.metrics()}
 
     def _write_monitor(self) -> None:
         monitor = getattr(self.engine, "monitor", None)

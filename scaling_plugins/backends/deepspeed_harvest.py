@@ -35,7 +35,7 @@ from deepspeed.runtime.utils import combine_grad_norm_groups
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-from .local_norms import LocalNormMeter
+from .local_norms import LocalNormMeter, squared_norm_sum
 
 log = logging.getLogger(__name__)
 
@@ -118,19 +118,11 @@ def loss_scale_of(optimizer: Any) -> float:
     return float(getattr(optimizer, "loss_scale", 1.0) or 1.0)
 
 
-def squared_norm(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Σ ⟨t, t⟩ as a float64 scalar; low-precision tensors are squared in float32."""
-    total = torch.zeros((), dtype=torch.float64)
-    for tensor in tensors:
-        flat = tensor.reshape(-1)
-        if flat.dtype in LOW_PRECISION:
-            flat = flat.float()
-        total = total.to(flat.device) + torch.dot(flat, flat).to(torch.float64)
-    return total
+class Rider:
+    """Carries a ``Payload`` on one of the engine's reductions and ``deliver``s each step's ``Harvest``.
 
-
-class FlatRider:
-    """ZeRO-0 (and BF16_Optimizer): the payload rides DeepSpeed's flat gradient all-reduce."""
+    grad_multiplier: c, what DeepSpeed's gradient reduction multiplies the sum over ranks by (1/W or 1).
+    """
 
     extra_collectives = 0
 
@@ -140,6 +132,14 @@ class FlatRider:
         self.payload = payload
         self.deliver = deliver
         self.grad_multiplier = grad_multiplier
+
+
+class FlatRider(Rider):
+    """ZeRO-0 (and BF16_Optimizer): the payload rides DeepSpeed's flat gradient all-reduce."""
+
+    def __init__(self, engine: Any, payload: Payload, deliver: Callable[[Harvest], None],
+                 grad_multiplier: float) -> None:
+        super().__init__(engine, payload, deliver, grad_multiplier)
         self._carrier: Optional[torch.Tensor] = None
         self._grads: list[torch.Tensor] = []
         self._loss_scale = 1.0
@@ -174,26 +174,23 @@ class FlatRider:
         mean_sq = None
         if self.payload.meter is not None:
             world = self.engine.dp_world_size
-            mean_sq = squared_norm(self._grads) / (self.grad_multiplier * world * self._loss_scale) ** 2
+            grads = (g.float() if g.dtype in LOW_PRECISION else g for g in self._grads)
+            mean_sq = squared_norm_sum(grads) / (self.grad_multiplier * world * self._loss_scale) ** 2
         self._carrier, self._grads = None, []
         self.deliver(Harvest(payload, mean_sq))
 
 
-class NormRider:
+class NormRider(Rider):
     """ZeRO-1/2/3: the payload rides the 1-element all-reduce of DeepSpeed's squared gradient norm."""
 
     def __init__(self, engine: Any, payload: Payload, deliver: Callable[[Harvest], None],
                  grad_multiplier: float) -> None:
-        self.engine = engine
-        self.payload = payload
-        self.deliver = deliver
-        self.grad_multiplier = grad_multiplier
+        super().__init__(engine, payload, deliver, grad_multiplier)
         optimizer = engine.optimizer
         self.stage3 = isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3)
         name = "_get_norm_groups" if self.stage3 else "scaled_global_norm"
         original = getattr(optimizer, name)
         setattr(optimizer, name, functools.partial(self._norm_with_payload, original))
-        self.extra_collectives = 0
         if not self.stage3 and not optimizer.compute_grad_norm:
             self._install_fallback(optimizer)
 
@@ -245,7 +242,7 @@ class NormRider:
         optimizer.step = step
 
 
-def build_rider(engine: Any, payload: Payload, deliver: Callable[[Harvest], None]) -> FlatRider | NormRider:
+def build_rider(engine: Any, payload: Payload, deliver: Callable[[Harvest], None]) -> Rider:
     """The rider for this engine's optimizer: the ZeRO norm reduction for stages 1–3, else the flat all-reduce."""
     grad_multiplier = 1.0 / engine.dp_world_size if engine.gradient_average else 1.0
     if isinstance(engine.optimizer, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):

@@ -4,7 +4,7 @@ Runs every config in configs/deepspeed/ for a few steps on a small MLP and write
 reference first-step statistics computed independently here (each micro-batch's own gradient in float64 on a
 plain copy of the model, summed over ranks with torch.distributed), the policy's gains and progress, the lr
 each param group really had when the optimizer stepped, DeepSpeed's own grad norm, and (rank 0) the csv
-monitor's files.
+monitor's files; and collectives per step, counted the same way for bare DeepSpeed with the same config.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import scaling_plugins.backends.deepspeed  # noqa: F401  (registers the policies with DeepSpeed)
-from tests.deepspeed_scripts.common import LrRecorder, setup, write
+from tests.deepspeed_scripts.common import LrRecorder, collectives, setup, write
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -54,25 +54,38 @@ def reference_first_step(model: torch.nn.Module, rank: int, gas: int, size: int,
     return {"local_sq_sum": local_sq.item(), "mean_sq_norm": mean.dot(mean).item(), "count": n}
 
 
+def train_step(engine: object, step: int, rank: int, cfg: dict, dtype: torch.dtype) -> None:
+    for micro in range(cfg["gradient_accumulation_steps"]):
+        x, y = batch(step, micro, rank, cfg["train_micro_batch_size_per_gpu"])
+        engine.backward(torch.nn.functional.mse_loss(engine(x.to(dtype)), y.to(dtype)))
+        engine.step()
+
+
+def bare_collectives(cfg: dict, rank: int, dtype: torch.dtype) -> list[dict]:
+    """Collectives per step of bare DeepSpeed: the same config without the "scheduler" entry."""
+    bare = {key: value for key, value in cfg.items() if key not in ("scheduler", "csv_monitor")}
+    model = mlp()
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=bare)
+    return [collectives(lambda: train_step(engine, step, rank, cfg, dtype)) for step in range(STEPS)]
+
+
 def run_config(path: Path, rank: int, out: str) -> dict:
     cfg = json.loads(path.read_text())
     if "csv_monitor" in cfg:
         cfg["csv_monitor"]["output_path"] = str(Path(out) / "csv")
     model = mlp()
     dtype = torch.bfloat16 if cfg.get("bf16", {}).get("enabled") else torch.float32
-    gas, size = cfg["gradient_accumulation_steps"], cfg["train_micro_batch_size_per_gpu"]
-    reference = reference_first_step(model, rank, gas, size, dtype)
+    reference = reference_first_step(model, rank, cfg["gradient_accumulation_steps"],
+                                     cfg["train_micro_batch_size_per_gpu"], dtype)
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     recorder = LrRecorder(engine)
     record = {"reference": reference, "gains": [], "progress_before": [], "grad_norms": [], "moments": [],
-              "optimizer": type(engine.optimizer).__name__, "initial_lrs": [g["initial_lr"] for g in
-                                                                              engine.optimizer.param_groups]}
+              "collectives": [], "bare_collectives": bare_collectives(cfg, rank, dtype),
+              "optimizer": type(engine.optimizer).__name__,
+              "initial_lrs": [g["initial_lr"] for g in engine.optimizer.param_groups]}
     for step in range(STEPS):
         record["progress_before"].append(scheduler.progress)
-        for micro in range(gas):
-            x, y = batch(step, micro, rank, size)
-            engine.backward(torch.nn.functional.mse_loss(engine(x.to(dtype)), y.to(dtype)))
-            engine.step()
+        record["collectives"].append(collectives(lambda: train_step(engine, step, rank, cfg, dtype)))
         record["gains"].append(scheduler.gain)
         metrics = scheduler.metrics()
         record["moments"].append([metrics["sigma_sq"], metrics["mu_sq"]])

@@ -58,12 +58,17 @@ def one_hot_accumulation(rank: int, stage: int) -> dict:
 
 
 def step_fn(engine: object, rank: int, width: int = 6) -> callable:
-    """One optimizer step (all micro-batches) on data fixed by (step, micro-batch, rank)."""
-    def step() -> None:
+    """``step(key=global step)``: one optimizer step (all micro-batches) on data fixed by (key, micro-batch, rank);
+    ``poison=True`` puts a NaN into rank 0's first micro-batch."""
+    def step(key: int | None = None, poison: bool = False) -> None:
+        key = engine.global_steps if key is None else key
         for micro in range(engine.gradient_accumulation_steps()):
-            gen = torch.Generator().manual_seed(1000 * engine.global_steps + 10 * micro + rank)
+            gen = torch.Generator().manual_seed(1000 * key + 10 * micro + rank)
             x, y = torch.randn(3, width, generator=gen), torch.randn(3, 2, generator=gen)
-            engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+            if poison and rank == 0 and micro == 0:
+                x[0, 0] = float("nan")
+            dtype = next(engine.module.parameters()).dtype
+            engine.backward(torch.nn.functional.mse_loss(engine(x.to(dtype)), y.to(dtype)))
             engine.step()
     return step
 
@@ -115,6 +120,22 @@ def checkpoint_resume(rank: int, stage: int, out: str) -> dict:
         step()
     return {"straight": straight, "resumed": {"lrs": recorder.lrs, "final_state": scheduler.policy.state_dict()},
             "state_at_3": states[2], "loaded_state": resumed_from, "global_steps": engine.global_steps}
+
+
+def overflow_skip(rank: int, stage: int) -> dict:
+    """bf16 with DeepSpeed's overflow check: a NaN on one rank makes every rank skip the step. The policy must
+    not advance and the skipped step's local norms must not leak into the next: a run with the skipped step
+    ends in the same policy state as a run without it."""
+    cfg = config(stage, gas=2, bf16={"enabled": True, "check_grad_overflow": True}, scheduler=ADASCALE)
+    states, skipped = [], []
+    for keys in ([0, "nan", 1, 2], [0, 1, 2]):
+        engine, scheduler = engine_for(mlp(), cfg)
+        step = step_fn(engine, rank)
+        for key in keys:
+            step(key=3, poison=True) if key == "nan" else step(key=key)
+        states.append(scheduler.policy.state_dict())
+        skipped.append(engine.skipped_steps)
+    return {"with_skip": states[0], "without": states[1], "skipped_steps": skipped}
 
 
 def every_policy(rank: int, stage: int) -> dict:
@@ -180,6 +201,7 @@ def main() -> None:
     results = {"golden": golden(rank, args.stage), "one_hot": one_hot_accumulation(rank, args.stage),
                "collectives": count_collectives(rank, args.stage),
                "checkpoint": checkpoint_resume(rank, args.stage, args.out),
+               "overflow": overflow_skip(rank, args.stage),
                "policies": every_policy(rank, args.stage), "code_path": code_path(rank, args.stage),
                "errors": errors(args.stage)}
     write(args.out, rank, results)

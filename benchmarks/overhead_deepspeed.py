@@ -1,0 +1,149 @@
+"""Step-time overhead and collectives per step: DeepSpeed + AdaScale against bare DeepSpeed, same config.
+
+    .venv/bin/python benchmarks/overhead_deepspeed.py [--steps 30] [--warmup 5] [--batch 64] [--blocks 3]
+
+This re-launches itself under ``deepspeed --num_gpus 2`` (CPU accelerator, gloo, one thread per rank). For
+ZeRO stage 0 and stage 2, each rank builds two engines over the same ≥ 10M-parameter MLP (the DDP benchmark's,
+``benchmarks/overhead.py``) from the same config, one bare and one whose config adds
+``"scheduler": {"type": "AdaScale", "params": {}}``. Their steps alternate, the order flipping every step,
+with a barrier before each timed step. Reported per stage: median step time of each over ``blocks`` blocks of
+``steps`` steps (wall clock, and CPU time of the rank's process, steadier on a shared machine), the ratio of
+medians per block and its median, and collectives per step from the torch
+profiler's ``gloo:*`` events (the DDP benchmark's counter). A third ZeRO-2 variant with
+``compute_grad_norm: false`` shows the documented fallback's one extra all-reduce.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from benchmarks.overhead import WIDTHS, build_model, collectives  # noqa: E402
+
+ADASCALE = {"type": "AdaScale", "params": {}}
+
+
+def ds_config(stage: int, batch: int, **zero: Any) -> dict:
+    return {"train_micro_batch_size_per_gpu": batch, "gradient_accumulation_steps": 1, "gradient_clipping": 0.0,
+            "optimizer": {"type": "SGD", "params": {"lr": 1e-4, "momentum": 0.9}},
+            "zero_optimization": {"stage": stage, **zero}, "zero_allow_untested_optimizer": True,
+            "steps_per_print": 10 ** 9}
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One rank under the deepspeed launcher: build the engines, interleave their steps, time and count."""
+    import deepspeed
+    import torch.distributed as dist
+
+    import scaling_plugins.backends.deepspeed  # noqa: F401  (registers AdaScale with DeepSpeed)
+
+    torch.set_num_threads(1)
+    deepspeed.init_distributed("gloo")
+    rank = dist.get_rank()
+    gen = torch.Generator().manual_seed(rank)
+    x = torch.randn(args.batch, WIDTHS[0], generator=gen)
+    y = torch.randn(args.batch, WIDTHS[-1], generator=gen)
+    results = {}
+    for stage in (0, 2):
+        base = ds_config(stage, args.batch)
+        variants = {"bare": base, "adascale": {**base, "scheduler": ADASCALE}}
+        engines = {name: deepspeed.initialize(model=build_model(), config=cfg) for name, cfg in variants.items()}
+        steps = {name: _step_fn(engine, x, y) for name, (engine, *_) in engines.items()}
+        for _ in range(args.warmup):
+            for step in steps.values():
+                step()
+        counts = {name: collectives(step) for name, step in steps.items()}
+        blocks = []
+        for _ in range(args.blocks):
+            wall: dict[str, list[float]] = {name: [] for name in steps}
+            cpu: dict[str, list[float]] = {name: [] for name in steps}
+            for i in range(args.steps):
+                order = list(steps.items())
+                for name, step in order if i % 2 == 0 else order[::-1]:
+                    dist.barrier()
+                    start, start_cpu = time.perf_counter(), time.process_time()
+                    step()
+                    wall[name].append(time.perf_counter() - start)
+                    cpu[name].append(time.process_time() - start_cpu)
+            blocks.append({name: [statistics.median(wall[name]), statistics.median(cpu[name])] for name in steps})
+        scheduler = engines["adascale"][3]
+        results[f"zero{stage}"] = {"blocks": blocks, "collectives": counts, "gain": scheduler.gain,
+                                   "extra_collectives": scheduler.extra_collectives_per_step}
+        del engines, steps
+    fallback = {**ds_config(2, args.batch, compute_grad_norm=False), "scheduler": ADASCALE}
+    engine, _, _, scheduler = deepspeed.initialize(model=build_model(), config=fallback)
+    bare, _, _, _ = deepspeed.initialize(model=build_model(), config=ds_config(2, args.batch, compute_grad_norm=False))
+    results["zero2_no_grad_norm"] = {
+        "collectives": {"bare": collectives(_step_fn(bare, x, y)), "adascale": collectives(_step_fn(engine, x, y))},
+        "extra_collectives": scheduler.extra_collectives_per_step}
+    if rank == 0:
+        results["load"] = [round(x, 1) for x in os.getloadavg()]
+        results["params"] = sum(p.numel() for p in build_model().parameters())
+        Path(args.out).write_text(json.dumps(results))
+
+
+def _step_fn(engine: Any, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    def step() -> None:
+        engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+        engine.step()
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant per block")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first")
+    parser.add_argument("--batch", type=int, default=64, help="samples per rank per step")
+    parser.add_argument("--blocks", type=int, default=3, help="timed blocks; the median ratio is reported")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args)
+        return
+    from tests.distributed import free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp, "result.json")
+        command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
+                   str(free_port()), str(Path(__file__).resolve()), "--worker", "--out", str(out),
+                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+                   "--blocks", str(args.blocks)]
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        proc = subprocess.run(command, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.exit(f"{' '.join(command)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        results = json.loads(out.read_text())
+    print(f"DeepSpeed 2 ranks (CPU, gloo), MLP {results['params']:,} parameters, batch {args.batch}/rank, "
+          f"{args.blocks} blocks x {args.steps} interleaved steps; load average {results['load']}")
+    for stage in ("zero0", "zero2"):
+        result = results[stage]
+        for column, label in ((0, "wall"), (1, "CPU")):
+            ratios = [block["adascale"][column] / block["bare"][column] for block in result["blocks"]]
+            blocks = ", ".join(f"{block['bare'][column] * 1e3:.1f}/{block['adascale'][column] * 1e3:.1f} ms"
+                               for block in result["blocks"])
+            print(f"{stage} {label} time per step, bare/adascale by block: {blocks}; median ratio "
+                  f"{statistics.median(ratios):.4f} (overhead {100 * (statistics.median(ratios) - 1):+.2f}%)")
+        print(f"{stage} collectives per step: bare={result['collectives']['bare']} "
+              f"adascale={result['collectives']['adascale']} (extra: {result['extra_collectives']}); "
+              f"gain {result['gain']:.3f}")
+    fallback = results["zero2_no_grad_norm"]
+    print(f"zero2 with compute_grad_norm=false (fallback): collectives per step bare={fallback['collectives']['bare']} "
+          f"adascale={fallback['collectives']['adascale']} (extra: {fallback['extra_collectives']})")
+
+
+if __name__ == "__main__":
+    main()
