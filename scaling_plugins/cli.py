@@ -15,6 +15,7 @@ PyTorch DDP, DeepSpeed and Horovod.
                  S = 1 reference; print a comparison table and write metrics and plots
   report         re-render the table and plots from saved run folders
   check-config   validate a DeepSpeed config's policy ("scheduler") entry or a standalone policy config
+  bench quality  the quality-at-scale study: every method at S = 1..32 against the S = 1 reference
 """
 
 
@@ -81,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "scaling_plugins policy, or a standalone {\"type\": NAME, \"params\": {...}}. Prints every "
                     "problem with its key path, the bad value and what is allowed; exit status 0 when valid, 1 not.")
     check.add_argument("file", type=Path, metavar="FILE")
+
+    from .bench import add_quality_arguments
+
+    bench = commands.add_parser("bench", help="benchmarks: `bench quality` (quality at scale)")
+    benchmarks = bench.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    add_quality_arguments(benchmarks.add_parser(
+        "quality", help="quality at scale: each method at S ∈ {1, 4, 8, 16, 32} against the S = 1 reference",
+        description="Train the built-in workloads with every method at every scale (base hyperparameters tuned "
+                    "once at S = 1), resumably; write report.md (tables, goal checks, gradient noise scale) and "
+                    "quality.png / quality_steps.png into the study folder."))
     return parser
 
 
@@ -129,9 +140,19 @@ def _check_config(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import run_quality
+
+    try:
+        return run_quality(args)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"scaling-plugins bench {args.benchmark}: {err}", file=sys.stderr)
+        return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    handler = {"demo": _demo, "report": _report, "check-config": _check_config}[args.command]
+    handler = {"demo": _demo, "report": _report, "check-config": _check_config, "bench": _bench}[args.command]
     return handler(args)
 
 
