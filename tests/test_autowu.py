@@ -145,6 +145,8 @@ def test_built_by_name_with_deepspeed_style_params():
     ({}, "total_num_steps is required"),
     ({"total_num_steps": 100, "warmup_min_lr": 0.5, "warmup_max_lr": 0.5},
      r"need 0 < warmup_min_lr < warmup_max_lr, got warmup_min_lr=0.5, warmup_max_lr=0.5"),
+    ({"total_num_steps": 100, "warmup_max_lr": "1.0"},
+     r"need 0 < warmup_min_lr < warmup_max_lr, got warmup_min_lr=1e-05, warmup_max_lr='1.0'"),
     ({"total_num_steps": 100, "warmup_num_steps": 150},
      r"warmup_num_steps=150 must be < total_num_steps=100"),
     ({"total_num_steps": 100, "decay_type": "linear"},

@@ -79,7 +79,8 @@ class AutoWU(Policy):
         if steps_per_epoch is None:
             steps_per_epoch = max(1, total_num_steps // 100)
         _require_int("steps_per_epoch", steps_per_epoch, minimum=1)
-        if not 0 < warmup_min_lr < warmup_max_lr:
+        if not (all(isinstance(v, (int, float)) for v in (warmup_min_lr, warmup_max_lr))
+                and 0 < warmup_min_lr < warmup_max_lr):
             raise ValueError(f"need 0 < warmup_min_lr < warmup_max_lr, got warmup_min_lr={warmup_min_lr!r}, "
                              f"warmup_max_lr={warmup_max_lr!r}")
         if decay_type not in DECAY_TYPES:
