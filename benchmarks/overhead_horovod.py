@@ -6,9 +6,13 @@ Each repeat launches `horovodrun --gloo -np 2` on this script's worker mode. Bot
 build two copies of benchmarks/overhead.py's ≥ 10M-parameter MLP: one under bare
 ``hvd.DistributedOptimizer`` (plain SGD step), one under ``scaling_plugins.backends.horovod.
 DistributedOptimizer`` with AdaScale. Steps alternate between the two, the order flipping every round, with a
-barrier before each timed step. Reported: median step time of each and the ratio of medians; then, from a
+barrier before each timed step. Reported: median step time of each and the ratio of medians, in wall time
+and in the main thread's CPU time (what the backend adds runs on the main thread; CPU time is steadier than
+wall time on a shared machine, and excludes Horovod's background thread and waits); then, from a
 Horovod timeline recorded over a few more steps of each, the all-reduce responses (fusion buffers) per step
-and where the AdaScale norm travelled.
+and where the AdaScale norm travelled; and the CPU time of one pass over the model's gradients (a float64-
+accumulated dot product per tensor), of which the backend adds two per step (local norms in the gradient
+hooks, ‖ḡ‖² after synchronize) — the floor of its overhead.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from benchmarks.overhead import WIDTHS, build_model  # noqa: E402
+from scaling_plugins.backends.local_norms import squared_norm_sum  # noqa: E402
 from tests.horovod_scripts.timeline import fusion_batches, norm_placement, tensor_role  # noqa: E402
 
 TIMELINE_STEPS = 5
@@ -56,16 +61,16 @@ def worker(args: argparse.Namespace) -> None:
         optimizers[name].step()
         optimizers[name].zero_grad()
 
-    def timed(name: str) -> float:
+    def timed(name: str) -> tuple[float, float]:
         hvd.barrier()
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.thread_time()
         step(name)
-        return time.perf_counter() - start
+        return time.perf_counter() - wall, time.thread_time() - cpu
 
     for _ in range(args.warmup):
         step("bare")
         step("ours")
-    times: dict[str, list[float]] = {"bare": [], "ours": []}
+    times: dict[str, list[tuple[float, float]]] = {"bare": [], "ours": []}
     for i in range(args.steps):
         order = ["bare", "ours"] if i % 2 == 0 else ["ours", "bare"]
         for name in order:
@@ -76,10 +81,17 @@ def worker(args: argparse.Namespace) -> None:
         for _ in range(TIMELINE_STEPS):
             step(name)
     hvd.stop_timeline()
+    grads = [torch.randn_like(p) for p in models["bare"].parameters()]
+    passes = []
+    for _ in range(20):
+        cpu = time.thread_time()
+        squared_norm_sum(grads).item()
+        passes.append(time.thread_time() - cpu)
     if hvd.rank() == 0:
         params = sum(p.numel() for p in models["bare"].parameters())
         (Path(args.worker) / "result.json").write_text(json.dumps(
-            {"params": params, "times": times, "gain": optimizers["ours"].gain}))
+            {"params": params, "times": times, "gradient_pass": statistics.median(passes),
+             "gain": optimizers["ours"].gain}))
     hvd.shutdown()
 
 
@@ -117,19 +129,24 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    ratios = []
+    ratios: dict[str, list[float]] = {"wall": [], "cpu": []}
     for repeat in range(args.repeats):
         result = run_once(args)
-        bare = statistics.median(result["times"]["bare"])
-        ours = statistics.median(result["times"]["ours"])
-        ratios.append(ours / bare)
-        print(f"run {repeat + 1}: params={result['params']:,} bare={bare * 1e3:.1f} ms ours={ours * 1e3:.1f} ms "
-              f"ratio={ours / bare:.4f} responses/step={result['responses_per_step']} "
-              f"norm fused={result['norm_fused'].get('ours', 0)}/{TIMELINE_STEPS} "
-              f"alone={result['norm_alone'].get('ours', 0)}", flush=True)
-    print(f"Horovod + AdaScale / bare hvd.DistributedOptimizer step time: median ratio "
-          f"{statistics.median(ratios):.4f} over {args.repeats} runs "
-          f"(overhead {100 * (statistics.median(ratios) - 1):+.2f}%)")
+        line = [f"run {repeat + 1}: params={result['params']:,}"]
+        for index, clock in enumerate(ratios):
+            bare = statistics.median(t[index] for t in result["times"]["bare"])
+            ours = statistics.median(t[index] for t in result["times"]["ours"])
+            ratios[clock].append(ours / bare)
+            line.append(f"{clock}: bare={bare * 1e3:.1f} ms ours={ours * 1e3:.1f} ms ratio={ours / bare:.4f}")
+        line.append(f"one gradient pass={result['gradient_pass'] * 1e3:.2f} ms CPU "
+                    f"({100 * result['gradient_pass'] / bare:.2f}% of bare CPU step)")
+        line.append(f"responses/step={result['responses_per_step']} norm fused="
+                    f"{result['norm_fused'].get('ours', 0)}/{TIMELINE_STEPS} alone={result['norm_alone'].get('ours', 0)}")
+        print(" | ".join(line), flush=True)
+    for clock, values in ratios.items():
+        ratio = statistics.median(values)
+        print(f"Horovod + AdaScale / bare hvd.DistributedOptimizer step time ({clock}): median ratio {ratio:.4f} "
+              f"over {args.repeats} runs (overhead {100 * (ratio - 1):+.2f}%)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ pytest.importorskip("horovod.torch", reason="Horovod is not installed: run `make
 from tests.distributed import REPO, VENV_BIN, run_command  # noqa: E402
 from tests.horovod_scripts.timeline import fusion_batches, norm_placement, tensor_role  # noqa: E402
 
+pytestmark = pytest.mark.slow
+
 SCRIPT = REPO / "tests" / "horovod_scripts" / "checks.py"
 MPI_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 LAUNCHERS = {
@@ -42,6 +44,14 @@ def test_horovod_check_build_lists_pytorch_mpi_gloo():
     out = run_command([str(VENV_BIN / "horovodrun"), "--check-build"], timeout=120).stdout
     for line in ("[X] PyTorch", "[X] MPI", "[X] Gloo"):
         assert line in out, out
+
+
+def test_single_process_without_launcher():
+    """Horovod's size-1 path registers no gradient hooks; the norm is enqueued at the end of backward."""
+    out = run_command([str(VENV_BIN / "python"), str(REPO / "tests" / "horovod_scripts" / "single.py")], timeout=120)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["size"] == 1 and result["scale"] == 2.0
+    assert result["gain"] == pytest.approx(2.0, rel=1e-12)
 
 
 def test_golden_two_rank_gains(launch):

@@ -9,6 +9,7 @@ pytest.importorskip("horovod.torch", reason="Horovod is not installed: run `make
 
 from tests.distributed import REPO, VENV_BIN, run_command  # noqa: E402
 
+pytestmark = pytest.mark.slow
 SCRIPTS = REPO / "tests" / "horovod_scripts"
 
 

@@ -53,6 +53,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import inspect
+import operator
 from types import ModuleType
 from typing import Any, Callable, Optional
 
@@ -67,6 +68,7 @@ from .local_norms import LocalNormMeter, squared_norm_sum
 NORM_NAME = "scaling_plugins.local_sq_norm"
 LOSS_NAME = "scaling_plugins.mean_loss"
 STATE_KEY = "scaling_plugins"
+READ_THROUGH = ("gain", "lr", "progress", "scale", "done")   # opt.<name> reads opt.scaling.<name>
 
 
 def horovod_torch() -> ModuleType:
@@ -101,10 +103,10 @@ class HorovodScaling(PolicyDriver):
         self._num_params = len(params)
         self._discard_pending()
         if self.policy.needs_gradient_norms:
+            for p in params:                   # registered before the meter's hooks, so they run first
+                p.register_hook(self._on_gradient)
             self._meter = LocalNormMeter(params)
             self._norm_name = f"{NORM_NAME}.{optimizer._parameter_names[params[0]]}"
-            for p in params:
-                p.register_hook(self._on_gradient)
 
     # -- harvesting -----------------------------------------------------------------------------------------
     def _discard_pending(self) -> None:
@@ -118,6 +120,9 @@ class HorovodScaling(PolicyDriver):
             self._meter.take()
 
     def _on_gradient(self, grad: torch.Tensor) -> None:
+        if grad.layout != torch.strided:
+            raise ValueError(f"policy {self.policy.name!r} measures gradient norms, which needs dense gradients; "
+                             f"got a {grad.layout} gradient (e.g. nn.Embedding(sparse=True)): use dense ones")
         if not self._in_backward:
             self._in_backward = True
             torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
@@ -245,27 +250,8 @@ class _ScaledMembers:
     def _grouped_allreduce_grad_async(self, params: tuple) -> tuple[Any, tuple]:
         return self.scaling.grouped_allreduce(self, params)
 
-    @property
-    def gain(self) -> float:
-        return self.scaling.gain
-
-    @property
-    def lr(self) -> float:
-        return self.scaling.lr
-
-    @property
-    def progress(self) -> float:
-        return self.scaling.progress
-
-    @property
-    def scale(self) -> float:
-        return self.scaling.scale
-
-    @property
-    def done(self) -> bool:
-        return self.scaling.done
-
     def metrics(self) -> dict[str, Any]:
+        """The step's telemetry numbers: step, learning rate and the policy's own (gain, progress, σ², ...)."""
         return self.scaling.metrics()
 
 
@@ -296,6 +282,8 @@ def _extend(optimizer: torch.optim.Optimizer, scaling: HorovodScaling) -> None:
     for name, member in vars(_ScaledMembers).items():
         if not name.startswith("__"):
             setattr(cls, name, member)
+    for name in READ_THROUGH:
+        setattr(cls, name, property(operator.attrgetter(f"scaling.{name}"), doc=f"``opt.scaling.{name}``"))
     ScaledOptimizer.register(cls)
     optimizer.scaling = scaling
     optimizer.register_state_dict_post_hook(_save_scaling_state)

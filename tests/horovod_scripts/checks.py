@@ -112,6 +112,8 @@ def agreement() -> dict:
     """Per-step gain, lr and σ² of a noisy run, as hex, to compare across ranks bit for bit."""
     model = mlp(3)
     opt = scaled_sgd(model, "agree")
+    hvd.broadcast_parameters(model.state_dict(), root_rank=0)     # Horovod's usual start, state hooks and all
+    hvd.broadcast_optimizer_state(opt, root_rank=0)
     record = []
     for step in range(8):
         train(range(step, step + 1), model, opt)
