@@ -77,14 +77,62 @@ class DDPEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def mean_over_ranks(self, value: torch.Tensor) -> float:
-        import torch.distributed as dist
-
-        total = value.detach().to(torch.float64).reshape(1).clone()
-        dist.all_reduce(total)
-        return total.item() / dist.get_world_size()
+        return _torch_mean_over_ranks(value)
 
     def metrics(self) -> dict[str, Any]:
         return self.controller.metrics()
+
+
+def _torch_mean_over_ranks(value: torch.Tensor) -> float:
+    import torch.distributed as dist
+
+    total = value.detach().to(torch.float64).reshape(1).clone()
+    dist.all_reduce(total)
+    return total.item() / dist.get_world_size()
+
+
+class DeepSpeedEngine:
+    """``deepspeed.initialize`` with the policy as the config's ``"scheduler"`` entry (the JSON path a DeepSpeed
+    user takes), SGD, ZeRO stage 0, no gradient clipping; DeepSpeed does the accumulation (it divides each
+    micro-batch's loss by gradient_accumulation_steps itself)."""
+
+    def __init__(self, model: nn.Module, workload: Workload, lr: float, policy: Mapping[str, Any],
+                 accumulation: int) -> None:
+        require_backend("deepspeed")   # registers the policy names with DeepSpeed
+        import deepspeed
+
+        self.workload = workload
+        self.config = {
+            "train_micro_batch_size_per_gpu": workload.micro_batch,
+            "gradient_accumulation_steps": accumulation,
+            "optimizer": {"type": "SGD", "params": {"lr": lr, "momentum": workload.momentum}},
+            "scheduler": dict(policy),
+            "gradient_clipping": 0.0,
+            "zero_optimization": {"stage": 0},
+        }
+        self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                                 config=self.config)
+        self.module = self.engine.module
+
+    @property
+    def policy(self) -> Any:
+        return self.scheduler.policy
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
+        loss = self.workload.loss(self.engine(x), y)
+        self.engine.backward(loss)
+        self.engine.step()   # DeepSpeed applies the update at the accumulation boundary only
+        return loss.detach()
+
+    def step(self, mean_loss: float) -> None:
+        """Nothing left to do: the last ``forward_backward`` stepped (a loss-driven policy reads its loss from
+        ``engine.backward``)."""
+
+    def mean_over_ranks(self, value: torch.Tensor) -> float:
+        return _torch_mean_over_ranks(value)
+
+    def metrics(self) -> dict[str, Any]:
+        return self.scheduler.metrics()
 
 
 class HorovodEngine:
@@ -124,7 +172,7 @@ class HorovodEngine:
         return self.optimizer.metrics()
 
 
-ENGINES = {"ddp": DDPEngine, "horovod": HorovodEngine}
+ENGINES = {"ddp": DDPEngine, "deepspeed": DeepSpeedEngine, "horovod": HorovodEngine}
 
 
 def start(backend: str) -> Placement:

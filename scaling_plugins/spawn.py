@@ -49,7 +49,7 @@ def run_local(spec: RunSpec, run_dir: Union[str, Path], progress_bar: bool = Tru
     if spec.backend == "horovod":
         from horovod.runner import run as horovod_run
 
-        horovod_run(_run_rank, args=(spec, str(run_dir), progress_bar, threads), np=spec.workers,
+        horovod_run(_run_rank, args=(spec, str(run_dir), progress_bar, threads), num_proc=spec.workers,
                     hosts=f"localhost:{spec.workers}", use_gloo=True)
     else:
         mp.start_processes(_spawned_rank, args=(spec, str(run_dir), free_port(), progress_bar, threads),

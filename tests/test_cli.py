@@ -141,15 +141,3 @@ def test_demo_says_how_to_get_a_backend_it_cannot_run(capsys, monkeypatch):
     assert main(["demo", "--backend", "horovod", "--budget", "8", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "backend 'horovod' is not available" in err and "make horovod" in err
-
-
-@pytest.mark.slow
-def test_demo_on_horovod(tmp_path):
-    if not (VENV_BIN / "horovodrun").exists():
-        pytest.skip("Horovod is not built here (make horovod)")
-    proc = run_command([CLI, "demo", "--backend", "horovod", "--policy", "AdaScale", "--no-reference", "--budget",
-                        "32", "--scale", "4", "--no-progress", "--out", str(tmp_path)], timeout=300)
-    (folder,) = tmp_path.iterdir()
-    run = json.loads((folder / "adascale-S4" / "run.json").read_text())
-    assert run["spec"]["backend"] == "horovod" and 8 <= run["summary"]["steps"] < 32
-    assert "adascale-S4" in proc.stdout
