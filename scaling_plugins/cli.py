@@ -114,6 +114,7 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from .noise_scale import advice_lines
     from .plots import comparison_table, load_runs, render
 
     try:
@@ -123,6 +124,8 @@ def _report(args: argparse.Namespace) -> int:
         return 2
     out = args.out or (args.run_dirs[0] if len(args.run_dirs) == 1 else Path("report"))
     print(comparison_table(runs))
+    for line in advice_lines(runs):
+        print(line)
     for path in render(runs, out, title=args.title):
         print(f"wrote {path}")
     return 0

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Optional, Sequence
 
+from .noise_scale import advice_lines
 from .plots import comparison_table, load_run, render
 from .config import allowed_keys
 from .policies import POLICIES, policy_class
@@ -66,6 +67,8 @@ def run_demo(specs: Sequence[RunSpec], out: Path, progress_bar: bool = True) -> 
         run_local(spec, folder / spec.name, progress_bar=progress_bar)
     runs = [load_run(folder / spec.name) for spec in specs]
     print("\n" + comparison_table(runs))
+    for line in advice_lines(runs):
+        print(line)
     for path in render(runs, folder):
         print(f"wrote {path}")
     return folder

@@ -78,3 +78,17 @@ def batch_size_advice(measured: NoiseScale) -> str:
     return (f"gradient noise scale B_simple ≈ {b:.0f} samples (S ≈ {measured.scale:.1f} base batches of "
             f"{measured.base_batch}; first 10% of steps {measured.early:.0f}, last 10% {measured.late:.0f}): "
             f"beyond ≈ B_crit ≈ {b:.0f} samples, larger batches buy few steps")
+
+
+def advice_lines(runs: Sequence[Any]) -> list[str]:
+    """The advice line of every run (``scaling_plugins.plots.Run``) that measured the noise scale, for the
+    demo's and ``report``'s output."""
+    from .workloads import WORKLOADS
+
+    lines = []
+    for run in runs:
+        workload = WORKLOADS.get(str(run.spec.get("workload")))
+        measured = run_noise_scale(run.steps, workload.micro_batch) if workload is not None else None
+        if measured is not None:
+            lines.append(f"{run.label}: {batch_size_advice(measured)}")
+    return lines

@@ -17,8 +17,12 @@ Base hyperparameters are tuned once, at S = 1 (seed 0, lowest final validation l
 scale: first the base learning rate among ``LR_FACTORS`` × the workload's default, then AutoWU's range
 among ``AUTOWU_RANGES`` × that lr; schedule, momentum and budget are the workload's. Fixed rules see the
 reference's samples (the same epochs); AdaScale gets the reference's budget in scale-invariant steps.
+A diagnostic rides along: on the ``smoothing_ablation`` workloads, AdaScale at the largest S again with each
+smoothing θ in ``SMOOTHING_VALUES`` (the default is max(1 − S/1000, 0)), to see how much the gain estimate's
+smoothing moves its steps and its quality.
 
-Run folders: ``OUT/<workload>/tune-*`` (the S = 1 sweeps) and ``OUT/<workload>/<method>-S<S>-seed<k>``,
+Run folders: ``OUT/<workload>/tune-*`` (the S = 1 sweeps), ``OUT/<workload>/<method>-S<S>-seed<k>`` and
+``OUT/<workload>/AdaScale-theta<θ>-S<S>-seed<k>`` (the ablation),
 each with ``run.json``, ``metrics.jsonl`` and ``eval.jsonl``. A cell whose folder already holds ``run.json``
 (written when a run finishes) is skipped, so an interrupted study resumes where it stopped.
 ``scaling_plugins.quality_report`` turns the folders into the table, the plots and the noise-scale advice.
@@ -42,6 +46,7 @@ REFERENCE = "reference"
 METHODS = (REFERENCE, "LinearScaling", "SqrtScaling", "LEGW", "AdaScale", "AutoWU")
 SCALES = (1, 4, 8, 16, 32)
 LR_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
+SMOOTHING_VALUES = (0.9, 0.99)   # AdaScale's θ in the ablation (default: max(1 − S/1000, 0))
 AUTOWU_RANGES = ((0.1, 4.0), (0.1, 32.0), (0.01, 4.0), (0.01, 32.0))   # AutoWU's (warmup_min_lr, warmup_max_lr) / lr
 S1_METHODS = (REFERENCE, "AutoWU")   # at S = 1 the scaling rules and AdaScale are the reference itself
 
@@ -58,6 +63,7 @@ class Grid:
     tune: bool = True
     evals: int = 4
     workers: int = 1
+    smoothing_ablation: tuple[str, ...] = ("digits",)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.workloads) - set(WORKLOADS)) + sorted(set(self.methods) - set(METHODS))
@@ -75,7 +81,8 @@ class Grid:
 
 
 FULL = Grid()
-QUICK = Grid(workloads=("digits",), scales=(1, 4, 16), seeds=1, budget=240, tune=False, evals=2)
+QUICK = Grid(workloads=("digits",), scales=(1, 4, 16), seeds=1, budget=240, tune=False, evals=2,
+             smoothing_ablation=())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +166,21 @@ def grid_cells(grid: Grid, out: Path, bases: dict[str, Base]) -> list[Cell]:
                         continue
                     spec = method_spec(grid, workload, method, scale, seed, bases[workload])
                     cells.append(Cell(out / workload / spec.name, spec))
+    return cells + ablation_cells(grid, out, bases)
+
+
+def ablation_cells(grid: Grid, out: Path, bases: dict[str, Base]) -> list[Cell]:
+    """AdaScale at the largest scale with each smoothing θ in ``SMOOTHING_VALUES``, every seed, on the workloads
+    in ``grid.smoothing_ablation``: does the gain estimate's smoothing explain a shortfall?"""
+    scale = max(grid.scales)
+    cells = []
+    for seed in range(grid.seeds):
+        for workload in (w for w in grid.smoothing_ablation if w in grid.workloads):
+            for theta in SMOOTHING_VALUES:
+                spec = dataclasses.replace(method_spec(grid, workload, "AdaScale", scale, seed, bases[workload]),
+                                           name=f"AdaScale-theta{theta:g}-S{scale}-seed{seed}",
+                                           policy_params={"smoothing": theta})
+                cells.append(Cell(out / workload / spec.name, spec))
     return cells
 
 

@@ -11,15 +11,16 @@ import re
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from .noise_scale import NoiseScale, batch_size_advice, flattening_scale, run_noise_scale, steps_ratio
-from .plots import Run, _pyplot, load_run
+from .plots import Run, _finish, _pyplot, load_run
 from .quality import METHODS, REFERENCE
 from .training import RUN_FILE
 from .workloads import WORKLOADS
 
 CELL = re.compile(r"(?P<method>[A-Za-z]+)-S(?P<scale>\d+)-seed(?P<seed>\d+)$")
+ABLATION = re.compile(r"AdaScale-theta(?P<theta>[\d.]+)-S(?P<scale>\d+)-seed(?P<seed>\d+)$")
 REPORT_FILE, QUALITY_FIGURE, STEPS_FIGURE = "report.md", "quality.png", "quality_steps.png"
 ADASCALE_TOLERANCE, RULE_TOLERANCE = 0.01, 0.02   # the issue's goals: within 1% (AdaScale), 2% (LEGW, AutoWU)
 
@@ -129,6 +130,68 @@ def goal_lines(rows: Sequence[Row], workload: str) -> list[str]:
     return lines
 
 
+TRAJECTORY_FRACTIONS = (0.125, 0.25, 0.5, 1.0)   # of the budget, in scale-invariant progress τ
+TRAJECTORY_WINDOW = 0.05
+
+
+def training_loss_at(run: Run, fraction: float) -> Optional[float]:
+    """Mean training loss of the steps whose progress τ lies within ±5% of the budget of ``fraction``·budget."""
+    budget = run.spec["budget"]
+    window = [r["loss"] for r in run.steps if r.get("loss") is not None and r.get("progress") is not None
+              and abs(r["progress"] - fraction * budget) <= TRAJECTORY_WINDOW * budget]
+    return statistics.fmean(window) if window else None
+
+
+def load_ablation(out: Union[str, Path]) -> dict[tuple[str, float, int], list[Run]]:
+    """The finished smoothing-ablation runs under ``out``, by (workload, θ, scale)."""
+    groups: dict[tuple[str, float, int], list[Run]] = {}
+    for info in sorted(Path(out).glob(f"*/*/{RUN_FILE}")):
+        match = ABLATION.match(info.parent.name)
+        if match:
+            key = (info.parent.parent.name, float(match["theta"]), int(match["scale"]))
+            groups.setdefault(key, []).append(load_run(info.parent))
+    return groups
+
+
+def smoothing_lines(ablation: dict[tuple[str, float, int], list[Run]], rows: Sequence[Row], workload: str) -> list[str]:
+    """AdaScale with other smoothing θ against the default θ = 1 − S/1000 at the same scale."""
+    lines = []
+    for (name, theta, scale), runs in sorted(ablation.items()):
+        default = [r for r in rows if r.workload == name == workload and r.method == "AdaScale" and r.scale == scale]
+        if not default:
+            continue
+        reference = reference_row(rows, workload)
+        loss = _mean_sd([run.summary["final_val_loss"] for run in runs])
+        lines.append(f"- AdaScale S = {scale}, smoothing θ = {theta:g} (default {1 - scale / 1000:g}), {len(runs)} "
+                     f"seed(s): val loss {loss[0]:.4f} ± {loss[1]:.4f} ({100 * (loss[0] / reference.loss[0] - 1):+.1f}% "
+                     f"vs S = 1; default θ {100 * relative_loss(default[0], reference):+.1f}%), "
+                     f"{statistics.fmean(run.summary['steps'] for run in runs):.0f} steps, mean gain "
+                     f"{statistics.fmean(run.summary['mean_gain'] for run in runs):.2f}")
+    return lines
+
+
+def trajectory_table(results: Sequence[Result], workload: str) -> str:
+    """Does AdaScale follow the reference in scale-invariant time? Training loss at fractions of the budget in
+    τ, and the final validation loss, each a mean over seeds: a match in training loss with a gap in validation
+    loss points at generalization, a gap in both at the optimization (gain estimate, smoothing, schedule)."""
+    groups: dict[int, list[Run]] = {}
+    for result in results:
+        if result.workload == workload and result.method in (REFERENCE, "AdaScale"):
+            groups.setdefault(result.scale, []).append(result.run)
+    header = " | ".join(f"train loss at τ = {100 * f:g}%" for f in TRAJECTORY_FRACTIONS)
+    lines = [f"| run | {header} | final val loss |", "|---|" + "---:|" * (len(TRAJECTORY_FRACTIONS) + 1)]
+    for scale in sorted(groups):
+        runs = groups[scale]
+        cells = []
+        for fraction in TRAJECTORY_FRACTIONS:
+            values = [v for v in (training_loss_at(run, fraction) for run in runs) if v is not None]
+            cells.append(f"{statistics.fmean(values):.4f}" if values else "–")
+        final = statistics.fmean(run.summary["final_val_loss"] for run in runs)
+        name = "reference S = 1" if scale == 1 else f"AdaScale S = {scale}"
+        lines.append(f"| {name} | {' | '.join(cells)} | {final:.4f} |")
+    return "\n".join(lines)
+
+
 def noise_lines(rows: Sequence[Row], workload: str) -> list[str]:
     """Measured B_simple (AdaScale runs, seed 0) against where AdaScale's steps-vs-S curve flattens."""
     reference = reference_row(rows, workload)
@@ -152,6 +215,13 @@ def noise_lines(rows: Sequence[Row], workload: str) -> list[str]:
                  + f"; B_simple predicts S ≈ {largest.noise.scale:.1f} ({largest.noise.median:.0f} samples)")
     lines.append(f"- advice: {batch_size_advice(largest.noise)}")
     return lines
+
+
+def _scale_axis(ax: Any, scales: Sequence[int], title: str) -> None:
+    """A log S axis labelled at the measured scales."""
+    ax.set(xscale="log", xlabel="scale S (batch / base batch)", title=title)
+    ax.set_xticks(scales, [str(s) for s in scales])
+    ax.set_xticks([], minor=True)
 
 
 LOSS_RATIO_LIMITS = (0.5, 10.0)   # the loss panel's range; worse runs leave the top of the plot
@@ -187,14 +257,9 @@ def plot_quality(rows: Sequence[Row], path: Path) -> None:
                        ylabel="final val loss / reference's  (dotted: +1%, +2%)")
             else:
                 ax.set(ylabel="final validation accuracy")
-            ax.set(xscale="log", xlabel="scale S (batch / base batch)", title=workload)
-            ax.set_xticks(scales, [str(s) for s in scales])
-            ax.set_xticks([], minor=True)
-            ax.grid(True, alpha=0.3)
-            ax.legend(fontsize=7)
-    fig.suptitle("Quality at scale: final validation metric against S (base hyperparameters tuned at S = 1)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+            _scale_axis(ax, scales, workload)
+    _finish(fig, axes.flat, path, "Quality at scale: final validation metric against S (base hyperparameters "
+                                  "tuned at S = 1)")
     plt.close(fig)
 
 
@@ -219,21 +284,18 @@ def plot_steps(rows: Sequence[Row], path: Path) -> None:
         knee = flattening_scale(scales, [reference.steps] + [r.steps for r in adascale])
         if knee is not None:
             ax.axvline(knee, color="green", linestyle="--", linewidth=1, label=f"measured slope −½: S = {knee:.1f}")
-        ax.set(xscale="log", yscale="log", xlabel="scale S", ylabel="optimizer steps / steps at S = 1", title=workload)
-        ax.set_xticks(scales, [str(s) for s in scales])
-        ax.set_xticks([], minor=True)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle("AdaScale's steps against S, and the gradient-noise-scale prediction")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+        ax.set(yscale="log", ylabel="optimizer steps / steps at S = 1")
+        _scale_axis(ax, scales, workload)
+    _finish(fig, axes.flat, path, "AdaScale's steps against S, and the gradient-noise-scale prediction")
     plt.close(fig)
 
 
 def write_report(out: Union[str, Path], command: str = "") -> Path:
     """Write ``report.md``, ``quality.png`` and ``quality_steps.png`` into ``out``; returns the report's path."""
     out = Path(out)
-    rows = aggregate(load_results(out))
+    results = load_results(out)
+    rows = aggregate(results)
+    ablation = load_ablation(out)
     if not rows:
         raise FileNotFoundError(f"{out} holds no finished study runs (<workload>/<method>-S<S>-seed<k>/{RUN_FILE})")
     plot_quality(rows, out / QUALITY_FIGURE)
@@ -241,7 +303,9 @@ def write_report(out: Union[str, Path], command: str = "") -> Path:
     parts = ["# Quality at scale", ""] + ([f"Command: `{command}`", ""] if command else [])
     for workload in sorted({r.workload for r in rows}):
         parts += [f"## {workload}", "", workload_table(rows, workload), "", *goal_lines(rows, workload),
-                  *noise_lines(rows, workload), ""]
+                  *noise_lines(rows, workload), *smoothing_lines(ablation, rows, workload), "",
+                  "AdaScale against the reference in scale-invariant time (means over seeds):", "",
+                  trajectory_table(results, workload), ""]
     parts += [f"![final validation metric against S]({QUALITY_FIGURE})",
               f"![AdaScale steps against S]({STEPS_FIGURE})", ""]
     path = out / REPORT_FILE

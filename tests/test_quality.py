@@ -5,9 +5,10 @@ import math
 
 import pytest
 
+from scaling_plugins.cli import main
 from scaling_plugins.noise_scale import batch_size_advice, flattening_scale, run_noise_scale, steps_ratio
-from scaling_plugins.quality import (FULL, QUICK, REFERENCE, S1_METHODS, Base, Grid, grid_cells, method_spec,
-                                    run_cells)
+from scaling_plugins.quality import (FULL, QUICK, REFERENCE, S1_METHODS, SMOOTHING_VALUES, Base, Grid, grid_cells,
+                                    method_spec, run_cells)
 from scaling_plugins.quality_report import QUALITY_FIGURE, REPORT_FILE, STEPS_FIGURE
 from scaling_plugins.training import policy_entry
 from tests.distributed import VENV_BIN, run_command
@@ -18,7 +19,11 @@ CLI = str(VENV_BIN / "scaling-plugins")
 def test_full_grid_runs_every_method_at_every_scale_with_three_seeds(tmp_path):
     cells = grid_cells(FULL, tmp_path, {w: Base(0.1) for w in FULL.workloads})
     per_seed = len(S1_METHODS) + (len(FULL.methods) - 1) * (len(FULL.scales) - 1)
-    assert len(cells) == len(FULL.workloads) * FULL.seeds * per_seed
+    ablation = FULL.seeds * len(SMOOTHING_VALUES) * len(FULL.smoothing_ablation)
+    assert len(cells) == len(FULL.workloads) * FULL.seeds * per_seed + ablation
+    thetas = [c.spec for c in cells if "theta" in c.spec.name]
+    assert len(thetas) == ablation and {s.policy_params["smoothing"] for s in thetas} == set(SMOOTHING_VALUES)
+    assert {(s.policy, s.scale) for s in thetas} == {("AdaScale", 32)}
     assert FULL.seeds >= 3 and set(FULL.scales) == {1, 4, 8, 16, 32}
     assert {c.spec.name.split("-")[0] for c in cells if c.spec.scale == 1} == set(S1_METHODS)
     assert all(c.spec.workers == 1 and c.spec.accumulation == c.spec.scale for c in cells)
@@ -92,3 +97,11 @@ def test_a_second_run_resumes_and_trains_nothing(quick_study):
     messages = []
     run_cells(cells, jobs=2, log=messages.append)   # nothing left to train: no process is started
     assert messages == [f"{len(cells)} of {len(cells)} cells already finished: skipped"]
+
+
+def test_report_command_prints_the_batch_size_advice(quick_study, tmp_path, capsys):
+    out, _ = quick_study
+    assert main(["report", str(out / "digits" / "AdaScale-S16-seed0"), str(out / "digits" / "reference-S1-seed0"),
+                 "--out", str(tmp_path)]) == 0
+    (advice,) = [line for line in capsys.readouterr().out.splitlines() if "B_simple" in line]
+    assert advice.startswith("AdaScale-S16-seed0 (S=16): gradient noise scale") and "buy few steps" in advice
