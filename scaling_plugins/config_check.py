@@ -62,10 +62,11 @@ def check_params(cls: type[Policy], params: Any, path: str) -> list[Problem]:
     if missing:
         return problems
     base = {key: params[key] for key in _required(cls)}
+    baseline = _construct(cls, base)   # a policy may need a key it does not mark as required (AutoWU's budget)
     for key, value in params.items():
         if key in allowed and key not in base:
             error = _construct(cls, {**base, key: value})
-            if error:
+            if error and error != baseline:
                 problems.append(Problem(f"{path}.{key}", value, error))
     if not problems:
         error = _construct(cls, params)
@@ -74,8 +75,10 @@ def check_params(cls: type[Policy], params: Any, path: str) -> list[Problem]:
     return problems
 
 
-def check_entry(entry: Any, path: str) -> list[Problem]:
-    """Problems of one ``{"type": NAME, "params": {...}}`` policy entry at ``path``."""
+def check_entry(entry: Any, path: str, deepspeed: bool = False) -> list[Problem]:
+    """Problems of one ``{"type": NAME, "params": {...}}`` policy entry at ``path``. In a DeepSpeed config the
+    params may also hold DeepSpeed's ``last_batch_iteration``, which must be -1 (a run resumes from
+    ``engine.load_checkpoint``, which restores the policy's whole state)."""
     if not isinstance(entry, Mapping):
         return [Problem(path, entry, 'must be a mapping {"type": NAME, "params": {...}}')]
     problems = [Problem(f"{path}.{key}", value, f"unknown key; allowed: {list(ENTRY_KEYS)}")
@@ -83,7 +86,15 @@ def check_entry(entry: Any, path: str) -> list[Problem]:
     name = entry.get("type")
     if name not in POLICIES:
         return problems + [Problem(f"{path}.type", name, f"not a policy; valid policies: {sorted(POLICIES)}")]
-    return problems + check_params(POLICIES[name], entry.get("params") or {}, f"{path}.params")
+    params = entry.get("params") or {}
+    if deepspeed and isinstance(params, Mapping) and "last_batch_iteration" in params:
+        params = dict(params)
+        last = params.pop("last_batch_iteration")
+        if last != -1:
+            problems.append(Problem(f"{path}.params.last_batch_iteration", last,
+                                    "only -1 is allowed: resume with engine.load_checkpoint, which restores the "
+                                    "policy's state"))
+    return problems + check_params(POLICIES[name], params, f"{path}.params")
 
 
 def _engine_scheduler(name: Any) -> bool:
@@ -107,7 +118,8 @@ def check_document(document: Any) -> tuple[list[Problem], list[str]]:
         if name not in POLICIES and _engine_scheduler(name):
             return [], [f"scheduler.type = {name!r} is DeepSpeed's or torch's own scheduler, not a scaling_plugins "
                         f"policy; nothing to check here"]
-        return check_entry(scheduler, "scheduler"), [f"DeepSpeed config: checked its scheduler entry {name!r}"]
+        return (check_entry(scheduler, "scheduler", deepspeed=True),
+                [f"DeepSpeed config: checked its scheduler entry {name!r}"])
     if isinstance(document, Mapping) and "type" in document:
         return check_entry(document, "policy"), [f"standalone policy config {document.get('type')!r}"]
     return [Problem("(top level)", None, 'expected a DeepSpeed config with a "scheduler" entry or a policy entry '

@@ -9,7 +9,7 @@ from scaling_plugins import POLICIES
 from scaling_plugins.cli import main
 from scaling_plugins.demo import default_policies, plan
 from scaling_plugins.plots import FIGURES, TABLE_FILE
-from tests.distributed import VENV_BIN, run_command
+from tests.distributed import REPO, VENV_BIN, run_command
 
 CLI = str(VENV_BIN / "scaling-plugins")
 
@@ -100,6 +100,10 @@ def test_plan_gives_the_reference_and_each_policy_at_scale():
     ({"scheduler": {"type": "AdaScal"}}, ["scheduler.type = \"AdaScal\": not a policy; valid policies: ["]),
     ({"type": "AdaScale", "parms": {}}, ["policy.parms = {}: unknown key; allowed: ['params', 'type']"]),
     ([1, 2], ["(top level)"]),
+    ({"type": "AutoWU", "params": {"warmup_min_lr": 0.1}},          # the missing budget is not the lr's fault
+     ['policy.params = {"warmup_min_lr": 0.1}: total_num_steps is required']),
+    ({"type": "AutoWU", "params": {"warmup_min_lr": 2.0, "total_num_steps": 100}},
+     ["policy.params = {"]),                                       # min_lr >= max_lr: a rule tying two keys
 ])
 def test_check_config_prints_every_problem_with_its_key_path(tmp_path, capsys, document, problems):
     path = tmp_path / "config.json"
@@ -111,6 +115,25 @@ def test_check_config_prints_every_problem_with_its_key_path(tmp_path, capsys, d
     for expected in problems:
         assert any(expected in line for line in lines), (expected, out)
     assert out.rstrip().endswith("OK" if not problems else f"{len(problems)} problem(s)")
+
+
+def test_check_config_accepts_every_shipped_deepspeed_config(capsys):
+    configs = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
+    assert configs
+    for config in configs:
+        assert main(["check-config", str(config)]) == 0, capsys.readouterr().out
+    assert capsys.readouterr().out.count(": OK") == len(configs)
+
+
+def test_check_config_knows_deepspeeds_last_batch_iteration(tmp_path, capsys):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"scheduler": {"type": "AdaScale", "params": {"last_batch_iteration": -1}}}))
+    assert main(["check-config", str(path)]) == 0
+    path.write_text(json.dumps({"scheduler": {"type": "AdaScale", "params": {"last_batch_iteration": 7}}}))
+    assert main(["check-config", str(path)]) == 1
+    assert "scheduler.params.last_batch_iteration = 7: only -1 is allowed" in capsys.readouterr().out
+    path.write_text(json.dumps({"type": "AdaScale", "params": {"last_batch_iteration": -1}}))   # not DeepSpeed
+    assert main(["check-config", str(path)]) == 1
 
 
 def test_check_config_reports_malformed_json_and_engine_schedulers(tmp_path, capsys):
