@@ -86,6 +86,21 @@ def test_checkpoint_resume_reproduces_the_lr_trajectory(run):
 
 
 @pytest.mark.slow
+def test_policy_steps_once_per_global_step_with_several_param_groups(run):
+    stage, (rank0, _) = run
+    result = rank0["param_groups"]
+    assert result["policy_steps"] == 3
+    calls_per_step = 2 if stage in (1, 2) else 1            # ZeRO-1/2 step the basic optimizer per group
+    assert [step for step, _ in result["calls"]] == [s for s in range(3) for _ in range(calls_per_step)]
+    seen = {}
+    for step, groups in result["calls"]:
+        for initial_lr, lr in groups:
+            assert lr == pytest.approx(initial_lr * result["gains"][step], rel=1e-12)
+            seen.setdefault(step, set()).add(initial_lr)
+    assert all(initial_lrs == {0.1, 0.02} for initial_lrs in seen.values())
+
+
+@pytest.mark.slow
 def test_overflow_step_is_skipped_by_the_policy_on_every_rank(run):
     overflow = run[1][0]["overflow"]
     assert overflow["skipped_steps"] == [1, 0]

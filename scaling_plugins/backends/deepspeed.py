@@ -5,7 +5,8 @@
     for batch in loader:                              # the usual loop, under the `deepspeed` launcher
         engine.backward(engine(batch)); engine.step()
 
-with, in the config (every parameter optional; names as DeepSpeed's own schedulers use them)::
+with, in the config (every parameter optional, though DeepSpeed itself needs the ``"params"`` key: ``{}`` means
+every default; names as DeepSpeed's own schedulers use them)::
 
     "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}},
     "scheduler": {"type": "AdaScale", "params": {"schedule": {"type": "WarmupCosineLR",
@@ -24,7 +25,10 @@ so the scheduler object only writes telemetry; the policy runs in a step pre-hoo
 optimizer, once per optimizer step (ZeRO calls the basic optimizer once per parameter group), fed by numbers
 that rode DeepSpeed's own reductions (``deepspeed_harvest``). Each group's lr becomes
 ``policy.learning_rate(group["initial_lr"])`` (the configured lr, kept under torch's key). A step DeepSpeed skips
-for fp16 overflow never reaches the basic optimizer, so the policy does not advance, on any rank.
+for fp16/bf16 overflow never reaches the basic optimizer, so the policy does not advance, on any rank, and the
+skipped step's local norms are dropped. DeepSpeed builds the scheduler inside ``deepspeed.initialize`` with
+only the optimizer; the scheduler finds its engine on the call stack. Policies that use the training loss
+(AutoWU) read it in ``engine.backward(loss)``; it rides the same reduction as the norms.
 
 Gradient clipping. The statistics use unclipped gradients (DeepSpeed's norm before clipping; ZeRO-0 measures
 right after the reduction, before clipping). The update is then clipped by DeepSpeed with the gain already in

@@ -138,6 +138,25 @@ def overflow_skip(rank: int, stage: int) -> dict:
     return {"with_skip": states[0], "without": states[1], "skipped_steps": skipped}
 
 
+def two_param_groups(rank: int, stage: int) -> dict:
+    """Weights at lr 0.1, biases at lr 0.02: ZeRO-1/2 step the basic optimizer once per group. Every call
+    records (global step, the visible groups' initial lr and lr); the policy must step once per global step."""
+    model = mlp()
+    groups = [{"params": [p for n, p in model.named_parameters() if n.endswith("weight")], "lr": 0.1},
+              {"params": [p for n, p in model.named_parameters() if n.endswith("bias")], "lr": 0.02}]
+    engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=groups,
+                                                   config=config(stage, gas=2, scheduler=ADASCALE))
+    calls = []
+    engine.basic_optimizer.register_step_pre_hook(lambda opt, args, kwargs: calls.append(
+        [engine.global_steps, [[g["initial_lr"], g["lr"]] for g in opt.param_groups]]))
+    step = step_fn(engine, rank)
+    gains = []
+    for _ in range(3):
+        step()
+        gains.append(scheduler.gain)
+    return {"calls": calls, "gains": gains, "policy_steps": scheduler.policy.steps}
+
+
 def every_policy(rank: int, stage: int) -> dict:
     """Every registered policy by its config name: lrs of 4 steps and, for loss-driven ones, the loss seen."""
     results = {}
@@ -201,7 +220,7 @@ def main() -> None:
     results = {"golden": golden(rank, args.stage), "one_hot": one_hot_accumulation(rank, args.stage),
                "collectives": count_collectives(rank, args.stage),
                "checkpoint": checkpoint_resume(rank, args.stage, args.out),
-               "overflow": overflow_skip(rank, args.stage),
+               "overflow": overflow_skip(rank, args.stage), "param_groups": two_param_groups(rank, args.stage),
                "policies": every_policy(rank, args.stage), "code_path": code_path(rank, args.stage),
                "errors": errors(args.stage)}
     write(args.out, rank, results)
