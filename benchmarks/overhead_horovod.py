@@ -140,8 +140,8 @@ def main() -> None:
             line.append(f"{clock}: bare={bare * 1e3:.1f} ms ours={ours * 1e3:.1f} ms ratio={ours / bare:.4f}")
         line.append(f"one gradient pass={result['gradient_pass'] * 1e3:.2f} ms CPU "
                     f"({100 * result['gradient_pass'] / bare:.2f}% of bare CPU step)")
-        line.append(f"responses/step={result['responses_per_step']} norm fused="
-                    f"{result['norm_fused'].get('ours', 0)}/{TIMELINE_STEPS} alone={result['norm_alone'].get('ours', 0)}")
+        fused, alone = result["norm_fused"].get("ours", 0), result["norm_alone"].get("ours", 0)
+        line.append(f"responses/step={result['responses_per_step']} norm fused={fused}/{TIMELINE_STEPS} alone={alone}")
         print(" | ".join(line), flush=True)
     for clock, values in ratios.items():
         ratio = statistics.median(values)

@@ -25,9 +25,10 @@ LAUNCHERS = {
     "mpirun": ["mpirun", "-np", "2"],
 }
 # Scaled-optimizer cases and their optimizer steps; in each the norm must share a gradient's fusion buffer.
-FUSED_CASES = {"orth": 1, "same": 1, "opp": 1, "onehot_mean_None": 1, "onehot_mean_1": 1, "onehot_sum_None": 1,
-               "onehot_sum_1": 1, "resume_a": 12, "resume_b": 6, "agree": 8, "elastic_state": 7, "append": 4,
-               "grouped": 4, "predivide": 4}
+FUSED_CASES = {"orth": 1, "same": 1, "opp": 1, "orthsum": 1, "orthpre": 1, "orthgroups": 1,
+               "onehot_mean_None_False": 1, "onehot_mean_1_False": 1, "onehot_sum_None_False": 1,
+               "onehot_sum_1_False": 1, "onehot_mean_None_True": 1, "resume_a": 12, "resume_b": 6, "agree": 8,
+               "elastic_state": 7, "append": 4, "grouped": 4, "predivide": 4}
 
 
 @pytest.fixture(scope="module", params=list(LAUNCHERS))
@@ -59,7 +60,8 @@ def test_golden_two_rank_gains(launch):
         assert rank["size"] == 2
         golden = rank["golden"]
         assert golden["orthogonal"]["gain"] == pytest.approx(4 / 3, rel=1e-12)
-        assert golden["orthogonal_unused"]["gain"] == pytest.approx(4 / 3, rel=1e-12)
+        for variant in ("unused", "sum", "predivide", "fp16", "groups"):     # other paths, same numbers
+            assert golden[f"orthogonal_{variant}"]["gain"] == pytest.approx(4 / 3, rel=1e-12), variant
         assert golden["identical"]["gain"] == pytest.approx(1.0, abs=1e-6)
         assert golden["opposite"]["gain"] == pytest.approx(2.0, rel=1e-12)
         for case in golden.values():
@@ -70,7 +72,8 @@ def test_golden_two_rank_gains(launch):
 
 def test_backward_passes_one_hot_gain_equals_scale(launch):
     for rank in launch["ranks"]:
-        assert set(rank["one_hot"]) == {"mean_groupsNone", "mean_groups1", "sum_groupsNone", "sum_groups1"}
+        assert set(rank["one_hot"]) == {"mean_groupsNone", "mean_groups1", "sum_groupsNone", "sum_groups1",
+                                        "mean_set_later"}
         for case in rank["one_hot"].values():
             assert case["scale"] == 4.0
             assert case["gain"] == pytest.approx(4.0, rel=1e-12)
@@ -124,7 +127,8 @@ def test_norm_shares_the_gradients_fusion_buffer(launch):
     (so no collective of its own); under Compression.fp16 it is its own fp32 response; bare Horovod has none."""
     fused, alone = norm_placement(launch["batches"])
     assert {case: fused.get(case) for case in FUSED_CASES} == FUSED_CASES, (fused, alone)
-    assert alone.get("fp16") == 4 and set(alone) <= {"fp16", "unused"}, alone
+    assert alone.get("fp16") == 4 and alone.get("orthfp16") == 1, alone
+    assert set(alone) <= {"fp16", "orthfp16", "unused"}, alone
     assert fused.get("unused", 0) + alone.get("unused", 0) == 1    # the fallback path: one norm, fused or not
     assert not any(case == "bare" for batch in launch["batches"] for role, case in map(tensor_role, batch)
                    if role == "norm")

@@ -64,11 +64,14 @@ class PolicyDriver:
         self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.apply_learning_rate()
 
-    def resize(self, world_size: int) -> None:
-        """Follow a new world size (Horovod Elastic): the policy's scale follows it; estimates carry over."""
-        if world_size != self.policy.world_size:
-            self.policy.configure(world_size, self.accumulation_steps)
-        self.world_size = world_size
+    def resize(self, world_size: int, accumulation_steps: Optional[int] = None) -> None:
+        """Follow a new world size (Horovod Elastic) or accumulation: the policy's scale follows; estimates carry
+        over."""
+        if accumulation_steps is None:
+            accumulation_steps = self.accumulation_steps
+        if (world_size, accumulation_steps) != (self.policy.world_size, self.policy.accumulation_steps):
+            self.policy.configure(world_size, accumulation_steps)
+        self.world_size, self.accumulation_steps = world_size, accumulation_steps
 
     def observe(self, gradients: Optional[GradientSample], loss: Optional[float]) -> None:
         """Fold this step into the policy and set this step's learning rates."""

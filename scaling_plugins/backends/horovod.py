@@ -26,16 +26,16 @@ with no collective beyond one scalar in Horovod's own fusion buffer:
   the in-place all-reduce that overwrites ``.grad``.
 - The scalar travels as a fp32 one-element tensor with the gradients' op and pre/post-scale factors, under
   a name fixed per optimizer (``NORM_NAME.<parameter name>``, so Horovod's response cache keeps it and two
-  optimizers never clash), in one grouped all-reduce with the last gradient of the ``backward_passes_per_step``-th backward
-  (the gradient whose Horovod hook completes the set of trainable parameters; with Horovod's ``groups``, the
+  optimizers never clash), in one grouped all-reduce with the last gradient of the last backward pass (the
+  gradient whose Horovod hook completes the set of trainable parameters; with Horovod's ``groups``, the
   group that completes last). A group is negotiated and executed as one, and Horovod fuses ready responses of
   equal dtype, op and scale factors, so the scalar shares that gradient's fusion buffer: no collective of its
   own (``HOROVOD_TIMELINE`` shows it; tests/test_horovod.py checks it).
 - Fallback, when that cannot be (a parameter got no gradient this step, ``Compression.fp16`` or non-fp32
   gradients — a fusion buffer holds one dtype and the scalar stays fp32 — or no Horovod hooks on one rank
   without Elastic): the scalar is enqueued on its own right after the last gradient, by an autograd
-  end-of-backward callback, which runs after every accumulator hook. It usually still fuses, but nothing
-  guarantees it.
+  end-of-backward callback, which runs after every accumulator hook. Beside fp32 gradients it usually
+  still fuses, but nothing guarantees it; beside fp16 ones it is a 4-byte response of its own.
 - T: after ``synchronize()``, one dot product per reduced gradient summed in float64 on the device;
   ``step()`` reads L and T with one host sync.
 - ``gradient_predivide_factor`` is applied to the scalar exactly as to the gradients.
@@ -157,7 +157,7 @@ class HorovodScaling(PolicyDriver):
     def allreduce_gradient(self, optimizer: Any, p: torch.Tensor) -> tuple[Any, Any]:
         """Horovod's all-reduce of one gradient; the last one of the backward takes the norm into its group."""
         if not self._carries_norm(optimizer, [p.grad], self._num_params):
-            return optimizer._horovod_allreduce(p)
+            return optimizer._horovod_allreduce_grad_async(p)
         buffer = self._take_norm_buffer()
         prescale, postscale = self._scale_factors
         handle = self.hvd.grouped_allreduce_async_(
@@ -169,7 +169,7 @@ class HorovodScaling(PolicyDriver):
     def grouped_allreduce(self, optimizer: Any, params: tuple) -> tuple[Any, tuple]:
         """Horovod's all-reduce of one gradient group (``groups=``); the group completing last takes the norm."""
         if not self._carries_norm(optimizer, [p.grad for p in params], len(optimizer._group_counts)):
-            return optimizer._horovod_grouped_allreduce(params)
+            return optimizer._horovod_grouped_allreduce_grad_async(params)
         buffer = self._take_norm_buffer()
         handle = self.hvd.grouped_allreduce_async_(       # Horovod's grouped path applies no scale factors
             [*(p.grad for p in params), buffer], name=f"{NORM_NAME}.{optimizer._parameter_names[params[0]]}",
@@ -250,6 +250,11 @@ class _ScaledMembers:
     def _grouped_allreduce_grad_async(self, params: tuple) -> tuple[Any, tuple]:
         return self.scaling.grouped_allreduce(self, params)
 
+    def set_backward_passes_per_step(self, passes: int) -> None:
+        """Horovod's ``set_backward_passes_per_step``; the policy's n (and default scale) follows."""
+        self._horovod_set_backward_passes_per_step(passes)
+        self.scaling.resize(self.scaling.world_size, passes)
+
     def metrics(self) -> dict[str, Any]:
         """The step's telemetry numbers: step, learning rate and the policy's own (gain, progress, σ², ...)."""
         return self.scaling.metrics()
@@ -275,13 +280,12 @@ def _extend(optimizer: torch.optim.Optimizer, scaling: HorovodScaling) -> None:
     cls = type(optimizer)
     if "_allreduce_grad_async" not in vars(cls):
         raise RuntimeError(f"unexpected Horovod optimizer class {cls!r}: this backend supports horovod 0.28.1")
-    cls._horovod_step = cls.step
-    cls._horovod_synchronize = cls.synchronize
-    cls._horovod_allreduce = cls._allreduce_grad_async
-    cls._horovod_grouped_allreduce = cls._grouped_allreduce_grad_async
     for name, member in vars(_ScaledMembers).items():
-        if not name.startswith("__"):
-            setattr(cls, name, member)
+        if name.startswith("__"):
+            continue
+        if hasattr(cls, name):                  # Horovod's own stays reachable as _horovod_<name>
+            setattr(cls, "_horovod_" + name.lstrip("_"), getattr(cls, name))
+        setattr(cls, name, member)
     for name in READ_THROUGH:
         setattr(cls, name, property(operator.attrgetter(f"scaling.{name}"), doc=f"``opt.scaling.{name}``"))
     ScaledOptimizer.register(cls)

@@ -34,12 +34,12 @@ class WithUnused(torch.nn.Module):
         return self.used(x)
 
 
-def golden_gain(case: str, inputs: list[list[float]], unused: bool = False) -> dict:
+def golden_gain(case: str, inputs: list[list[float]], unused: bool = False, **hvd_kwargs) -> dict:
     """Linear(2, 2) with bias, loss = output.sum(), one sample per rank, SGD: the first step's gain and lr."""
     torch.manual_seed(0)
     model = WithUnused() if unused else torch.nn.Linear(2, 2)
     opt = sph.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
-                                   named_parameters=named(model, case), policy="AdaScale")
+                                   named_parameters=named(model, case), policy="AdaScale", **hvd_kwargs)
     before = [p.detach().clone() for p in model.parameters()]
     model(torch.tensor([inputs[hvd.rank()]])).sum().backward()
     opt.step()
@@ -49,12 +49,16 @@ def golden_gain(case: str, inputs: list[list[float]], unused: bool = False) -> d
             "applied_lr": (step[reduced != 0] / reduced[reduced != 0]).tolist()}
 
 
-def one_hot_passes(loss_reduction: str, groups: int | None) -> dict:
-    """Bias-free Linear(4, 2), 2 ranks × 2 backward passes, micro-batch k of rank r is e_{2r+k}."""
+def one_hot_passes(loss_reduction: str, groups: int | None, set_later: bool = False) -> dict:
+    """Bias-free Linear(4, 2), 2 ranks × 2 backward passes, micro-batch k of rank r is e_{2r+k} (with
+    ``set_later`` the 2 passes come from ``set_backward_passes_per_step`` after construction)."""
     model = torch.nn.Linear(4, 2, bias=False)
     opt = sph.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
-                                   named_parameters=named(model, f"onehot_{loss_reduction}_{groups}"),
-                                   backward_passes_per_step=2, loss_reduction=loss_reduction, groups=groups)
+                                   named_parameters=named(model, f"onehot_{loss_reduction}_{groups}_{set_later}"),
+                                   backward_passes_per_step=1 if set_later else 2, loss_reduction=loss_reduction,
+                                   groups=groups)
+    if set_later:
+        opt.set_backward_passes_per_step(2)
     for k in range(2):
         loss = model(torch.eye(4)[2 * hvd.rank() + k].reshape(1, 4)).sum()
         (loss / 2 if loss_reduction == "mean" else loss).backward()
@@ -200,9 +204,16 @@ def main() -> None:
         "golden": {"orthogonal": golden_gain("orth", [[1.0, 0.0], [0.0, 1.0]]),
                    "identical": golden_gain("same", [[1.0, 0.0], [1.0, 0.0]]),
                    "opposite": golden_gain("opp", [[-1.0, 1.0], [1.0, -1.0]]),
-                   "orthogonal_unused": golden_gain("unused", [[1.0, 0.0], [0.0, 1.0]], unused=True)},
-        "one_hot": {f"{reduction}_groups{groups}": one_hot_passes(reduction, groups)
-                    for reduction in ("mean", "sum") for groups in (None, 1)},
+                   "orthogonal_unused": golden_gain("unused", [[1.0, 0.0], [0.0, 1.0]], unused=True),
+                   "orthogonal_sum": golden_gain("orthsum", [[1.0, 0.0], [0.0, 1.0]], op=hvd.Sum),
+                   "orthogonal_predivide": golden_gain("orthpre", [[1.0, 0.0], [0.0, 1.0]],
+                                                       gradient_predivide_factor=2.0),
+                   "orthogonal_fp16": golden_gain("orthfp16", [[1.0, 0.0], [0.0, 1.0]],
+                                                  compression=hvd.Compression.fp16),
+                   "orthogonal_groups": golden_gain("orthgroups", [[1.0, 0.0], [0.0, 1.0]], groups=1)},
+        "one_hot": {**{f"{reduction}_groups{groups}": one_hot_passes(reduction, groups)
+                       for reduction in ("mean", "sum") for groups in (None, 1)},
+                    "mean_set_later": one_hot_passes("mean", None, set_later=True)},
         "resume": resume(),
         "agreement": agreement(),
         "fusion": {case: fusion(case, **kwargs) for case, kwargs in
