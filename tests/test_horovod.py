@@ -18,7 +18,8 @@ from tests.horovod_scripts.timeline import fusion_batches, norm_placement, tenso
 pytestmark = pytest.mark.slow
 
 SCRIPT = REPO / "tests" / "horovod_scripts" / "checks.py"
-MPI_ROOT_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+# mpirun as root needs the first two; the third stops idle ranks spinning on a machine with few cores.
+MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_mpi_yield_when_idle": "1"}
 LAUNCHERS = {
     "horovodrun --gloo": ["horovodrun", "--gloo", "-np", "2"],
     "horovodrun (MPI)": ["horovodrun", "-np", "2"],
@@ -36,7 +37,7 @@ def launch(request, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp(re.sub(r"\W+", "_", request.param))
     timeline = out / "timeline.json"
     run_command([*LAUNCHERS[request.param], str(VENV_BIN / "python"), str(SCRIPT), str(out)], timeout=300,
-                env={**MPI_ROOT_ENV, "HOROVOD_TIMELINE": str(timeline)})
+                env={**MPI_ENV, "HOROVOD_TIMELINE": str(timeline)})
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     return {"launcher": request.param, "ranks": ranks, "batches": fusion_batches(timeline)}
 
