@@ -1,7 +1,9 @@
 """The DDP backend on real gloo process groups (spawned ranks): golden gains, accumulation, the noisy quadratic,
 agreement across ranks, resume, collectives, bad input."""
 import copy
+import gc
 import math
+import weakref
 
 import pytest
 import torch
@@ -215,11 +217,17 @@ def single_worker(rank, world):
     ctl = attach(model, torch.optim.SGD(model.parameters(), lr=0.1), "AdaScale")
     model(torch.ones(1, 2)).sum().backward()
     ctl.step()
-    return ctl.gain, ctl.progress
+    result = ctl.gain, ctl.progress
+    gc.disable()                    # freed by reference counting alone: the hook state makes no cycle
+    alive = weakref.ref(model)
+    del model, ctl
+    freed = alive() is None
+    gc.enable()
+    return result, freed
 
 
-def test_single_worker_without_accumulation_uses_unit_gain():
-    assert run_ranks(single_worker, 1) == [(1.0, 1.0)]
+def test_single_worker_without_accumulation_uses_unit_gain_and_the_model_is_freed_without_gc():
+    assert run_ranks(single_worker, 1) == [((1.0, 1.0), True)]
 
 
 def bad_inputs(rank, world):

@@ -49,38 +49,22 @@ class DDPController(PolicyDriver):
                          loss_reduction)
         self.model = ddp_model
         self.process_group = ddp_model.process_group
-        self._meter: Optional[LocalNormMeter] = None
-        self._reduced_sq: dict[int, torch.Tensor] = {}
-        self._reduced_local: Optional[torch.Tensor] = None
-        self._payload: Optional[torch.Tensor] = None
+        self._hook: Optional[_HookState] = None
         if self.policy.needs_gradient_norms:
-            self._meter = LocalNormMeter(ddp_model.module.parameters())
-            ddp_model.register_comm_hook(self, _allreduce_with_local_norm)
+            self._hook = _HookState(LocalNormMeter(ddp_model.module.parameters()), self.process_group,
+                                    self.world_size)
+            ddp_model.register_comm_hook(self._hook, _allreduce_with_local_norm)
 
     # -- per step -------------------------------------------------------------------------------------------
     def step(self, loss: Optional[torch.Tensor | float] = None) -> None:
         """Feed this step's statistics (and loss) to the policy, set the learning rate, step the optimizer."""
-        gradients = self._take_gradient_sample() if self._meter is not None else None
+        gradients = self._take_gradient_sample() if self._hook is not None else None
         mean_loss = self._mean_loss(loss) if self.policy.needs_loss else None
         self.observe(gradients, mean_loss)
         self.optimizer.step()
 
-    def _last_bucket_payload(self, buffer: torch.Tensor) -> torch.Tensor:
-        """A persistent buffer of the last bucket's size + 1 (reallocated only when DDP rebuilds its buckets),
-        so carrying the scalar costs no allocation and no extra pass over the gradients."""
-        payload = self._payload
-        if payload is None or payload.numel() != buffer.numel() + 1 or payload.dtype != buffer.dtype:
-            payload = self._payload = buffer.new_empty(buffer.numel() + 1)
-        return payload
-
     def _take_gradient_sample(self) -> GradientSample:
-        if self._reduced_local is None:
-            raise RuntimeError("no gradients were reduced since the last step(): call loss.backward() "
-                               "(outside no_sync() on the last micro-step) before ctl.step()")
-        reduced_sq = torch.stack([self._reduced_sq[i] for i in sorted(self._reduced_sq)]).sum()
-        local_sum, mean_sq = torch.stack([self._reduced_local, reduced_sq]).tolist()  # the one host sync
-        self._reduced_local = None
-        self._reduced_sq.clear()
+        local_sum, mean_sq = self._hook.take()
         return accumulation_sample(local_sum, mean_sq, self.world_size, self.accumulation_steps, self.loss_reduction)
 
     def _mean_loss(self, loss: Optional[torch.Tensor | float]) -> float:
@@ -91,25 +75,58 @@ class DDPController(PolicyDriver):
         return value.item() / self.world_size
 
 
-def _allreduce_with_local_norm(ctl: DDPController, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+class _HookState:
+    """What the communication hook keeps between buckets and steps. It holds no reference to the DDP model,
+    so model → reducer → hook state is no reference cycle and the model is freed as usual."""
+
+    def __init__(self, meter: LocalNormMeter, process_group: dist.ProcessGroup, world_size: int) -> None:
+        self.meter = meter
+        self.process_group = process_group
+        self.world_size = world_size
+        self.reduced_sq: dict[int, torch.Tensor] = {}
+        self.reduced_local: Optional[torch.Tensor] = None
+        self._payload: Optional[torch.Tensor] = None
+
+    def last_bucket_payload(self, buffer: torch.Tensor) -> torch.Tensor:
+        """A persistent buffer of the last bucket's size + 1 (reallocated only when DDP rebuilds its buckets),
+        so carrying the scalar costs no allocation and no extra pass over the gradients."""
+        payload = self._payload
+        if payload is None or payload.numel() != buffer.numel() + 1 or payload.dtype != buffer.dtype:
+            payload = self._payload = buffer.new_empty(buffer.numel() + 1)
+        return payload
+
+    def take(self) -> tuple[float, float]:
+        """(mean over ranks of Σ‖g_i‖², ‖reduced gradient‖²) of the step, with one host sync; then reset.
+        Bucket norms are summed in bucket order, so every rank adds the same numbers in the same order."""
+        if self.reduced_local is None:
+            raise RuntimeError("no gradients were reduced since the last step(): call loss.backward() "
+                               "(outside no_sync() on the last micro-step) before ctl.step()")
+        reduced_sq = torch.stack([self.reduced_sq[i] for i in sorted(self.reduced_sq)]).sum()
+        local_mean, mean_sq = torch.stack([self.reduced_local, reduced_sq]).tolist()
+        self.reduced_local = None
+        self.reduced_sq.clear()
+        return local_mean, mean_sq
+
+
+def _allreduce_with_local_norm(state: _HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """DDP's default averaging all-reduce; the last bucket also carries this rank's Σ‖g_i‖²."""
     buffer = bucket.buffer()
     last = bucket.is_last()
     if last:
-        payload = ctl._last_bucket_payload(buffer)
-        torch.div(buffer, ctl.world_size, out=payload[:-1])   # the division DDP does anyway, into the payload
-        payload[-1] = ctl._meter.take().to(buffer.dtype) / ctl.world_size
+        payload = state.last_bucket_payload(buffer)
+        torch.div(buffer, state.world_size, out=payload[:-1])   # the division DDP does anyway, into the payload
+        payload[-1] = state.meter.take().to(buffer.dtype) / state.world_size
     else:
-        payload = buffer.div_(ctl.world_size)
-    work = dist.all_reduce(payload, group=ctl.process_group, async_op=True)
+        payload = buffer.div_(state.world_size)
+    work = dist.all_reduce(payload, group=state.process_group, async_op=True)
     index = bucket.index()
 
     def unpack(fut: torch.futures.Future) -> torch.Tensor:
         reduced = fut.value()[0]
         grads = reduced[:-1] if last else reduced
-        ctl._reduced_sq[index] = torch.dot(grads, grads).to(torch.float64)
+        state.reduced_sq[index] = torch.dot(grads, grads).to(torch.float64)
         if last:
-            ctl._reduced_local = reduced[-1].to(torch.float64)
+            state.reduced_local = reduced[-1].to(torch.float64)
         return grads
 
     return work.get_future().then(unpack)
