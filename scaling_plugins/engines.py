@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-from typing import Any, Mapping
+from pathlib import Path
+from typing import Any, Mapping, Optional
 
 import torch
 from torch import nn
@@ -94,10 +95,11 @@ def _torch_mean_over_ranks(value: torch.Tensor) -> float:
 class DeepSpeedEngine:
     """``deepspeed.initialize`` with the policy as the config's ``"scheduler"`` entry (the JSON path a DeepSpeed
     user takes), SGD, ZeRO stage 0, no gradient clipping; DeepSpeed does the accumulation (it divides each
-    micro-batch's loss by gradient_accumulation_steps itself)."""
+    micro-batch's loss by gradient_accumulation_steps itself). With ``monitor_dir``, DeepSpeed's csv monitor
+    writes its own events and the policy's (``scaling_plugins/<field>``) to ``monitor_dir/deepspeed_monitor``."""
 
     def __init__(self, model: nn.Module, workload: Workload, lr: float, policy: Mapping[str, Any],
-                 accumulation: int) -> None:
+                 accumulation: int, monitor_dir: Optional[Path] = None) -> None:
         require_backend("deepspeed")   # registers the policy names with DeepSpeed
         import deepspeed
 
@@ -110,6 +112,9 @@ class DeepSpeedEngine:
             "gradient_clipping": 0.0,
             "zero_optimization": {"stage": 0},
         }
+        if monitor_dir is not None:
+            self.config["csv_monitor"] = {"enabled": True, "output_path": str(monitor_dir),
+                                          "job_name": "deepspeed_monitor"}
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                                  config=self.config)
         self.module = self.engine.module
@@ -172,7 +177,7 @@ class HorovodEngine:
         return self.optimizer.metrics()
 
 
-ENGINES = {"ddp": DDPEngine, "deepspeed": DeepSpeedEngine, "horovod": HorovodEngine}
+ENGINES = {"ddp": DDPEngine, "horovod": HorovodEngine}
 
 
 def start(backend: str) -> Placement:
@@ -193,9 +198,10 @@ def stop(backend: str) -> None:
 
 
 def make_engine(backend: str, model: nn.Module, workload: Workload, lr: float, policy: Mapping[str, Any],
-                accumulation: int) -> Any:
-    """The adapter for ``backend``; ``BackendUnavailable`` when that backend cannot run here."""
+                accumulation: int, run_dir: Optional[Path] = None) -> Any:
+    """The adapter for ``backend``; ``BackendUnavailable`` when that backend cannot run here. ``run_dir``
+    receives the engine's own monitor output where it has one (DeepSpeed)."""
     require_backend(backend)
-    if backend not in ENGINES:
-        raise BackendUnavailable(f"backend {backend!r} is installed but the built-in trainer has no adapter for it yet")
+    if backend == "deepspeed":
+        return DeepSpeedEngine(model, workload, lr, policy, accumulation, monitor_dir=run_dir)
     return ENGINES[backend](model, workload, lr, policy, accumulation)

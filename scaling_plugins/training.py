@@ -101,7 +101,7 @@ def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progr
     workload = get_workload(spec.workload, spec.seed)
     spec = spec.resolved(workload)
     engine = make_engine(spec.backend, workload.make_model(), workload, spec.lr, policy_entry(spec),
-                         spec.accumulation)
+                         spec.accumulation, run_dir=Path(run_dir))
     base_steps = counts_base_steps(type(engine.policy))
     samples_per_step = spec.scale * workload.micro_batch
     eval_every = spec.budget / spec.evals

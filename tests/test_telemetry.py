@@ -1,4 +1,5 @@
 """Telemetry: the one step record every backend writes, JSONL on rank 0 only, TensorBoard when installed."""
+import csv
 import importlib.util
 import math
 
@@ -49,7 +50,8 @@ def test_writer_only_writes_on_rank_zero(tmp_path):
 def test_every_backend_writes_the_same_records(tmp_path):
     """The same run (AdaScale, S = 2 workers × 2 micro-batches, quadratic) under DDP, DeepSpeed and Horovod:
     one record per step with the standard fields, and the same gains, learning rates and progress step for
-    step; evaluations before the first step and after the last; TensorBoard events when it is installed."""
+    step; evaluations before the first step and after the last; TensorBoard events when it is installed, and
+    DeepSpeed's csv monitor under DeepSpeed."""
     from tests.distributed import VENV_BIN
 
     backends = ["ddp", "deepspeed"] + (["horovod"] if (VENV_BIN / "horovodrun").exists() else [])
@@ -69,6 +71,11 @@ def test_every_backend_writes_the_same_records(tmp_path):
     assert evals[0]["step"] == 0 and evals[-1]["step"] == len(reference) and len(evals) >= 3
     if importlib.util.find_spec("tensorboard"):
         assert list((tmp_path / "ddp" / "tensorboard").glob("events.out.tfevents.*"))
+    # under DeepSpeed the same numbers also reach DeepSpeed's own (csv) monitor, against samples seen
+    with open(tmp_path / "deepspeed" / "deepspeed_monitor" / "scaling_plugins_gain.csv") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["step", "gain"]
+    assert [(int(x), float(g)) for x, g in rows[1:]] == [(r["samples"], r["gain"]) for r in records["deepspeed"]]
     for backend, steps in records.items():
         assert [tuple(r) for r in steps] == [STEP_FIELDS] * len(reference), backend
         for mine, theirs in zip(steps, reference):
