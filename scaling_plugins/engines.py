@@ -20,7 +20,7 @@ from typing import Any, Mapping, Optional
 import torch
 from torch import nn
 
-from .launch_env import Placement, init_process_group, shutdown_process_group
+from .launch_env import Placement, init_process_group, placement, shutdown_process_group
 from .workloads import Workload
 
 BACKENDS = ("ddp", "deepspeed", "horovod")
@@ -187,6 +187,11 @@ def start(backend: str) -> Placement:
     if backend == "horovod":
         hvd = importlib.import_module("horovod.torch")
         hvd.init()
+        launched = placement()
+        if hvd.size() != launched.world_size:
+            raise BackendUnavailable(
+                f"the launcher started {launched.world_size} ranks ({launched.source}) but Horovod sees {hvd.size()}: "
+                "start the horovod backend with horovodrun or mpirun (launch/horovodrun.sh, launch/mpirun.sh)")
         return Placement(hvd.rank(), hvd.size(), hvd.local_rank(), "horovod")
     return init_process_group("gloo")
 

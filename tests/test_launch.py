@@ -1,10 +1,11 @@
 """The launch/ wrappers run for real on localhost with 2 ranks (no batch system), with the example script."""
+import os
 import shutil
 import subprocess
 
 import pytest
 
-from tests.distributed import REPO, VENV_BIN
+from tests.distributed import REPO, VENV_BIN, free_port
 from tests.launching import TRAIN, assert_two_ranks_trained_together, run_launch
 
 LOCAL = {"NPROC_PER_NODE": "2"}
@@ -60,3 +61,15 @@ def test_horovodrun_wrapper(tmp_path):
 def test_wrappers_explain_their_usage(wrapper):
     proc = subprocess.run([f"launch/{wrapper}.sh"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "usage:" in proc.stderr and "TRAINING_SCRIPT" in proc.stderr
+
+
+@pytest.mark.slow
+def test_horovod_backend_refuses_a_launcher_horovod_cannot_see(tmp_path):
+    """Under torchrun each Horovod process would silently train alone (size 1): it must fail and say why."""
+    require_horovod()
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "NPROC_PER_NODE": "2",
+           "MASTER_PORT": str(free_port())}
+    proc = subprocess.run(["launch/torchrun.sh", *TRAIN, "--backend", "horovod", "--out", str(tmp_path)], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0 and "RESULT" not in proc.stdout
+    assert "Horovod sees 1: start the horovod backend with horovodrun or mpirun" in proc.stderr
