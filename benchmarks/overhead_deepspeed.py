@@ -8,7 +8,8 @@ ZeRO stage 0 and stage 2, each rank builds two engines over the same ≥ 10M-par
 ``"scheduler": {"type": "AdaScale", "params": {}}``. Their steps alternate, the order flipping every step,
 with a barrier before each timed step. Reported per stage: median step time of each over ``blocks`` blocks of
 ``steps`` steps (wall clock, and CPU time of the rank's process, steadier on a shared machine), the ratio of
-medians per block and its median, and collectives per step from the torch
+medians per block and its median, CPU time split into forward + backward (where ZeRO-0 reduces) and
+``engine.step``, and collectives per step from the torch
 profiler's ``gloo:*`` events (the DDP benchmark's counter). A third ZeRO-2 variant with
 ``compute_grad_norm: false`` shows the documented fallback's one extra all-reduce.
 """
@@ -23,7 +24,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -65,6 +66,7 @@ def worker(args: argparse.Namespace) -> None:
                 step()
         counts = {name: collectives(step) for name, step in steps.items()}
         blocks = []
+        phases: dict[str, list[tuple[float, float]]] = {name: [] for name in steps}
         for _ in range(args.blocks):
             wall: dict[str, list[float]] = {name: [] for name in steps}
             cpu: dict[str, list[float]] = {name: [] for name in steps}
@@ -73,13 +75,15 @@ def worker(args: argparse.Namespace) -> None:
                 for name, step in order if i % 2 == 0 else order[::-1]:
                     dist.barrier()
                     start, start_cpu = time.perf_counter(), time.process_time()
-                    step()
+                    step(phases[name])
                     wall[name].append(time.perf_counter() - start)
                     cpu[name].append(time.process_time() - start_cpu)
             blocks.append({name: [statistics.median(wall[name]), statistics.median(cpu[name])] for name in steps})
         scheduler = engines["adascale"][3]
-        results[f"zero{stage}"] = {"blocks": blocks, "collectives": counts, "gain": scheduler.gain,
-                                   "extra_collectives": scheduler.extra_collectives_per_step}
+        results[f"zero{stage}"] = {
+            "blocks": blocks, "collectives": counts, "gain": scheduler.gain,
+            "extra_collectives": scheduler.extra_collectives_per_step,
+            "phases": {name: [statistics.median(phase) for phase in zip(*times)] for name, times in phases.items()}}
         del engines, steps
     fallback = {**ds_config(2, args.batch, compute_grad_norm=False), "scheduler": ADASCALE}
     engine, _, _, scheduler = deepspeed.initialize(model=build_model(), config=fallback)
@@ -93,10 +97,15 @@ def worker(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps(results))
 
 
-def _step_fn(engine: Any, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
-    def step() -> None:
+def _step_fn(engine: Any, x: torch.Tensor, y: torch.Tensor) -> Callable[..., None]:
+    """``step(phases=None)``: one step; appends (CPU s of forward + backward, CPU s of engine.step) to phases."""
+    def step(phases: Optional[list] = None) -> None:
+        start = time.process_time()
         engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+        middle = time.process_time()
         engine.step()
+        if phases is not None:
+            phases.append((middle - start, time.process_time() - middle))
     return step
 
 
@@ -137,6 +146,10 @@ def main() -> None:
                                for block in result["blocks"])
             print(f"{stage} {label} time per step, bare/adascale by block: {blocks}; median ratio "
                   f"{statistics.median(ratios):.4f} (overhead {100 * (statistics.median(ratios) - 1):+.2f}%)")
+        phases = result["phases"]
+        print(f"{stage} CPU time per step by phase, bare/adascale (all blocks): forward+backward "
+              f"{phases['bare'][0] * 1e3:.1f}/{phases['adascale'][0] * 1e3:.1f} ms, engine.step "
+              f"{phases['bare'][1] * 1e3:.1f}/{phases['adascale'][1] * 1e3:.1f} ms")
         print(f"{stage} collectives per step: bare={result['collectives']['bare']} "
               f"adascale={result['collectives']['adascale']} (extra: {result['extra_collectives']}); "
               f"gain {result['gain']:.3f}")
