@@ -2,7 +2,7 @@
 (``scaling_plugins.quality_report``), shared by the CLI and ``benchmarks/quality.py``.
 
     scaling-plugins bench quality --quick          # the CI slice, about a minute
-    scaling-plugins bench quality                  # the full study (about half an hour on 2 cores), resumable
+    scaling-plugins bench quality                  # the full study (about 35 min on 2 cores), resumable
     scaling-plugins bench quality --report-only    # re-render report.md and the figures from finished runs
 """
 from __future__ import annotations
@@ -39,9 +39,8 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def command_line(args: argparse.Namespace) -> str:
-    """The command that reproduces ``args``, for the report."""
-    words = ["scaling-plugins", "bench", "quality"]
-    words += ["--quick"] * args.quick + ["--report-only"] * args.report_only
+    """The study command behind ``args`` (without ``--report-only``: the one that trains the runs), for the report."""
+    words = ["scaling-plugins", "bench", "quality"] + ["--quick"] * args.quick
     for option in ("out", "seeds", "workers"):
         if getattr(args, option) is not None:
             words += [f"--{option}", str(getattr(args, option))]

@@ -1,8 +1,10 @@
 """The quality-at-scale report: from the run folders ``scaling_plugins.quality`` wrote, one table per workload
 (final validation loss and accuracy as mean ± sample standard deviation over seeds, optimizer steps, steps
-relative to S = 1, mean gain), the goal checks, the measured gradient noise scale against where AdaScale's
-steps-vs-S curve flattens, and two figures: ``quality.png`` (final validation loss and accuracy against S,
-one line per method) and ``quality_steps.png`` (AdaScale's steps against S, with the noise-scale prediction).
+and samples relative to S = 1, mean gain), the goal checks, the measured gradient noise scale against where
+AdaScale's steps-vs-S curve flattens, the smoothing ablation, AdaScale's training loss against the
+reference's in scale-invariant time, and two figures: ``quality.png`` (final validation loss and accuracy
+against S, one line per method) and ``quality_steps.png`` (AdaScale's steps against S, with the noise-scale
+prediction).
 """
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ class Row:
     loss: tuple[float, float]                 # mean, sample sd (0 with one seed)
     accuracy: Optional[tuple[float, float]]
     steps: float
+    samples: float
     mean_gain: float
     noise: Optional[NoiseScale]               # measured in the seed-0 run (AdaScale at S > 1)
 
@@ -79,6 +82,7 @@ def aggregate(results: Sequence[Result]) -> list[Row]:
         rows.append(Row(workload, method, scale, len(members), _mean_sd([s["final_val_loss"] for s in summaries]),
                         _mean_sd(accuracies) if accuracies else None,
                         statistics.fmean(s["steps"] for s in summaries),
+                        statistics.fmean(s["samples"] for s in summaries),
                         statistics.fmean(s["mean_gain"] for s in summaries),
                         run_noise_scale(first.run.steps, WORKLOADS[workload].micro_batch)))
     return sorted(rows, key=lambda r: (r.workload, METHODS.index(r.method), r.scale))
@@ -97,13 +101,14 @@ def relative_loss(row: Row, reference: Row) -> float:
 def workload_table(rows: Sequence[Row], workload: str) -> str:
     """The Markdown table of one workload."""
     reference = reference_row(rows, workload)
-    lines = ["| method | S | seeds | final val loss | vs S = 1 | val accuracy | steps | steps / S=1 | mean gain |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| method | S | seeds | final val loss | vs S = 1 | val accuracy | steps | steps / S=1 | samples / S=1 "
+             "| mean gain |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in (r for r in rows if r.workload == workload):
         accuracy = "–" if row.accuracy is None else f"{100 * row.accuracy[0]:.1f} ± {100 * row.accuracy[1]:.1f}%"
         lines.append(f"| {row.method} | {row.scale} | {row.seeds} | {row.loss[0]:.4f} ± {row.loss[1]:.4f} | "
                      f"{100 * relative_loss(row, reference):+.1f}% | {accuracy} | {row.steps:.0f} | "
-                     f"{row.steps / reference.steps:.3f} | {row.mean_gain:.2f} |")
+                     f"{row.steps / reference.steps:.3f} | {row.samples / reference.samples:.2f} | "
+                     f"{row.mean_gain:.2f} |")
     return "\n".join(lines)
 
 
@@ -113,12 +118,14 @@ def goal_lines(rows: Sequence[Row], workload: str) -> list[str]:
     scaled = [r for r in rows if r.workload == workload and r.scale > 1]
     largest = max((r.scale for r in scaled), default=None)
     lines = [f"- reference (S = 1): val loss {reference.loss[0]:.4f} ± {reference.loss[1]:.4f} "
-             f"(seed spread {100 * reference.loss[1] / reference.loss[0]:.1f}% of the mean), {reference.steps:.0f} steps"]
+             f"(seed spread {100 * reference.loss[1] / reference.loss[0]:.1f}% of the mean), "
+             f"{reference.steps:.0f} steps"]
     for row in (r for r in scaled if r.method == "AdaScale" and r.scale >= 16):
         delta = relative_loss(row, reference)
         lines.append(f"- AdaScale S = {row.scale}: {100 * delta:+.1f}% val loss vs S = 1 "
                      f"({'within' if delta <= ADASCALE_TOLERANCE else 'NOT within'} 1%), "
-                     f"{row.steps:.0f} steps = {row.steps / reference.steps:.3f} × S = 1's, mean gain {row.mean_gain:.2f}")
+                     f"{row.steps:.0f} steps = {row.steps / reference.steps:.3f} × S = 1's, "
+                     f"mean gain {row.mean_gain:.2f}")
     for row in (r for r in scaled if r.method == "LinearScaling" and r.scale == largest):
         lines.append(f"- LinearScaling S = {row.scale}: {100 * relative_loss(row, reference):+.1f}% val loss vs S = 1")
     for method in ("LEGW", "AutoWU"):
@@ -163,7 +170,8 @@ def smoothing_lines(ablation: dict[tuple[str, float, int], list[Run]], rows: Seq
         reference = reference_row(rows, workload)
         loss = _mean_sd([run.summary["final_val_loss"] for run in runs])
         lines.append(f"- AdaScale S = {scale}, smoothing θ = {theta:g} (default {1 - scale / 1000:g}), {len(runs)} "
-                     f"seed(s): val loss {loss[0]:.4f} ± {loss[1]:.4f} ({100 * (loss[0] / reference.loss[0] - 1):+.1f}% "
+                     f"seed(s): val loss {loss[0]:.4f} ± {loss[1]:.4f} "
+                     f"({100 * (loss[0] / reference.loss[0] - 1):+.1f}% "
                      f"vs S = 1; default θ {100 * relative_loss(default[0], reference):+.1f}%), "
                      f"{statistics.fmean(run.summary['steps'] for run in runs):.0f} steps, mean gain "
                      f"{statistics.fmean(run.summary['mean_gain'] for run in runs):.2f}")
@@ -256,7 +264,8 @@ def plot_quality(rows: Sequence[Row], path: Path) -> None:
                 ax.set(yscale="log", ylim=LOSS_RATIO_LIMITS,
                        ylabel="final val loss / reference's  (dotted: +1%, +2%)")
             else:
-                ax.set(ylabel="final validation accuracy")
+                low, high = ax.get_ylim()
+                ax.set(ylabel="final validation accuracy", ylim=(max(low, 0.0), min(high, 1.02)))
             _scale_axis(ax, scales, workload)
     _finish(fig, axes.flat, path, "Quality at scale: final validation metric against S (base hyperparameters "
                                   "tuned at S = 1)")

@@ -46,7 +46,8 @@ def test_methods_share_the_base_settings_and_differ_only_by_their_rule():
 
 def test_two_rank_grid_splits_scale_into_workers_times_accumulation(tmp_path):
     grid = Grid(workloads=("digits",), scales=(1, 4, 32), seeds=1, workers=2)
-    shapes = {(c.spec.scale, c.spec.workers, c.spec.accumulation) for c in grid_cells(grid, tmp_path, {"digits": Base(0.1)})}
+    cells = grid_cells(grid, tmp_path, {"digits": Base(0.1)})
+    shapes = {(c.spec.scale, c.spec.workers, c.spec.accumulation) for c in cells}
     assert shapes == {(1, 1, 1), (4, 2, 2), (32, 2, 16)}
     with pytest.raises(ValueError, match="multiple of workers"):
         Grid(scales=(1, 3), workers=2)
