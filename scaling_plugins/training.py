@@ -95,17 +95,19 @@ def policy_entry(spec: RunSpec) -> dict[str, Any]:
 
 
 def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progress_bar: bool = True) -> dict[str, Any]:
-    """Train ``spec`` on this rank of an initialised ``world``-rank job; returns the summary (on every rank)."""
+    """Train ``spec`` on this rank of an initialised ``world``-rank job; returns the summary (on every rank):
+    final validation loss/accuracy, optimizer steps, samples, wall time of the training loop (rank 0's
+    evaluations included), mean gain, scale and final progress."""
     if world != spec.workers:
         raise ValueError(f"run {spec.name!r} wants {spec.workers} workers but the job has {world} ranks")
+    run_dir = Path(run_dir)
     workload = get_workload(spec.workload, spec.seed)
     spec = spec.resolved(workload)
     engine = make_engine(spec.backend, workload.make_model(), workload, spec.lr, policy_entry(spec),
-                         spec.accumulation, run_dir=Path(run_dir))
+                         spec.accumulation, run_dir=run_dir)
     base_steps = counts_base_steps(type(engine.policy))
     samples_per_step = spec.scale * workload.micro_batch
     eval_every = spec.budget / spec.evals
-    run_dir = Path(run_dir)
     bar = _progress_bar(spec, enabled=progress_bar and rank == 0)
     gains: list[float] = []
     step = samples = 0
