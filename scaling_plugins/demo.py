@@ -14,6 +14,7 @@ from .noise_scale import advice_lines
 from .plots import comparison_table, load_run, render
 from .config import allowed_keys
 from .policies import POLICIES, policy_class
+from .policies.scaling_rule import ScalingRule
 from .spawn import run_local
 from .training import RunSpec, counts_base_steps
 from .workloads import WORKLOADS
@@ -39,17 +40,19 @@ def plan(workload: str, backend: str, policies: Sequence[str], workers: int, sca
     budget = budget if budget is not None else WORKLOADS[workload].default_budget
     common = dict(workload=workload, backend=backend, budget=budget, seed=seed, evals=evals)
     runs = [RunSpec(name=f"{REFERENCE}-S1", policy="AdaScale", workers=1, accumulation=1, **common)] if reference else []
-    runs += [RunSpec(name=f"{policy.lower()}-S{scale}", policy=policy, policy_params=demo_params(policy, budget),
+    runs += [RunSpec(name=f"{policy.lower()}-S{scale}", policy=policy, policy_params=demo_params(policy, budget, scale),
                      workers=workers, accumulation=scale // workers, **common) for policy in policies]
     return runs
 
 
-def demo_params(policy: str, budget: float) -> dict[str, float]:
-    """Settings the demo adds to a policy: a gradual warmup over the first WARMUP_FRACTION of the budget for
-    rules that take one in base-scale steps (Goyal et al. warm up over the first ~5 of 90 epochs)."""
+def demo_params(policy: str, budget: float, scale: int) -> dict[str, float]:
+    """Settings the demo adds to a policy: a gradual warmup over the first WARMUP_FRACTION of the budget at the
+    demo's scale, for rules that take one in base-scale steps (Goyal et al. warm up over the first ~5 of 90
+    epochs). A rule whose warmup grows with the scale (LEGW: × k) gets a base warmup that long / its growth."""
     cls = policy_class(policy)
     if counts_base_steps(cls) and "warmup_num_steps" in allowed_keys(cls):
-        return {"warmup_num_steps": WARMUP_FRACTION * budget}
+        growth = cls.warmup_growth(scale) if issubclass(cls, ScalingRule) else 1.0
+        return {"warmup_num_steps": WARMUP_FRACTION * budget / growth}
     return {}
 
 

@@ -124,7 +124,7 @@ def method_spec(grid: Grid, workload: str, method: str, scale: int, seed: int, b
         low, high = base.autowu_range
         params = {"warmup_min_lr": low * base.lr, "warmup_max_lr": high * base.lr, "seed": seed}
     else:
-        params = demo_params(method, budget)
+        params = demo_params(method, budget, scale)
     return RunSpec(policy=method, policy_params=params, **common)
 
 

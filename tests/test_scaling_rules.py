@@ -169,3 +169,19 @@ def test_k_below_one_from_batch_sizes_is_rejected_at_configure():
     policy = SqrtScaling(base_batch=512, micro_batch_size=64)
     with pytest.raises(ValueError, match=r"k = 4 gradients × micro_batch_size / base_batch = 0.5 must be >= 1"):
         policy.configure(4, 1)
+
+
+@pytest.mark.parametrize("rule, warmup, k", [("LEGW", 10, 16), ("LinearScaling", 100, 2)])
+def test_a_scaled_warmup_that_does_not_fit_the_budget_is_refused(rule, warmup, k):
+    with pytest.raises(ValueError, match=r"warmup_num_steps=\d+ is a warmup of \d+ base-scale steps at k=\d+, "
+                                         r"not shorter than total_num_steps=100"):
+        build_policy({"type": rule, "params": {"warmup_num_steps": warmup, "scale": k, "total_num_steps": 100}})
+
+
+def test_the_demo_sizes_each_rules_base_warmup_to_a_tenth_of_the_budget_at_its_scale():
+    from scaling_plugins.demo import demo_params
+
+    for rule in ("LEGW", "LinearScaling", "SqrtScaling"):
+        params = demo_params(rule, 200, 16)
+        policy = build_policy({"type": rule, "params": {**params, "scale": 16, "total_num_steps": 200}})
+        assert policy.scaled_warmup_steps(16) == pytest.approx(20)

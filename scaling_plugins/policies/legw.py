@@ -25,6 +25,7 @@ class LEGW(ScalingRule):
     exponent = 0.5
     default_warmup_start_factor = 0.0
 
-    def scaled_warmup_steps(self, k: float) -> float:
+    @staticmethod
+    def warmup_growth(k: float) -> float:
         """W = k · W0 base-scale steps: the warmup's epochs grow with the batch, its iterations do not."""
-        return k * self.warmup_num_steps
+        return k

@@ -73,10 +73,15 @@ class ScalingRule(Policy):
         self._progress = 0.0
         self._rescale(check=base_batch is None)  # a k from batch sizes is checked once configure() knows n
 
+    @staticmethod
+    def warmup_growth(k: float) -> float:
+        """How many times longer, in epochs, the warmup is at batch multiple ``k`` than as tuned at B0: 1 by
+        default, the same epochs at every k (Goyal et al.); LEGW overrides it."""
+        return 1.0
+
     def scaled_warmup_steps(self, k: float) -> float:
-        """The warmup's length in base-scale steps at batch multiple ``k``: by default the same number of
-        epochs at every k (Goyal et al.); LEGW overrides it."""
-        return self.warmup_num_steps
+        """The warmup's length in base-scale steps at batch multiple ``k``."""
+        return self.warmup_growth(k) * self.warmup_num_steps
 
     @property
     def peak_factor(self) -> float:
@@ -99,9 +104,13 @@ class ScalingRule(Policy):
         if check and not k >= 1:
             raise ValueError(f"the batch multiple k = {n} gradients × micro_batch_size / base_batch = {k!r} "
                              "must be >= 1")
+        warmup = self.scaled_warmup_steps(k)
+        if check and self.total_num_steps is not None and warmup >= self.total_num_steps:
+            raise ValueError(f"warmup_num_steps={self.warmup_num_steps!r} is a warmup of {warmup:g} base-scale steps "
+                             f"at k={k:g}, not shorter than total_num_steps={self.total_num_steps!r}")
         self.scale = k
         start = self.warmup_start_factor / k ** self.exponent
-        self.schedule: Schedule = linear_warmup(self.scaled_warmup_steps(k), start, after=self.base_schedule)
+        self.schedule: Schedule = linear_warmup(warmup, start, after=self.base_schedule)
         self._factor = self.peak_factor * self.schedule(self._progress)
 
     def step(self, observation: StepObservation) -> None:
