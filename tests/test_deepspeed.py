@@ -18,6 +18,9 @@ from tests.distributed import VENV_BIN, free_port, run_command
 pytest.importorskip("deepspeed")
 
 GOLDEN_GAINS = {"orthogonal": 4 / 3, "identical": 1.0, "opposite": 2.0}
+# σ̂², μ̂² of the first step (S = n = 2): per-sample ‖g‖² and ‖ḡ‖² of Linear(2, 2) + bias under output.sum()
+# give L = 8, T = 3 (orthogonal); L = 24, T = 12 (identical: σ̂² clamps to 1e-6); L = 8, T = 0 (opposite).
+GOLDEN_MOMENTS = {"orthogonal": [2.0, 2.0], "identical": [1e-6, 12.0 - 5e-7], "opposite": [8.0, 0.0]}
 BASE_LR = 0.1
 
 
@@ -48,8 +51,22 @@ def test_golden_first_step_gain_and_applied_lr(run, case):
     expected = GOLDEN_GAINS[case]
     assert result["scale"] == 2
     assert result["gain"] == pytest.approx(expected, rel=1e-6)
+    assert result["moments"] == pytest.approx(GOLDEN_MOMENTS[case], rel=1e-6, abs=1e-6)
     assert result["lr_used"] == [BASE_LR * result["gain"]]
     assert result["applied_lr"] == pytest.approx([BASE_LR * expected] * 2, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_loss_scale_is_divided_out(run):
+    stage, (rank0, _) = run
+    result = rank0["loss_scaled"]
+    if stage == 0:
+        assert result is None                              # fp32 ZeRO-0 has no loss scale to override
+        return
+    assert result["loss_scale"] == 1024.0
+    assert result["gain"] == pytest.approx(4 / 3, rel=1e-6)
+    assert result["moments"] == pytest.approx(GOLDEN_MOMENTS["orthogonal"], rel=1e-6)   # true units, not × 1024²
+    assert result["applied_lr"] == pytest.approx([BASE_LR * 4 / 3] * 2, rel=1e-6)
 
 
 @pytest.mark.slow

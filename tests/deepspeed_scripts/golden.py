@@ -41,9 +41,26 @@ def golden(rank: int, stage: int) -> dict:
         engine.step()
         # d(sum)/d(bias) = [1, 1] for every sample, so the averaged bias gradient is 1 and Δbias = −lr.
         applied = (bias_before - engine.module.bias.detach()).tolist()
+        metrics = scheduler.metrics()
         results[name] = {"gain": scheduler.gain, "lr_used": recorder.lrs[0], "applied_lr": applied,
-                         "scale": scheduler.scale}
+                         "scale": scheduler.scale, "moments": [metrics["sigma_sq"], metrics["mu_sq"]]}
     return results
+
+
+def loss_scaled(rank: int, stage: int) -> dict | None:
+    """The golden orthogonal case with a loss scale of 1024 (ZeRO's override_loss_scale: the fp16 mechanism,
+    which cannot run on CPU, without fp16): the statistics divide the scale out. ZeRO-0 fp32 has no loss scale."""
+    if stage == 0:
+        return None
+    torch.manual_seed(0)
+    engine, scheduler = engine_for(torch.nn.Linear(2, 2), config(stage, scheduler=ADASCALE))
+    engine.optimizer.override_loss_scale(1024.0)
+    bias_before = engine.module.bias.detach().clone()
+    engine.backward(engine(torch.tensor([GOLDEN["orthogonal"][rank]])).sum())
+    engine.step()
+    metrics = scheduler.metrics()
+    return {"gain": scheduler.gain, "applied_lr": (bias_before - engine.module.bias.detach()).tolist(),
+            "loss_scale": engine.optimizer.loss_scale, "moments": [metrics["sigma_sq"], metrics["mu_sq"]]}
 
 
 def one_hot_accumulation(rank: int, stage: int) -> dict:
@@ -218,6 +235,7 @@ def errors(stage: int) -> dict:
 def main() -> None:
     rank, args = setup()
     results = {"golden": golden(rank, args.stage), "one_hot": one_hot_accumulation(rank, args.stage),
+               "loss_scaled": loss_scaled(rank, args.stage),
                "collectives": count_collectives(rank, args.stage),
                "checkpoint": checkpoint_resume(rank, args.stage, args.out),
                "overflow": overflow_skip(rank, args.stage), "param_groups": two_param_groups(rank, args.stage),
