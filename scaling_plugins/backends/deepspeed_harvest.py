@@ -21,6 +21,8 @@ Units. DeepSpeed divides each micro-batch loss by gradient_accumulation_steps (g
 it by the loss scale s, so a hook sees g_i·s/gas: the payload is (gas/s)²·Σ‖hooked‖². The reduced gradient is
 c·Σ_ranks(s·mean_i g_i) with c = 1/W when DeepSpeed averages gradients (the default) and 1 when it sums, so
 T = ‖reduced‖²/(c·W·s)². The loss scale is read when the payload is taken, before DeepSpeed updates it.
+``engine.backward(loss, scale_wrt_gas=False)`` skips the 1/gas: L and T then both come out gas² too large, so
+the gain (a ratio of them) is unchanged but the reported σ², μ² are scaled by gas².
 """
 from __future__ import annotations
 
