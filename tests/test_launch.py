@@ -73,3 +73,27 @@ def test_horovod_backend_refuses_a_launcher_horovod_cannot_see(tmp_path):
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode != 0 and "RESULT" not in proc.stdout
     assert "Horovod sees 1: start the horovod backend with horovodrun or mpirun" in proc.stderr
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, (0, 1, 0, "single process")),
+    ({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}, (3, 4, 1, "RANK")),
+    ({"OMPI_COMM_WORLD_RANK": "1", "OMPI_COMM_WORLD_SIZE": "2", "OMPI_COMM_WORLD_LOCAL_RANK": "1"},
+     (1, 2, 1, "OMPI_COMM_WORLD_RANK")),
+    ({"PMI_RANK": "2", "PMI_SIZE": "3"}, (2, 3, 2, "PMI_RANK")),
+    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1"}, (5, 8, 1, "SLURM_PROCID")),
+    # torchrun's variables win over the srun task that started torchrun
+    ({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, (0, 2, 0, "RANK")),
+])
+def test_placement_reads_every_launchers_variables(env, expected):
+    from scaling_plugins.launch_env import placement
+
+    where = placement(env)
+    assert (where.rank, where.world_size, where.local_rank, where.source) == expected
+
+
+def test_placement_rejects_a_rank_outside_the_world():
+    from scaling_plugins.launch_env import placement
+
+    with pytest.raises(ValueError, match="RANK=2 is outside"):
+        placement({"RANK": "2", "WORLD_SIZE": "2"})
