@@ -52,7 +52,8 @@ def load_run(path: Union[str, Path]) -> Run:
 
 
 def load_runs(paths: Iterable[Union[str, Path]]) -> list[Run]:
-    """Runs from run folders and from folders of run folders (sorted by name inside each)."""
+    """Runs from run folders and from folders of run folders (inside each: by scale, then name, so the S = 1
+    reference comes first as in the demo)."""
     runs: list[Run] = []
     for path in map(Path, paths):
         if (path / RUN_FILE).exists():
@@ -61,7 +62,7 @@ def load_runs(paths: Iterable[Union[str, Path]]) -> list[Run]:
         children = sorted(child for child in path.glob("*") if (child / RUN_FILE).exists()) if path.is_dir() else []
         if not children:
             raise FileNotFoundError(f"{path} holds no runs (no {RUN_FILE} in it or in its sub-folders)")
-        runs.extend(load_run(child) for child in children)
+        runs.extend(sorted((load_run(child) for child in children), key=lambda run: (run.summary["scale"], run.name)))
     return runs
 
 
