@@ -26,3 +26,9 @@ def test_rule_learning_rates(ranks, name):
 @pytest.mark.slow
 def test_autowu_switches_at_the_same_step_on_both_ranks(ranks):
     check_autowu_run(*(rank["autowu"] for rank in ranks))
+
+
+@pytest.mark.slow
+def test_autowu_given_the_loss_through_lr_kwargs_runs_the_same_trajectory(ranks):
+    for rank in ranks:
+        assert rank["autowu_lr_kwargs"] == rank["autowu"]

@@ -28,7 +28,11 @@ that rode DeepSpeed's own reductions (``deepspeed_harvest``). Each group's lr be
 for fp16/bf16 overflow never reaches the basic optimizer, so the policy does not advance, on any rank, and the
 skipped step's local norms are dropped. DeepSpeed builds the scheduler inside ``deepspeed.initialize`` with
 only the optimizer; the scheduler finds its engine on the call stack. Policies that use the training loss
-(AutoWU) read it in ``engine.backward(loss)``; it rides the same reduction as the norms.
+(AutoWU) read it in ``engine.backward(loss)``; it rides the same reduction as the norms, so this step's
+learning rate sees this step's mean loss over ranks. ``engine.step(lr_kwargs={"loss": loss})``, the way
+DeepSpeed hands a scheduler its arguments, is accepted too: it arrives after the optimizer step, too late to
+feed the policy, so it is checked against the loss last given to ``engine.backward`` on this rank, and a
+different value logs a warning (the policy keeps using the all-reduced ``engine.backward`` loss).
 
 Gradient clipping. The statistics use unclipped gradients (DeepSpeed's norm before clipping; ZeRO-0 measures
 right after the reduction, before clipping). The update is then clipped by DeepSpeed with the gain already in
@@ -47,6 +51,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -70,6 +75,8 @@ from ..telemetry import monitor_events, record_from
 from .deepspeed_harvest import Harvest, Payload, build_rider
 from .driver import PolicyDriver
 
+log = logging.getLogger(__name__)
+
 
 class PolicyScheduler(PolicyDriver):
     """The object DeepSpeed holds as its LR scheduler; drives one policy for one engine.
@@ -92,6 +99,8 @@ class PolicyScheduler(PolicyDriver):
                          int(self.engine.gradient_accumulation_steps()))
         self.last_batch_iteration = -1
         self.last_loss: Optional[float] = None
+        self._backward_loss: Optional[torch.Tensor] = None
+        self._warned_step_loss = False
         self._harvest: Optional[Harvest] = None
         self._stepped_at: Optional[int] = None
         self.rider = None
@@ -145,18 +154,37 @@ class PolicyScheduler(PolicyDriver):
         @functools.wraps(original)
         def backward(loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
             self.payload.add_loss(loss)
+            self._backward_loss = loss.detach()
             return original(loss, *args, **kwargs)
 
         self.engine.backward = backward
+
+    def _check_step_loss(self, loss: Any) -> None:
+        """``engine.step(lr_kwargs={"loss": loss})``: must be the loss last given to ``engine.backward``."""
+        if not self.policy.needs_loss:
+            if not self._warned_step_loss:
+                log.warning("policy %r does not use the training loss; the loss passed to engine.step(lr_kwargs=...) "
+                            "is not used", self.policy.name)
+                self._warned_step_loss = True
+            return
+        given = torch.as_tensor(loss).detach().reshape(()).to(torch.float64)
+        seen = None if self._backward_loss is None else self._backward_loss.reshape(()).to(torch.float64)
+        if (seen is None or not torch.equal(given, seen)) and not self._warned_step_loss:
+            log.warning("the loss passed to engine.step(lr_kwargs=...) (%s) is not the one last given to "
+                        "engine.backward (%s); policy %r uses the all-reduced engine.backward loss",
+                        given.item(), None if seen is None else seen.item(), self.policy.name)
+            self._warned_step_loss = True
 
     # -- DeepSpeed's scheduler interface -------------------------------------------------------------------
     def step(self, *args: Any, **kwargs: Any) -> None:
         """DeepSpeed calls this after every applied step. Never raises ``TypeError`` (DeepSpeed would retry
         with the batch size as the iteration); ``last_batch_iteration`` only labels the step."""
-        unexpected = sorted(set(kwargs) - {"last_batch_iteration"})
+        unexpected = sorted(set(kwargs) - {"last_batch_iteration", "loss"})
         if args or unexpected:
-            raise ValueError(f"{type(self).__name__}.step() takes only last_batch_iteration=, got args {args!r}"
-                             f" and keys {unexpected}; the loss is read from engine.backward(loss)")
+            raise ValueError(f"{type(self).__name__}.step() takes only last_batch_iteration= and loss=, got args "
+                             f"{args!r} and keys {unexpected}")
+        if "loss" in kwargs:
+            self._check_step_loss(kwargs["loss"])
         try:
             last = kwargs.get("last_batch_iteration")
             self.last_batch_iteration = self.last_batch_iteration + 1 if last is None else int(last)

@@ -2,7 +2,8 @@
 
 The issue-5 policies as DeepSpeed "scheduler" config entries (ZeRO-0, 2 CPU ranks): each fixed rule's and
 AdaScaleAdam's learning rates over a few steps with 2 micro-batches per step, and a full AutoWU run whose
-loss reaches the policy through engine.backward(loss). Each rank writes DIR/rank<r>.json.
+loss reaches the policy through engine.backward(loss), run again also passing it as
+engine.step(lr_kwargs={"loss": loss}). Each rank writes DIR/rank<r>.json.
 """
 from __future__ import annotations
 
@@ -40,13 +41,14 @@ def rules(rank: int) -> dict:
     return results
 
 
-def autowu(rank: int) -> dict:
+def autowu(rank: int, via_lr_kwargs: bool) -> dict:
     engine, scheduler = engine_for(Quadratic(), config(0, scheduler=AUTOWU))
     recorder = LrRecorder(engine)
     data = torch.Generator().manual_seed(rank)
     while not scheduler.done:
-        engine.backward(engine(torch.randn(4, 20, generator=data)))
-        engine.step()
+        loss = engine(torch.randn(4, 20, generator=data))
+        engine.backward(loss)
+        engine.step(lr_kwargs={"loss": loss} if via_lr_kwargs else None)
     policy = scheduler.policy
     return {"lrs": [lr for (lr,) in recorder.lrs], "switch_step": policy.switch_step, "peak_lr": policy.peak_lr,
             "losses": policy.losses, "w": engine.module.w.detach().tolist()}
@@ -54,7 +56,8 @@ def autowu(rank: int) -> dict:
 
 def main() -> None:
     rank, args = setup()
-    write(args.out, rank, {"rules": rules(rank), "autowu": autowu(rank)})
+    write(args.out, rank, {"rules": rules(rank), "autowu": autowu(rank, via_lr_kwargs=False),
+                           "autowu_lr_kwargs": autowu(rank, via_lr_kwargs=True)})
 
 
 if __name__ == "__main__":
