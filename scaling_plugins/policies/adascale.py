@@ -19,7 +19,8 @@ from typing import Any, Optional
 
 from ..schedules import ScheduleSpec, build_schedule
 from ..stats import GradientStatistics
-from .base import Policy, StepObservation
+from .base import StepObservation
+from .progress import BaseScaleProgress
 from .registry import register
 
 log = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ SINGLE_GRADIENT_CHOICES = ("unit_gain", "error")
 
 
 @register
-class AdaScale(Policy):
+class AdaScale(BaseScaleProgress):
     """AdaScale: scale the learning rate by the gain and run the schedule on scale-invariant progress τ.
 
     Args (all optional; ``AdaScale()`` is the paper's defaults, a constant schedule and no budget):
@@ -46,24 +47,20 @@ class AdaScale(Policy):
     def __init__(self, scale: Optional[float] = None, smoothing: Optional[float] = None,
                  schedule: ScheduleSpec = None, total_num_steps: Optional[float] = None,
                  single_gradient: str = "unit_gain", base_batch: float = 1.0) -> None:
-        super().__init__()
+        super().__init__(total_num_steps)
         if scale is not None and not scale >= 1:
             raise ValueError(f"scale must be >= 1, got {scale!r}")
         if smoothing is not None and not 0 <= smoothing < 1:
             raise ValueError(f"smoothing must lie in [0, 1), got {smoothing!r}")
-        if total_num_steps is not None and not total_num_steps > 0:
-            raise ValueError(f"total_num_steps must be > 0, got {total_num_steps!r}")
         if single_gradient not in SINGLE_GRADIENT_CHOICES:
             raise ValueError(f"single_gradient must be one of {SINGLE_GRADIENT_CHOICES}, got {single_gradient!r}")
         if not base_batch > 0:
             raise ValueError(f"base_batch must be > 0, got {base_batch!r}")
         self.schedule = build_schedule(schedule)
-        self.total_num_steps = total_num_steps
         self.single_gradient = single_gradient
         self.base_batch = base_batch
         self._user_scale = scale
         self.statistics = GradientStatistics(scale or 1.0, smoothing)
-        self._progress = 0.0
         self._gain = 1.0
         self._factor = self.schedule(0.0)
         self._warned_single = False
@@ -97,24 +94,11 @@ class AdaScale(Policy):
                         "using gain 1 (single_gradient='unit_gain')")
             self._warned_single = True
         self._gain = self.statistics.gain if sample.count >= 2 else 1.0
-        self._factor = self._gain * self.schedule(self._progress)
-        self._progress += self._gain
-        self.steps += 1
-
-    def learning_rate(self, base_lr: float) -> float:
-        return base_lr * self._factor
+        self.advance(self._gain * self.schedule(self._progress), self._gain)
 
     @property
     def gain(self) -> float:
         return self._gain
-
-    @property
-    def progress(self) -> float:
-        return self._progress
-
-    @property
-    def done(self) -> bool:
-        return self.total_num_steps is not None and self._progress >= self.total_num_steps
 
     def metrics(self) -> dict[str, Any]:
         return {
@@ -127,13 +111,11 @@ class AdaScale(Policy):
         }
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "statistics": self.statistics.state_dict(), "progress": self._progress,
-                "gain": self._gain, "factor": self._factor, "warned_single": self._warned_single}
+        return {**super().state_dict(), "statistics": self.statistics.state_dict(), "gain": self._gain,
+                "warned_single": self._warned_single}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.statistics.load_state_dict(state["statistics"])
-        self._progress = float(state["progress"])
         self._gain = float(state["gain"])
-        self._factor = float(state["factor"])
         self._warned_single = bool(state["warned_single"])

@@ -20,10 +20,11 @@ from __future__ import annotations
 from typing import Any, ClassVar, Optional
 
 from ..schedules import Schedule, ScheduleSpec, build_schedule, linear_warmup
-from .base import Policy, StepObservation
+from .base import StepObservation
+from .progress import BaseScaleProgress
 
 
-class ScalingRule(Policy):
+class ScalingRule(BaseScaleProgress):
     """A fixed scaling rule over a base schedule. Subclasses set ``exponent`` (and may change the warmup).
 
     Args (all optional):
@@ -44,7 +45,7 @@ class ScalingRule(Policy):
                  micro_batch_size: Optional[float] = None, schedule: ScheduleSpec = None,
                  warmup_num_steps: float = 0, warmup_start_factor: Optional[float] = None,
                  total_num_steps: Optional[float] = None) -> None:
-        super().__init__()
+        super().__init__(total_num_steps)
         if scale is not None and not scale >= 1:
             raise ValueError(f"scale (k) must be >= 1, got {scale!r}")
         if (base_batch is None) != (micro_batch_size is None):
@@ -62,15 +63,11 @@ class ScalingRule(Policy):
             warmup_start_factor = self.default_warmup_start_factor
         if not 0 <= warmup_start_factor <= 1:
             raise ValueError(f"warmup_start_factor must lie in [0, 1], got {warmup_start_factor!r}")
-        if total_num_steps is not None and not total_num_steps > 0:
-            raise ValueError(f"total_num_steps must be > 0, got {total_num_steps!r}")
         self.base_schedule = build_schedule(schedule)
         self.warmup_num_steps = warmup_num_steps
         self.warmup_start_factor = warmup_start_factor
-        self.total_num_steps = total_num_steps
         self._user_scale = scale
         self._batch_ratio = None if base_batch is None else micro_batch_size / base_batch
-        self._progress = 0.0
         self._rescale(check=base_batch is None)  # a k from batch sizes is checked once configure() knows n
 
     @staticmethod
@@ -114,29 +111,12 @@ class ScalingRule(Policy):
         self._factor = self.peak_factor * self.schedule(self._progress)
 
     def step(self, observation: StepObservation) -> None:
-        self._factor = self.peak_factor * self.schedule(self._progress)
-        self._progress += self.scale
-        self.steps += 1
-
-    def learning_rate(self, base_lr: float) -> float:
-        return base_lr * self._factor
-
-    @property
-    def progress(self) -> float:
-        return self._progress
-
-    @property
-    def done(self) -> bool:
-        return self.total_num_steps is not None and self._progress >= self.total_num_steps
+        self.advance(self.peak_factor * self.schedule(self._progress), self.scale)
 
     def metrics(self) -> dict[str, Any]:
         return {**super().metrics(), "scale": self.scale, "lr_factor": self._factor}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "progress": self._progress, "factor": self._factor}
-
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
-        self._progress = float(state["progress"])
-        self._rescale()
-        self._factor = float(state["factor"])
+        self._rescale()                        # k and the warmup of the restored run's shape
+        self._factor = float(state["factor"])  # the saved step's own factor, not one recomputed from τ
