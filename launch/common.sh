@@ -10,7 +10,9 @@
 #                     ranks per node from SLURM_TASKS_PER_NODE, e.g. "2(x3),1")
 #              PBS    PBS_NODEFILE (one line per rank slot; counted per node in order of appearance)
 #              none   this machine alone (127.0.0.1, a free port), NPROC_PER_NODE ranks (default: visible GPUs, else 1)
-# Overrides:   NPROC_PER_NODE (ranks on every node), MASTER_ADDR, MASTER_PORT, NODE_RANK, HOSTFILE, PYTHON.
+# Overrides:   NPROC_PER_NODE (ranks on every node), MASTER_ADDR, MASTER_PORT, NODE_RANK, HOSTFILE, PYTHON;
+#              extra launcher options in TORCHRUN_ARGS, DEEPSPEED_ARGS, MPIRUN_ARGS, HOROVODRUN_ARGS;
+#              DRY_RUN=1 prints the launcher command (and writes the hostfile) without starting anything.
 
 set -euo pipefail
 
