@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -57,5 +58,10 @@ def error_of(fn: Callable[[], Any]) -> str:
     return "no error"
 
 
-def write(out: str, rank: int, results: dict) -> None:
+def write_and_finish(out: str, rank: int, results: dict) -> None:
+    """Write this rank's results, then tear down in order: the engines (held in reference cycles with their
+    schedulers) are collected before the process group goes, else the interpreter's exit may abort in gloo."""
     Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    gc.collect()
+    dist.barrier()
+    dist.destroy_process_group()

@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 import scaling_plugins.backends.deepspeed  # noqa: F401  (registers the policies with DeepSpeed)
-from tests.deepspeed_scripts.common import LrRecorder, collectives, setup, write
+from tests.deepspeed_scripts.common import LrRecorder, collectives, setup, write_and_finish
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 4
@@ -101,7 +101,7 @@ def run_config(path: Path, rank: int, out: str) -> dict:
 def main() -> None:
     rank, args = setup()
     configs = sorted((REPO / "configs" / "deepspeed").glob("*.json"))
-    write(args.out, rank, {path.name: run_config(path, rank, args.out) for path in configs})
+    write_and_finish(args.out, rank, {path.name: run_config(path, rank, args.out) for path in configs})
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 import scaling_plugins.backends.deepspeed as ds_backend
 from scaling_plugins import POLICIES
-from tests.deepspeed_scripts.common import LrRecorder, collectives, config, error_of, setup, write
+from tests.deepspeed_scripts.common import LrRecorder, collectives, config, error_of, setup, write_and_finish
 
 ADASCALE = {"type": "AdaScale", "params": {}}
 GOLDEN = {"orthogonal": ([1.0, 0.0], [0.0, 1.0]), "identical": ([1.0, 2.0], [1.0, 2.0]),
@@ -241,7 +241,7 @@ def main() -> None:
                "overflow": overflow_skip(rank, args.stage), "param_groups": two_param_groups(rank, args.stage),
                "policies": every_policy(rank, args.stage), "code_path": code_path(rank, args.stage),
                "errors": errors(args.stage)}
-    write(args.out, rank, results)
+    write_and_finish(args.out, rank, results)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import deepspeed
 import torch
 
 import scaling_plugins.backends.deepspeed  # noqa: F401  (registers the policy names with DeepSpeed)
-from tests.deepspeed_scripts.common import LrRecorder, config, setup, write
+from tests.deepspeed_scripts.common import LrRecorder, config, setup, write_and_finish
 from tests.policy_cases import ACCUMULATION, AUTOWU, BASE_LR, RULES, STEPS, Quadratic
 
 
@@ -56,7 +56,7 @@ def autowu(rank: int, via_lr_kwargs: bool) -> dict:
 
 def main() -> None:
     rank, args = setup()
-    write(args.out, rank, {"rules": rules(rank), "autowu": autowu(rank, via_lr_kwargs=False),
+    write_and_finish(args.out, rank, {"rules": rules(rank), "autowu": autowu(rank, via_lr_kwargs=False),
                            "autowu_lr_kwargs": autowu(rank, via_lr_kwargs=True)})
 
 
