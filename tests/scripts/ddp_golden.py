@@ -1,4 +1,9 @@
-"""Run under torchrun: the orthogonal-inputs golden case for 3 steps; each rank writes OUT_DIR/rank<k>.json."""
+"""Run under torchrun: the orthogonal-inputs golden case for 3 steps; each rank writes OUT_DIR/rank<k>.json.
+
+The model is trained inside ``train`` so it is freed before the process group is destroyed: with torch 2.13
+and gloo, destroying the group while a DDP model is alive can abort the interpreter at exit (bare DDP too).
+"""
+import gc
 import json
 import sys
 from pathlib import Path
@@ -10,9 +15,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from scaling_plugins.backends.ddp import attach
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+def train(rank: int, world: int) -> dict:
     torch.manual_seed(0)
     model = DDP(torch.nn.Linear(2, 2))
     ctl = attach(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "AdaScale")
@@ -23,7 +26,14 @@ def main() -> None:
         ctl.step()
         model.zero_grad()
         gains.append(ctl.gain)
-    result = {"rank": rank, "world": world, "gains": gains, "lr": ctl.lr, "progress": ctl.progress}
+    return {"rank": rank, "world": world, "gains": gains, "lr": ctl.lr, "progress": ctl.progress}
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    result = train(rank, world)
+    gc.collect()
     Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()
