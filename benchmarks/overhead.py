@@ -49,6 +49,15 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: s
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
+    result = measure(rank, args)   # the models are freed before the group goes (torch 2.13/gloo may abort otherwise)
+    if rank == 0:
+        Path(out).write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def measure(rank: int, args: argparse.Namespace) -> dict:
+    """Both variants' step times and collectives on this rank."""
     bare = DDP(build_model())
     ours = DDP(build_model())
     bare_opt = torch.optim.SGD(bare.parameters(), lr=1e-4, momentum=0.9)
@@ -83,12 +92,8 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: s
         order = [("bare", bare_step), ("ours", ours_step)]
         for name, step in order if i % 2 == 0 else order[::-1]:
             times[name].append(timed(step))
-    if rank == 0:
-        params = sum(p.numel() for p in bare.parameters())
-        Path(out).write_text(json.dumps({"params": params, "times": times, "collectives": counts,
-                                         "gain": ctl.gain}))
-    dist.barrier()
-    dist.destroy_process_group()
+    return {"params": sum(p.numel() for p in bare.parameters()), "times": times, "collectives": counts,
+            "gain": ctl.gain}
 
 
 def run_once(args: argparse.Namespace) -> dict:
