@@ -105,11 +105,17 @@ def run_once(args: argparse.Namespace) -> dict:
         return json.loads(Path(out).read_text())
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant per repeat")
+def timing_parser(description: str) -> argparse.ArgumentParser:
+    """The options every overhead benchmark (DDP, DeepSpeed, Horovod) shares: --steps, --warmup, --batch."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant per run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first")
     parser.add_argument("--batch", type=int, default=64, help="samples per rank per step")
+    return parser
+
+
+def main() -> None:
+    parser = timing_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="independent runs; the median ratio is reported")
     args = parser.parse_args()
     ratios = []

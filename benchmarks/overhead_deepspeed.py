@@ -30,7 +30,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.overhead import WIDTHS, build_model, collectives  # noqa: E402
+from benchmarks.overhead import WIDTHS, build_model, collectives, timing_parser  # noqa: E402
 
 ADASCALE = {"type": "AdaScale", "params": {}}
 
@@ -110,10 +110,7 @@ def _step_fn(engine: Any, x: torch.Tensor, y: torch.Tensor) -> Callable[..., Non
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant per block")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first")
-    parser.add_argument("--batch", type=int, default=64, help="samples per rank per step")
+    parser = timing_parser(__doc__)
     parser.add_argument("--blocks", type=int, default=3, help="timed blocks; the median ratio is reported")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)

@@ -30,7 +30,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from benchmarks.overhead import WIDTHS, build_model  # noqa: E402
+from benchmarks.overhead import WIDTHS, build_model, timing_parser  # noqa: E402
 from scaling_plugins.backends.local_norms import squared_norm_sum  # noqa: E402
 from tests.horovod_scripts.timeline import fusion_batches, norm_placement, tensor_role  # noqa: E402
 
@@ -119,10 +119,7 @@ def run_once(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per variant per repeat")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per variant first")
-    parser.add_argument("--batch", type=int, default=64, help="samples per rank per step")
+    parser = timing_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="independent runs; the median ratio is reported")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()

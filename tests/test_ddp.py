@@ -7,7 +7,6 @@ import weakref
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scaling_plugins.backends.ddp import attach
