@@ -21,27 +21,18 @@ class LocalNormMeter:
             raise ValueError("no trainable parameters to measure")
         device = params[0].device
         self._total = torch.zeros((), dtype=torch.float64, device=device)
-        self._handles = [p.register_hook(self._add) for p in params]
+        for param in params:
+            param.register_hook(self._add)
 
     def _add(self, grad: torch.Tensor) -> None:
         flat = grad.reshape(-1)
         self._total += torch.dot(flat, flat).to(torch.float64)
-
-    @property
-    def total(self) -> torch.Tensor:
-        """The running sum (a live tensor: read it before ``take``)."""
-        return self._total
 
     def take(self) -> torch.Tensor:
         """The sum so far (a new tensor), then reset to 0 for the next optimizer step."""
         value = self._total.clone()
         self._total.zero_()
         return value
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
 
 def squared_norm_sum(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
