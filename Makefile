@@ -36,7 +36,7 @@ demo: install
 	$(BIN)/scaling-plugins demo
 
 bench: install
-	$(BIN)/python benchmarks/overhead.py
+	$(BIN)/python -m benchmarks.overhead
 
 clean:
 	rm -rf $(VENV) build *.egg-info

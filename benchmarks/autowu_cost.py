@@ -1,6 +1,6 @@
 """What AutoWU's once-per-epoch Gaussian-process test costs, against an epoch of a built-in workload.
 
-    .venv/bin/python benchmarks/autowu_cost.py [--workloads digits charlm] [--scale 16] [--epochs 3]
+    .venv/bin/python -m benchmarks.autowu_cost [--workloads digits charlm] [--scale 16] [--epochs 3]
 
 Epoch: one process, one thread, trains the workload at scale S (S micro-batches of B0 accumulated per
 optimizer step, SGD with momentum, the workload's base learning rate × S), ⌈N / (S·B0)⌉ steps per epoch; the
@@ -22,16 +22,13 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scaling_plugins.policies import AutoWU, StepObservation  # noqa: E402
-from scaling_plugins.workloads import get_workload  # noqa: E402
+from scaling_plugins.policies import AutoWU, StepObservation
+from scaling_plugins.app.workloads import get_workload
 
 
 Timing = tuple[float, float]   # (wall seconds, CPU seconds)

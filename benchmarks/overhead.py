@@ -1,6 +1,6 @@
 """Step-time overhead and collectives per step: DDP + AdaScale against bare DDP, side by side in one run.
 
-    .venv/bin/python benchmarks/overhead.py [--steps 30] [--warmup 5] [--batch 64] [--repeats 3]
+    .venv/bin/python -m benchmarks.overhead [--steps 30] [--warmup 5] [--batch 64] [--repeats 3]
 
 Two ranks (spawned, gloo, one thread each) build two DDP copies of the same ≥ 10M-parameter MLP: one bare
 (DDP's built-in all-reduce hook, plain SGD step) and one driven by AdaScale. Steps alternate between the
@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -25,8 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scaling_plugins.backends.ddp import attach  # noqa: E402
+from scaling_plugins.backends.ddp import attach
 
 WIDTHS = (1024, 2048, 2048, 2048, 16)
 

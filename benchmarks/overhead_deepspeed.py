@@ -1,6 +1,6 @@
 """Step-time overhead and collectives per step: DeepSpeed + AdaScale against bare DeepSpeed, same config.
 
-    .venv/bin/python benchmarks/overhead_deepspeed.py [--steps 30] [--warmup 5] [--batch 64] [--blocks 3]
+    .venv/bin/python -m benchmarks.overhead_deepspeed [--steps 30] [--warmup 5] [--batch 64] [--blocks 3]
 
 This re-launches itself under ``deepspeed --num_gpus 2`` (CPU accelerator, gloo, one thread per rank). For
 ZeRO stage 0 and stage 2, each rank builds two engines over the same ≥ 10M-parameter MLP (the DDP benchmark's,
@@ -29,8 +29,7 @@ from typing import Any, Callable, Optional
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from benchmarks.overhead import WIDTHS, build_model, collectives, timing_parser  # noqa: E402
+from benchmarks.overhead import WIDTHS, build_model, collectives, timing_parser
 
 ADASCALE = {"type": "AdaScale", "params": {}}
 

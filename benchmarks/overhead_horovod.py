@@ -1,6 +1,6 @@
 """Step-time overhead and collectives per step: Horovod + AdaScale against bare hvd.DistributedOptimizer.
 
-    .venv/bin/python benchmarks/overhead_horovod.py [--steps 30] [--warmup 5] [--batch 64] [--repeats 3]
+    .venv/bin/python -m benchmarks.overhead_horovod [--steps 30] [--warmup 5] [--batch 64] [--repeats 3]
 
 Each repeat launches `horovodrun --gloo -np 2` on this script's worker mode. Both ranks (one thread each)
 build two copies of benchmarks/overhead.py's ≥ 10M-parameter MLP: one under bare
@@ -29,10 +29,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-from benchmarks.overhead import WIDTHS, build_model, timing_parser  # noqa: E402
-from scaling_plugins.backends.local_norms import squared_norm_sum  # noqa: E402
-from tests.horovod_scripts.timeline import fusion_batches, norm_placement, tensor_role  # noqa: E402
+from benchmarks.overhead import WIDTHS, build_model, timing_parser
+from scaling_plugins.backends.local_norms import squared_norm_sum
+from tests.horovod_scripts.timeline import fusion_batches, norm_placement, tensor_role
 
 TIMELINE_STEPS = 5
 

@@ -1,8 +1,8 @@
 """Quality at scale: the full study (issue 7), the same as ``scaling-plugins bench quality``.
 
-    nohup .venv/bin/python benchmarks/quality.py > runs/quality.log 2>&1 &     # full study, resumable
-    .venv/bin/python benchmarks/quality.py --quick                             # the CI slice
-    .venv/bin/python benchmarks/quality.py --report-only                       # re-render the report
+    nohup .venv/bin/python -m benchmarks.quality > runs/quality.log 2>&1 &     # full study, resumable
+    .venv/bin/python -m benchmarks.quality --quick                             # the CI slice
+    .venv/bin/python -m benchmarks.quality --report-only                       # re-render the report
 
 Writes runs/quality/<workload>/<run>/ and runs/quality/{report.md,quality.png,quality_steps.png};
 benchmarks/RESULTS.md "## Quality at scale" quotes the latest figures.
@@ -11,8 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from scaling_plugins.bench import add_quality_arguments, run_quality  # noqa: E402
+from scaling_plugins.app.bench import add_quality_arguments, run_quality
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -6,9 +6,9 @@ import sys
 import pytest
 
 from scaling_plugins import POLICIES
-from scaling_plugins.cli import main
-from scaling_plugins.demo import default_policies, plan
-from scaling_plugins.plots import FIGURES, TABLE_FILE
+from scaling_plugins.app.cli import main
+from scaling_plugins.app.demo import default_policies, plan
+from scaling_plugins.app.plots import FIGURES, TABLE_FILE
 from tests.distributed import REPO, VENV_BIN, run_command
 
 CLI = str(VENV_BIN / "scaling-plugins")
@@ -152,13 +152,13 @@ def test_console_script_exit_status(tmp_path):
     bad.write_text(json.dumps({"type": "AdaScale", "params": {"smoothing": -1}}))
     proc = subprocess.run([CLI, "check-config", str(bad)], capture_output=True, text=True)
     assert proc.returncode == 1 and "policy.params.smoothing = -1" in proc.stdout
-    proc = subprocess.run([sys.executable, "-m", "scaling_plugins.cli", "check-config", str(bad)],
+    proc = subprocess.run([sys.executable, "-m", "scaling_plugins.app.cli", "check-config", str(bad)],
                           capture_output=True, text=True)
     assert proc.returncode == 1
 
 
 def test_demo_says_how_to_get_a_backend_it_cannot_run(capsys, monkeypatch):
-    from scaling_plugins import engines
+    from scaling_plugins.app import engines
 
     monkeypatch.setitem(engines.ENGINE_MODULES, "horovod", "horovod_not_installed_here")
     assert main(["demo", "--backend", "horovod", "--budget", "8", "--no-progress"]) == 2

@@ -86,14 +86,14 @@ def test_horovod_backend_refuses_a_launcher_horovod_cannot_see(tmp_path):
     ({"RANK": "0", "WORLD_SIZE": "2", "SLURM_PROCID": "1", "SLURM_NTASKS": "2"}, (0, 2, 0, "RANK")),
 ])
 def test_placement_reads_every_launchers_variables(env, expected):
-    from scaling_plugins.launch_env import placement
+    from scaling_plugins.app.launch_env import placement
 
     where = placement(env)
     assert (where.rank, where.world_size, where.local_rank, where.source) == expected
 
 
 def test_placement_rejects_a_rank_outside_the_world():
-    from scaling_plugins.launch_env import placement
+    from scaling_plugins.app.launch_env import placement
 
     with pytest.raises(ValueError, match="RANK=2 is outside"):
         placement({"RANK": "2", "WORLD_SIZE": "2"})

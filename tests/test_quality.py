@@ -5,12 +5,12 @@ import math
 
 import pytest
 
-from scaling_plugins.cli import main
-from scaling_plugins.noise_scale import batch_size_advice, flattening_scale, run_noise_scale, steps_ratio
-from scaling_plugins.quality import (FULL, QUICK, REFERENCE, S1_METHODS, SMOOTHING_VALUES, Base, Grid, grid_cells,
+from scaling_plugins.app.cli import main
+from scaling_plugins.app.noise_scale import batch_size_advice, flattening_scale, run_noise_scale, steps_ratio
+from scaling_plugins.app.quality import (FULL, QUICK, REFERENCE, S1_METHODS, SMOOTHING_VALUES, Base, Grid, grid_cells,
                                     method_spec, run_cells)
-from scaling_plugins.quality_report import QUALITY_FIGURE, REPORT_FILE, STEPS_FIGURE
-from scaling_plugins.training import policy_entry
+from scaling_plugins.app.quality_report import QUALITY_FIGURE, REPORT_FILE, STEPS_FIGURE
+from scaling_plugins.app.training import policy_entry
 from tests.distributed import VENV_BIN, run_command
 
 CLI = str(VENV_BIN / "scaling-plugins")

@@ -179,7 +179,7 @@ def test_a_scaled_warmup_that_does_not_fit_the_budget_is_refused(rule, warmup, k
 
 
 def test_the_demo_sizes_each_rules_base_warmup_to_a_tenth_of_the_budget_at_its_scale():
-    from scaling_plugins.demo import demo_params
+    from scaling_plugins.app.demo import demo_params
 
     for rule in ("LEGW", "LinearScaling", "SqrtScaling"):
         params = demo_params(rule, 200, 16)

@@ -5,9 +5,9 @@ import math
 
 import pytest
 
-from scaling_plugins.spawn import run_local
+from scaling_plugins.app.spawn import run_local
 from scaling_plugins.telemetry import (STEP_FIELDS, TelemetryWriter, monitor_events, read_jsonl, record_from)
-from scaling_plugins.training import RunSpec
+from scaling_plugins.app.training import RunSpec
 
 
 class FakeController:

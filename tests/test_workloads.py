@@ -3,10 +3,10 @@ exact gain reproduced end to end by the trainer on 2 gloo ranks."""
 import pytest
 import torch
 
-from scaling_plugins.spawn import run_local
+from scaling_plugins.app.spawn import run_local
 from scaling_plugins.telemetry import read_jsonl
-from scaling_plugins.training import RunSpec
-from scaling_plugins.workloads import WORKLOADS, get_workload
+from scaling_plugins.app.training import RunSpec
+from scaling_plugins.app.workloads import WORKLOADS, get_workload
 
 
 @pytest.fixture(scope="module", params=sorted(WORKLOADS))
@@ -70,7 +70,7 @@ def test_real_data_ships_with_installed_packages():
 
 
 def charlm_decode(windows):
-    from scaling_plugins.workloads.charlm import VOCABULARY
+    from scaling_plugins.app.workloads.charlm import VOCABULARY
 
     return [VOCABULARY[i] for i in windows.flatten().tolist()]
 

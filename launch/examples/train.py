@@ -6,8 +6,8 @@
     launch/horovodrun.sh launch/examples/train.py --backend horovod
     (or the launchers themselves: torchrun --nproc_per_node 2 launch/examples/train.py ...)
 
-The rank comes from whatever started the process (scaling_plugins.engines.start); the run is the built-in
-trainer's (scaling_plugins.training), so metrics land in OUT/metrics.jsonl exactly as in the demo. Every
+The rank comes from whatever started the process (scaling_plugins.app.engines.start); the run is the built-in
+trainer's (scaling_plugins.app.training), so metrics land in OUT/metrics.jsonl exactly as in the demo. Every
 rank prints one line `RESULT {...}` with its rank, the world size and the run's summary.
 """
 import argparse
@@ -15,9 +15,9 @@ import json
 import sys
 from pathlib import Path
 
-from scaling_plugins.engines import BACKENDS, start, stop
-from scaling_plugins.training import RunSpec, train
-from scaling_plugins.workloads import WORKLOADS
+from scaling_plugins.app.engines import BACKENDS, start, stop
+from scaling_plugins.app.training import RunSpec, train
+from scaling_plugins.app.workloads import WORKLOADS
 
 
 def parse_args() -> argparse.Namespace:

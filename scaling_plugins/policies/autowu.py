@@ -6,7 +6,7 @@ Steps t = 0 .. T−1 (T = ``total_num_steps`` optimizer steps), warmup cap W = `
 
 - Warmup: lr_t = lr_min · (lr_max/lr_min)^(t/W), exponential growth that reaches lr_max at the cap.
 - At the end of every epoch (every ``steps_per_epoch`` steps) of the warmup, the loss history is tested
-  (``scaling_plugins.loss_trend``: a Gaussian process on the loss curve; positive when, with probability
+  (``scaling_plugins.policies.loss_trend``: a Gaussian process on the loss curve; positive when, with probability
   > ``threshold``, some earlier point of the smoothed curve lies below the current one). An epoch with a
   non-finite loss counts as positive (the loss diverged). After ``patience`` positive epochs in a row the
   run switches to decay at that step s, restarting from the warmup learning rate at the step where the
@@ -33,7 +33,7 @@ import dataclasses
 import math
 from typing import Any, Optional
 
-from ..loss_trend import INITIAL_HYPERPARAMETERS, MinimumTest, TestResult, minimum_has_passed, require_sklearn
+from .loss_trend import INITIAL_HYPERPARAMETERS, MinimumTest, TestResult, minimum_has_passed, require_sklearn
 from .base import Policy, StepObservation
 from .registry import register
 

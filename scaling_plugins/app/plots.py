@@ -1,5 +1,5 @@
 """Figures and the comparison table from saved run folders (each with ``run.json``, ``metrics.jsonl`` and
-``eval.jsonl``, as ``scaling_plugins.training`` writes them).
+``eval.jsonl``, as ``scaling_plugins.app.training`` writes them).
 
     runs = load_runs(["runs/20240101-120000"])       # a run folder, or a folder of run folders
     print(comparison_table(runs))
@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence, Union
 
-from .telemetry import EVAL_FILE, METRICS_FILE, read_jsonl
+from ..telemetry import EVAL_FILE, METRICS_FILE, read_jsonl
 from .training import RUN_FILE
 
 FIGURES = ("validation.png", "lr_gain.png", "progress.png")

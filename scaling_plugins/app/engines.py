@@ -8,7 +8,7 @@ Each adapter wraps a model with its engine and a policy and offers
     metrics(), policy, module                  what the telemetry reads; the bare model for evaluation
 
 Backends that are not installed, or whose module has not landed, raise ``BackendUnavailable`` with a hint.
-:func:`start` joins the job a launcher (or ``scaling_plugins.spawn``) started, as the backend needs.
+:func:`start` joins the job a launcher (or ``scaling_plugins.app.spawn``) started, as the backend needs.
 """
 from __future__ import annotations
 
@@ -182,7 +182,7 @@ ENGINES = {"ddp": DDPEngine, "horovod": HorovodEngine}
 
 def start(backend: str) -> Placement:
     """Join the job this process belongs to, the way ``backend`` needs: Horovod's own ``hvd.init()``, or a
-    torch.distributed gloo group from the launcher's variables (``scaling_plugins.launch_env``)."""
+    torch.distributed gloo group from the launcher's variables (``scaling_plugins.app.launch_env``)."""
     require_backend(backend)
     if backend == "horovod":
         hvd = importlib.import_module("horovod.torch")

@@ -6,7 +6,7 @@ gain; the scaling rules', which advance by k) runs until that progress reaches t
 runs until it has seen budget × B0 samples (the same number of epochs as the S = 1 reference).
 
 :func:`train` runs inside an already-started distributed job (one process per rank: spawned by
-``scaling_plugins.spawn`` or started by a launcher) and writes, on rank 0, ``metrics.jsonl`` (one record
+``scaling_plugins.app.spawn`` or started by a launcher) and writes, on rank 0, ``metrics.jsonl`` (one record
 per step, see ``scaling_plugins.telemetry``), ``eval.jsonl`` and ``run.json`` (the spec and the summary).
 """
 from __future__ import annotations
@@ -20,10 +20,10 @@ from typing import Any, Optional, Union
 
 import torch
 
-from .config import allowed_keys
+from ..config import allowed_keys
 from .engines import make_engine
-from .policies import Policy, policy_class
-from .telemetry import TelemetryWriter, record_from
+from ..policies import Policy, policy_class
+from ..telemetry import TelemetryWriter, record_from
 from .workloads import Workload, get_workload
 
 RUN_FILE = "run.json"

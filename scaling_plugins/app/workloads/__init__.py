@@ -1,6 +1,6 @@
 """Built-in workloads: real data that ships with installed packages (nothing downloaded) and a synthetic check.
 
-    workload = scaling_plugins.workloads.get_workload("digits", seed=0)
+    workload = scaling_plugins.app.workloads.get_workload("digits", seed=0)
     model = workload.make_model()
     x, y = workload.micro_batch_at(step, rank, world, accumulation, micro)
     workload.evaluate(model)          # Evaluation(loss, accuracy)

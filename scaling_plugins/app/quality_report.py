@@ -1,4 +1,4 @@
-"""The quality-at-scale report: from the run folders ``scaling_plugins.quality`` wrote, one table per workload
+"""The quality-at-scale report: from the run folders ``scaling_plugins.app.quality`` wrote, one table per workload
 (final validation loss and accuracy as mean ± sample standard deviation over seeds, optimizer steps, steps
 and samples relative to S = 1, mean gain), the goal checks, the measured gradient noise scale against where
 AdaScale's steps-vs-S curve flattens, the smoothing ablation, AdaScale's training loss against the

@@ -1,5 +1,5 @@
-"""``scaling-plugins bench quality``: the quality-at-scale study (``scaling_plugins.quality``) and its report
-(``scaling_plugins.quality_report``), shared by the CLI and ``benchmarks/quality.py``.
+"""``scaling-plugins bench quality``: the quality-at-scale study (``scaling_plugins.app.quality``) and its report
+(``scaling_plugins.app.quality_report``), shared by the CLI and ``benchmarks/quality.py``.
 
     scaling-plugins bench quality --quick          # the CI slice, about a minute
     scaling-plugins bench quality                  # the full study (about 35 min on 2 cores), resumable

@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import default_policies, plan, run_demo
     from .engines import BackendUnavailable
-    from .policies import POLICIES
+    from ..policies import POLICIES
 
     if args.policy == ["list"]:
         print("\n".join(sorted(POLICIES)))

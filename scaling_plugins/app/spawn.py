@@ -4,7 +4,7 @@
 DDP and DeepSpeed ranks are spawned here with ``MASTER_ADDR``/``MASTER_PORT``/``RANK``/``WORLD_SIZE``/
 ``LOCAL_RANK`` (what torchrun and the deepspeed launcher set) and join a gloo group; Horovod ranks are started
 by Horovod's own Python launcher (``horovod.runner.run``, gloo controller, localhost). Each rank then calls
-``scaling_plugins.training.train``.
+``scaling_plugins.app.training.train``.
 """
 from __future__ import annotations
 

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Union
 
-from .config import allowed_keys
-from .policies import POLICIES
-from .policies.base import Policy
+from ..config import allowed_keys
+from ..policies import POLICIES
+from ..policies.base import Policy
 
 ENTRY_KEYS = ("params", "type")
 

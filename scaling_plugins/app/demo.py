@@ -12,9 +12,9 @@ from typing import Optional, Sequence
 
 from .noise_scale import advice_lines
 from .plots import comparison_table, load_run, render
-from .config import allowed_keys
-from .policies import POLICIES, policy_class
-from .policies.scaling_rule import ScalingRule
+from ..config import allowed_keys
+from ..policies import POLICIES, policy_class
+from ..policies.scaling_rule import ScalingRule
 from .spawn import run_local
 from .training import RunSpec, counts_base_steps
 from .workloads import WORKLOADS

@@ -25,7 +25,7 @@ Run folders: ``OUT/<workload>/tune-*`` (the S = 1 sweeps), ``OUT/<workload>/<met
 ``OUT/<workload>/AdaScale-theta<θ>-S<S>-seed<k>`` (the ablation),
 each with ``run.json``, ``metrics.jsonl`` and ``eval.jsonl``. A cell whose folder already holds ``run.json``
 (written when a run finishes) is skipped, so an interrupted study resumes where it stopped.
-``scaling_plugins.quality_report`` turns the folders into the table, the plots and the noise-scale advice.
+``scaling_plugins.app.quality_report`` turns the folders into the table, the plots and the noise-scale advice.
 """
 from __future__ import annotations
 
@@ -205,7 +205,7 @@ def _train_single_rank(spec: RunSpec, folder: str) -> dict[str, Any]:
 
 def run_cells(cells: Sequence[Cell], jobs: int = 2, log: Callable[[str], None] = print) -> None:
     """Train every unfinished cell. One-rank cells go to ``jobs`` long-lived processes (no start-up per run);
-    multi-rank cells are spawned one at a time with ``scaling_plugins.spawn.run_local``."""
+    multi-rank cells are spawned one at a time with ``scaling_plugins.app.spawn.run_local``."""
     todo = [cell for cell in cells if not cell.finished]
     if len(todo) < len(cells):
         log(f"{len(cells) - len(todo)} of {len(cells)} cells already finished: skipped")

@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
-from .stats import noise_scale
+from ..stats import noise_scale
 
 PHASE_FRACTION = 0.1   # "early" and "late" = the first and the last 10% of the steps
 
@@ -81,7 +81,7 @@ def batch_size_advice(measured: NoiseScale) -> str:
 
 
 def advice_lines(runs: Sequence[Any]) -> list[str]:
-    """The advice line of every run (``scaling_plugins.plots.Run``) that measured the noise scale, for the
+    """The advice line of every run (``scaling_plugins.app.plots.Run``) that measured the noise scale, for the
     demo's and ``report``'s output."""
     from .workloads import WORKLOADS
 
