@@ -260,3 +260,28 @@ def test_bad_input_gets_clear_errors():
     assert "scale must be >= 1, got 0.5" in errors["scale"]
     assert "valid policies" in errors["name"] and "'AdaScale'" in errors["name"]
     assert "call loss.backward()" in errors["no_backward"]
+
+
+def base_lrs_from_groups(rank, world):
+    """LinearScaling (k = world = 2, no warmup): each group's rate is 2 × its own initial lr, for a group added
+    after attach too, and a second attach on the same optimizer does not scale the scaled rate again."""
+    torch.manual_seed(0)
+    first, second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+    ddp = DDP(torch.nn.Sequential(first, second))
+    optimizer = torch.optim.SGD(first.parameters(), lr=0.1)
+    attach(ddp, optimizer, "LinearScaling")
+    ctl = attach(ddp, optimizer, "LinearScaling")        # the second attach (no gradient hooks: a rule)
+    optimizer.add_param_group({"params": list(second.parameters()), "lr": 0.05})
+    ddp(torch.ones(1, 2)).sum().backward()
+    before = second.bias.detach().clone()
+    ctl.step()
+    applied = ((before - second.bias.detach()) / second.bias.grad).item()
+    return {"lrs": [g["lr"] for g in optimizer.param_groups], "applied": applied,
+            "initial": [g["initial_lr"] for g in optimizer.param_groups], "state": ctl.state_dict()["base_lrs"]}
+
+
+def test_base_learning_rates_come_from_each_group():
+    result = run_ranks(base_lrs_from_groups, 2)[0]
+    assert result["lrs"] == pytest.approx([0.2, 0.1], rel=1e-12)
+    assert result["applied"] == pytest.approx(0.1, rel=1e-6)
+    assert result["initial"] == result["state"] == [0.1, 0.05]

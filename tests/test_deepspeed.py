@@ -171,7 +171,7 @@ def test_import_registers_every_policy_including_later_ones():
 
     POLICIES[LateRule.name] = LateRule
     try:
-        assert issubclass(getattr(lr_schedules, "LateRuleForTest"), backend.PolicyScheduler)
+        assert issubclass(getattr(lr_schedules, "LateRuleForTest"), backend.DeepSpeedDriver)
     finally:
         del POLICIES[LateRule.name]
     assert not hasattr(lr_schedules, "LateRuleForTest")
@@ -181,8 +181,8 @@ def test_import_registers_every_policy_including_later_ones():
 def test_scheduler_outside_deepspeed_initialize_is_refused():
     import torch
 
-    from scaling_plugins.backends.deepspeed import PolicyScheduler
+    from scaling_plugins.backends.deepspeed import DeepSpeedDriver
 
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(RuntimeError, match="deepspeed.initialize"):
-        PolicyScheduler(optimizer, "AdaScale")
+        DeepSpeedDriver(optimizer, "AdaScale")

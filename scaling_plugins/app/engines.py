@@ -48,7 +48,24 @@ def require_backend(name: str) -> Any:
         raise BackendUnavailable(f"backend {name!r} is not available here ({err}). {hint}".strip()) from err
 
 
-class DDPEngine:
+class EngineAdapter:
+    """What every adapter shares: its backend's policy driver (``self.driver``) answers for the policy, the
+    telemetry numbers and the mean over ranks."""
+
+    driver: Any
+
+    @property
+    def policy(self) -> Any:
+        return self.driver.policy
+
+    def mean_over_ranks(self, value: torch.Tensor) -> float:
+        return self.driver.all_reduce_mean(value)
+
+    def metrics(self) -> dict[str, Any]:
+        return self.driver.metrics()
+
+
+class DDPEngine(EngineAdapter):
     """``DistributedDataParallel`` + SGD + ``scaling_plugins.backends.ddp.attach``; needs an initialised
     torch.distributed process group."""
 
@@ -60,11 +77,7 @@ class DDPEngine:
         self.accumulation = accumulation
         self.ddp = torch.nn.parallel.DistributedDataParallel(model)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=workload.momentum)
-        self.controller = ddp_backend.attach(self.ddp, self.optimizer, dict(policy), accumulation_steps=accumulation)
-
-    @property
-    def policy(self) -> Any:
-        return self.controller.policy
+        self.driver = ddp_backend.attach(self.ddp, self.optimizer, dict(policy), accumulation_steps=accumulation)
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
         context = contextlib.nullcontext() if last else self.ddp.no_sync()
@@ -74,25 +87,11 @@ class DDPEngine:
         return loss.detach()
 
     def step(self, mean_loss: float) -> None:
-        self.controller.step(mean_loss)
+        self.driver.step(mean_loss)
         self.optimizer.zero_grad(set_to_none=True)
 
-    def mean_over_ranks(self, value: torch.Tensor) -> float:
-        return _torch_mean_over_ranks(value)
 
-    def metrics(self) -> dict[str, Any]:
-        return self.controller.metrics()
-
-
-def _torch_mean_over_ranks(value: torch.Tensor) -> float:
-    import torch.distributed as dist
-
-    total = value.detach().to(torch.float64).reshape(1).clone()
-    dist.all_reduce(total)
-    return total.item() / dist.get_world_size()
-
-
-class DeepSpeedEngine:
+class DeepSpeedEngine(EngineAdapter):
     """``deepspeed.initialize`` with the policy as the config's ``"scheduler"`` entry (the JSON path a DeepSpeed
     user takes), SGD, ZeRO stage 0, no gradient clipping; DeepSpeed does the accumulation (it divides each
     micro-batch's loss by gradient_accumulation_steps itself). With ``monitor_dir``, DeepSpeed's csv monitor
@@ -115,13 +114,9 @@ class DeepSpeedEngine:
         if monitor_dir is not None:
             self.config["csv_monitor"] = {"enabled": True, "output_path": str(monitor_dir),
                                           "job_name": "deepspeed_monitor"}
-        self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
-                                                                 config=self.config)
+        self.engine, _, _, self.driver = deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                              config=self.config)
         self.module = self.engine.module
-
-    @property
-    def policy(self) -> Any:
-        return self.scheduler.policy
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
         loss = self.workload.loss(self.engine(x), y)
@@ -133,14 +128,8 @@ class DeepSpeedEngine:
         """Nothing left to do: the last ``forward_backward`` stepped (a loss-driven policy reads its loss from
         ``engine.backward``)."""
 
-    def mean_over_ranks(self, value: torch.Tensor) -> float:
-        return _torch_mean_over_ranks(value)
 
-    def metrics(self) -> dict[str, Any]:
-        return self.scheduler.metrics()
-
-
-class HorovodEngine:
+class HorovodEngine(EngineAdapter):
     """``scaling_plugins.backends.horovod.DistributedOptimizer`` over SGD; needs ``hvd.init()`` done."""
 
     def __init__(self, model: nn.Module, workload: Workload, lr: float, policy: Mapping[str, Any],
@@ -155,10 +144,7 @@ class HorovodEngine:
         self.optimizer = horovod_backend.DistributedOptimizer(
             sgd, named_parameters=model.named_parameters(), policy=dict(policy),
             backward_passes_per_step=accumulation)
-
-    @property
-    def policy(self) -> Any:
-        return self.optimizer.scaling.policy
+        self.driver = self.optimizer.scaling
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
         loss = self.workload.loss(self.module(x), y)
@@ -168,13 +154,6 @@ class HorovodEngine:
     def step(self, mean_loss: float) -> None:
         self.optimizer.step(loss=mean_loss)
         self.optimizer.zero_grad()   # Horovod's zero_grad takes no set_to_none
-
-    def mean_over_ranks(self, value: torch.Tensor) -> float:
-        total = value.detach().to(torch.float64).reshape(1)
-        return self.hvd.allreduce(total, op=self.hvd.Average, name="scaling_plugins.telemetry_loss").item()
-
-    def metrics(self) -> dict[str, Any]:
-        return self.optimizer.metrics()
 
 
 ENGINES = {"ddp": DDPEngine, "horovod": HorovodEngine}

@@ -33,13 +33,15 @@ import torch
 import torch.distributed as dist
 
 from ..policies.registry import PolicySpec
-from ..stats import GradientSample
-from .driver import PolicyDriver, accumulation_sample
+from .driver import PolicyDriver, torch_all_reduce_mean
 from .local_norms import LocalNormMeter
 
 
-class DDPController(PolicyDriver):
+class DDPDriver(PolicyDriver):
     """Drives one policy for one DDP model and its optimizer. Build it with :func:`attach`."""
+
+    backward_hint = "call loss.backward() (outside no_sync() on the last micro-step) before ctl.step()"
+    loss_hint = "call ctl.step(loss)"
 
     def __init__(self, ddp_model: torch.nn.parallel.DistributedDataParallel, optimizer: torch.optim.Optimizer,
                  policy: PolicySpec = "AdaScale", accumulation_steps: int = 1, loss_reduction: str = "mean") -> None:
@@ -55,24 +57,16 @@ class DDPController(PolicyDriver):
                                     self.world_size)
             ddp_model.register_comm_hook(self._hook, _allreduce_with_local_norm)
 
-    # -- per step -------------------------------------------------------------------------------------------
     def step(self, loss: Optional[torch.Tensor | float] = None) -> None:
         """Feed this step's statistics (and loss) to the policy, set the learning rate, step the optimizer."""
-        gradients = self._take_gradient_sample() if self._hook is not None else None
-        mean_loss = self._mean_loss(loss) if self.policy.needs_loss else None
-        self.observe(gradients, mean_loss)
+        self.advance(loss)
         self.optimizer.step()
 
-    def _take_gradient_sample(self) -> GradientSample:
-        local_sum, mean_sq = self._hook.take()
-        return accumulation_sample(local_sum, mean_sq, self.world_size, self.accumulation_steps, self.loss_reduction)
+    def reduced_norms(self) -> Optional[tuple[float, float]]:
+        return self._hook.take()
 
-    def _mean_loss(self, loss: Optional[torch.Tensor | float]) -> float:
-        if loss is None:
-            raise ValueError(f"policy {self.policy.name!r} uses the training loss: call ctl.step(loss)")
-        value = torch.as_tensor(loss, dtype=torch.float64).detach().reshape(1).clone()
-        dist.all_reduce(value, group=self.process_group)
-        return value.item() / self.world_size
+    def all_reduce_mean(self, value: torch.Tensor) -> float:
+        return torch_all_reduce_mean(value, self.process_group)
 
 
 class _HookState:
@@ -95,12 +89,12 @@ class _HookState:
             payload = self._payload = buffer.new_empty(buffer.numel() + 1)
         return payload
 
-    def take(self) -> tuple[float, float]:
-        """(mean over ranks of Σ‖g_i‖², ‖reduced gradient‖²) of the step, with one host sync; then reset.
-        Bucket norms are summed in bucket order, so every rank adds the same numbers in the same order."""
+    def take(self) -> Optional[tuple[float, float]]:
+        """(mean over ranks of Σ‖g_i‖², ‖reduced gradient‖²) of the step, with one host sync, or None when
+        nothing was reduced; then reset. Bucket norms are summed in bucket order, so every rank adds the same
+        numbers in the same order."""
         if self.reduced_local is None:
-            raise RuntimeError("no gradients were reduced since the last step(): call loss.backward() "
-                               "(outside no_sync() on the last micro-step) before ctl.step()")
+            return None
         reduced_sq = torch.stack([self.reduced_sq[i] for i in sorted(self.reduced_sq)]).sum()
         local_mean, mean_sq = torch.stack([self.reduced_local, reduced_sq]).tolist()
         self.reduced_local = None
@@ -134,9 +128,9 @@ def _allreduce_with_local_norm(state: _HookState, bucket: dist.GradBucket) -> to
 
 def attach(ddp_model: torch.nn.parallel.DistributedDataParallel, optimizer: torch.optim.Optimizer,
            policy: PolicySpec = "AdaScale", accumulation_steps: int = 1,
-           loss_reduction: str = "mean") -> DDPController:
+           loss_reduction: str = "mean") -> DDPDriver:
     """Drive ``optimizer``'s learning rate by ``policy`` (a name, ``{"type", "params"}`` or a Policy).
 
     Call before the first backward pass (it registers DDP's communication hook, which DDP allows once).
     """
-    return DDPController(ddp_model, optimizer, policy, accumulation_steps, loss_reduction)
+    return DDPDriver(ddp_model, optimizer, policy, accumulation_steps, loss_reduction)

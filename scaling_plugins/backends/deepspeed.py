@@ -49,36 +49,27 @@ fp16 paths follow DeepSpeed's loss scale but cannot run on CPU, so they are unte
 from __future__ import annotations
 
 import difflib
-import functools
 import json
 import logging
-import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-try:
-    import deepspeed
-    from deepspeed.runtime import lr_schedules
-    from deepspeed.runtime.engine import DeepSpeedEngine
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-except ImportError as err:  # pragma: no cover - exercised only without the extra
-    raise ImportError("scaling_plugins.backends.deepspeed needs DeepSpeed: "
-                      "pip install 'scaling_plugins[deepspeed]'") from err
+from . import deepspeed_compat as compat  # first: checks that DeepSpeed is here, in a supported version
 
+import deepspeed  # noqa: E402  (after compat's version check)
 from ..policies import POLICIES, build_policy, policy_class
 from ..policies.registry import PolicySpec
-from ..stats import GradientSample
 from ..telemetry import monitor_events, record_from
 from .deepspeed_harvest import Harvest, Payload, build_rider
-from .driver import PolicyDriver
+from .driver import PolicyDriver, torch_all_reduce_mean
 
 log = logging.getLogger(__name__)
 
 
-class PolicyScheduler(PolicyDriver):
+class DeepSpeedDriver(PolicyDriver):
     """The object DeepSpeed holds as its LR scheduler; drives one policy for one engine.
 
     DeepSpeed builds it from the config (``"scheduler": {"type": <policy name>}``) or from :func:`initialize`.
@@ -87,14 +78,16 @@ class PolicyScheduler(PolicyDriver):
     ``metrics()``, ``policy``; and ``extra_collectives_per_step``.
     """
 
+    backward_hint = "train with engine.backward(loss) and engine.step()"
+
     def __init__(self, optimizer: Any, policy: PolicySpec = "AdaScale", last_batch_iteration: int = -1) -> None:
         if last_batch_iteration != -1:
             raise ValueError(f"last_batch_iteration={last_batch_iteration!r}: only -1 is allowed; resume with "
                              "engine.load_checkpoint, which restores the policy's state")
-        self.engine = _engine_building_scheduler()
-        _refuse_unsupported(self.engine)
-        for group in self.engine.optimizer.param_groups:
-            group["initial_lr"] = group["lr"]
+        self.engine = compat.engine_under_construction()
+        unsupported = compat.unsupported_feature(self.engine)
+        if unsupported is not None:
+            raise ValueError(unsupported)
         super().__init__(self.engine.optimizer, policy, int(self.engine.dp_world_size),
                          int(self.engine.gradient_accumulation_steps()))
         self.last_batch_iteration = -1
@@ -102,6 +95,7 @@ class PolicyScheduler(PolicyDriver):
         self._backward_loss: Optional[torch.Tensor] = None
         self._warned_step_loss = False
         self._harvest: Optional[Harvest] = None
+        self._values: Optional[list[float]] = None
         self._stepped_at: Optional[int] = None
         self.rider = None
         if self.policy.needs_gradient_norms or self.policy.needs_loss:
@@ -109,7 +103,7 @@ class PolicyScheduler(PolicyDriver):
             self.rider = build_rider(self.engine, self.payload, self._receive)
             if self.policy.needs_loss:
                 self._read_loss_in_backward()
-        self.engine.basic_optimizer.register_step_pre_hook(self._before_optimizer_step)
+        compat.basic_optimizer(self.engine).register_step_pre_hook(self._before_optimizer_step)
 
     # -- per step -------------------------------------------------------------------------------------------
     def _receive(self, harvest: Harvest) -> None:
@@ -121,43 +115,45 @@ class PolicyScheduler(PolicyDriver):
             self.apply_learning_rate()  # ZeRO-1/2 step the basic optimizer once per param group
             return
         self._stepped_at = self.engine.global_steps
-        self.observe(*self._observation())
+        self._values = self._take_harvest()
+        self.advance()
 
-    def apply_learning_rate(self) -> None:
-        """lr = policy.learning_rate(initial lr) for every group visible now (ZeRO-1/2 show the basic optimizer
-        only the group it is stepping, so each group carries its own initial lr, under torch's key)."""
-        for group in self.optimizer.param_groups:
-            group["lr"] = self.policy.learning_rate(group["initial_lr"])
-
-    def _observation(self) -> tuple[Optional[GradientSample], Optional[float]]:
+    def _take_harvest(self) -> Optional[list[float]]:
+        """The step's reduced payload (and T), read with the one host sync of the step; None without a rider."""
         if self.rider is None:
-            return None, None
+            return None
         harvest, self._harvest = self._harvest, None
         if harvest is None:
-            raise RuntimeError(f"no gradient statistics reached policy {self.policy.name!r} this step: train with "
-                               "engine.backward(loss) and engine.step()")
+            return None
         parts = [harvest.payload.reshape(-1)]
         if harvest.mean_sq_norm is not None:
             parts.append(harvest.mean_sq_norm.reshape(1).to(harvest.payload.device))
-        values = torch.cat(parts).tolist()  # the one host sync of the step
-        count = self.world_size * self.accumulation_steps
-        gradients = loss = None
-        if self.policy.needs_gradient_norms:
-            gradients = GradientSample(local_sq_sum=values[0], mean_sq_norm=values[-1], count=count)
-        if self.policy.needs_loss:
-            loss = self.last_loss = values[self.payload.size - 1] / count
-        return gradients, loss
+        return torch.cat(parts).tolist()
+
+    def reduced_norms(self) -> Optional[tuple[float, float]]:
+        """(Σ_ranks payload / W, T): the payload is each micro-batch's ‖g/gas‖² summed over micro-batches."""
+        if self._values is None:
+            return None
+        return self._values[0] / self.world_size, self._values[-1]
+
+    def reduced_loss(self, loss: Optional[torch.Tensor | float]) -> float:
+        """The mean over ranks and micro-batches of the losses given to ``engine.backward``; it rode the same
+        reduction as the norms."""
+        if self._values is None:
+            raise RuntimeError(f"no training loss reached policy {self.policy.name!r} this step: "
+                               f"{self.backward_hint}")
+        self.last_loss = self._values[self.payload.size - 1] / (self.world_size * self.accumulation_steps)
+        return self.last_loss
+
+    def all_reduce_mean(self, value: torch.Tensor) -> float:
+        return torch_all_reduce_mean(value, self.engine.data_parallel_group)
 
     def _read_loss_in_backward(self) -> None:
-        original = self.engine.backward
-
-        @functools.wraps(original)
-        def backward(loss: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        def read_loss(loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
             self.payload.add_loss(loss)
             self._backward_loss = loss.detach()
-            return original(loss, *args, **kwargs)
 
-        self.engine.backward = backward
+        compat.call_before(self.engine, "backward", read_loss)
 
     def _check_step_loss(self, loss: Any) -> None:
         """``engine.step(lr_kwargs={"loss": loss})``: must be the loss last given to ``engine.backward``."""
@@ -201,12 +197,6 @@ class PolicyScheduler(PolicyDriver):
         return {**super().state_dict(), "last_batch_iteration": self.last_batch_iteration}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        groups = self.optimizer.param_groups
-        if len(state["base_lrs"]) != len(groups):
-            raise ValueError(f"the checkpoint has initial lrs for {len(state['base_lrs'])} param groups, the "
-                             f"optimizer has {len(groups)}")
-        for group, initial_lr in zip(groups, state["base_lrs"]):
-            group["initial_lr"] = initial_lr
         super().load_state_dict(dict(state))
         self.last_batch_iteration = int(state["last_batch_iteration"])
 
@@ -223,68 +213,39 @@ class PolicyScheduler(PolicyDriver):
         monitor.write_events(monitor_events(record_from(self, samples=samples, loss=self.last_loss)))
 
 
-def _engine_building_scheduler() -> DeepSpeedEngine:
-    """The DeepSpeedEngine whose ``deepspeed.initialize`` is constructing this scheduler (found on the stack)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, DeepSpeedEngine):
-            return candidate
-        frame = frame.f_back
-    raise RuntimeError("a scaling_plugins scheduler is built by deepspeed.initialize (a \"scheduler\" config entry "
-                       "or scaling_plugins.backends.deepspeed.initialize(..., policy=...)), not directly")
-
-
-def _refuse_unsupported(engine: DeepSpeedEngine) -> None:
-    if isinstance(engine, PipelineEngine):
-        raise ValueError("scaling_plugins does not support DeepSpeed pipeline parallelism")
-    if engine.has_moe_layers:
-        raise ValueError("scaling_plugins does not support MoE layers (expert gradients reduce over other groups)")
-    if engine.mpu is not None:
-        raise ValueError("scaling_plugins does not support model parallelism (mpu): local norms would be partial")
-
-
 # -- registration: DeepSpeed resolves "scheduler": {"type": NAME} with getattr(lr_schedules, NAME) ----------
-_SCHEDULER_CLASSES: dict[str, type[PolicyScheduler]] = {}
+_SCHEDULER_CLASSES: dict[str, type[DeepSpeedDriver]] = {}
 
 
-def scheduler_class(name: str) -> type[PolicyScheduler]:
+def scheduler_class(name: str) -> type[DeepSpeedDriver]:
     """The DeepSpeed scheduler class for policy ``name``: ``cls(optimizer, **params)`` builds it from a config."""
     policy_class(name)  # unknown names raise ValueError listing the valid ones
     if name not in _SCHEDULER_CLASSES:
-        def __init__(self: PolicyScheduler, optimizer: Any, last_batch_iteration: int = -1, **params: Any) -> None:
-            PolicyScheduler.__init__(self, optimizer, {"type": name, "params": params}, last_batch_iteration)
+        def __init__(self: DeepSpeedDriver, optimizer: Any, last_batch_iteration: int = -1, **params: Any) -> None:
+            DeepSpeedDriver.__init__(self, optimizer, {"type": name, "params": params}, last_batch_iteration)
 
-        _SCHEDULER_CLASSES[name] = type(f"{name}Scheduler", (PolicyScheduler,), {
+        _SCHEDULER_CLASSES[name] = type(f"{name}Scheduler", (DeepSpeedDriver,), {
             "__init__": __init__, "__module__": __name__,
             "__doc__": f"DeepSpeed scheduler running the {name} policy; params are its keywords."})
     return _SCHEDULER_CLASSES[name]
 
 
-def _asked_by_deepspeed_scheduler_lookup() -> bool:
-    caller = sys._getframe(2)  # _lookup's caller (hasattr is C code, so this is DeepSpeed's frame)
-    return caller.f_code.co_name == "_scheduler_from_config"
-
-
-def _lookup(name: str) -> type:
-    """Module ``__getattr__`` of deepspeed.runtime.lr_schedules: policy names resolve to scheduler classes."""
+def _lookup(name: str, fallback: Callable[[str], Any]) -> type:
+    """``getattr(deepspeed.runtime.lr_schedules, name)`` for names that module lacks: policy names resolve to
+    scheduler classes; an unknown ``"scheduler"`` type in a config gets a message listing the valid ones."""
     if name in POLICIES:
         return scheduler_class(name)
     if (not name.startswith("_") and not hasattr(torch.optim.lr_scheduler, name)
-            and _asked_by_deepspeed_scheduler_lookup()):
-        close = difflib.get_close_matches(name, list(POLICIES) + lr_schedules.VALID_LR_SCHEDULES, n=1)
+            and compat.asked_by_scheduler_config()):
+        valid = compat.deepspeed_scheduler_names()
+        close = difflib.get_close_matches(name, list(POLICIES) + valid, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ValueError(f"\"scheduler\": {{\"type\": {name!r}}} is unknown{hint}; valid: the scaling_plugins "
-                         f"policies {sorted(POLICIES)}, DeepSpeed's {lr_schedules.VALID_LR_SCHEDULES} or a "
-                         "torch.optim.lr_scheduler class")
-    if _previous_getattr is not None:
-        return _previous_getattr(name)
-    raise AttributeError(f"module {lr_schedules.__name__!r} has no attribute {name!r}")
+                         f"policies {sorted(POLICIES)}, DeepSpeed's {valid} or a torch.optim.lr_scheduler class")
+    return fallback(name)
 
 
-_previous_getattr = lr_schedules.__dict__.get("__getattr__")
-if _previous_getattr is not _lookup:
-    lr_schedules.__getattr__ = _lookup
+compat.install_scheduler_lookup(_lookup)
 
 
 # -- the code path --------------------------------------------------------------------------------------------
@@ -298,7 +259,7 @@ def initialize(*args: Any, policy: Optional[PolicySpec] = None, **kwargs: Any) -
     if "scheduler" in _config_dict(kwargs.get("config")):
         raise ValueError("policy= was given and the config has a \"scheduler\" entry too; keep one of them")
     built = build_policy(policy)
-    kwargs["lr_scheduler"] = lambda optimizer: PolicyScheduler(optimizer, built)
+    kwargs["lr_scheduler"] = lambda optimizer: DeepSpeedDriver(optimizer, built)
     return deepspeed.initialize(*args, **kwargs)
 
 

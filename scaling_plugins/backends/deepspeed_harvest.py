@@ -18,7 +18,8 @@ the payload rides a reduction DeepSpeed already does, and T comes from what that
   ``scaled_global_norm`` itself once per step (one 1-element all-reduce per parameter group, logged once).
 
 Units. DeepSpeed divides each micro-batch loss by gradient_accumulation_steps (gas) and, in fp16, multiplies
-it by the loss scale s, so a hook sees g_i·s/gas: the payload is (gas/s)²·Σ‖hooked‖². The reduced gradient is
+it by the loss scale s, so a hook sees g_i·s/gas: the payload is Σ‖hooked‖²/s², each micro-batch's gradient
+in the "mean" loss convention of ``driver.accumulation_sample`` (which multiplies the gas² back). The reduced gradient is
 c·Σ_ranks(s·mean_i g_i) with c = 1/W when DeepSpeed averages gradients (the default) and 1 when it sums, so
 T = ‖reduced‖²/(c·W·s)². The loss scale is read when the payload is taken, before DeepSpeed updates it.
 ``engine.backward(loss, scale_wrt_gas=False)`` skips the 1/gas: L and T then both come out gas² too large, so
@@ -26,17 +27,13 @@ the gain (a ratio of them) is unchanged but the reported σ², μ² are scaled b
 """
 from __future__ import annotations
 
-import functools
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-from deepspeed import comm as ds_comm
-from deepspeed.runtime.utils import combine_grad_norm_groups
-from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
+from . import deepspeed_compat as compat
 from .local_norms import LocalNormMeter, squared_norm_sum
 
 log = logging.getLogger(__name__)
@@ -81,7 +78,6 @@ class Payload:
 
     def __init__(self, engine: Any, needs_norms: bool, needs_loss: bool) -> None:
         self.engine = engine
-        self.accumulation_steps = engine.gradient_accumulation_steps()
         params = [p for p in engine.module.parameters() if p.requires_grad]
         self.meter = StepMeter(params, lambda: engine.global_steps) if needs_norms else None
         self.needs_loss = needs_loss
@@ -101,10 +97,10 @@ class Payload:
             self._loss_sum = self._loss_sum + value
 
     def take(self, loss_scale: float) -> torch.Tensor:
-        """[Σ_i ‖g_i‖² in true units][, Σ losses] of this rank, float64; resets for the next step."""
+        """[Σ_i ‖g_i/gas‖² without the loss scale][, Σ losses] of this rank, float64; resets for the next step."""
         parts = []
         if self.meter is not None:
-            parts.append(self.meter.take() * (self.accumulation_steps / loss_scale) ** 2)
+            parts.append(self.meter.take() / loss_scale ** 2)
         if self.needs_loss:
             if self._loss_sum is None or self._loss_window != self.engine.global_steps:
                 raise RuntimeError("this policy needs the training loss: call engine.backward(loss) for every "
@@ -113,11 +109,6 @@ class Payload:
             self._loss_sum = None
         device = parts[0].device
         return torch.stack([p.to(device) for p in parts])
-
-
-def loss_scale_of(optimizer: Any) -> float:
-    """The loss scale the current backward passes used: fp16's (dynamic or static) scale, else 1."""
-    return float(getattr(optimizer, "loss_scale", 1.0) or 1.0)
 
 
 class Rider:
@@ -145,26 +136,15 @@ class FlatRider(Rider):
         self._carrier: Optional[torch.Tensor] = None
         self._grads: list[torch.Tensor] = []
         self._loss_scale = 1.0
-        optimizer = engine.optimizer
-        own = getattr(optimizer, "get_grads_for_reduction", None)
-        self._collect = own if own is not None else engine._get_gradients_for_reduction
-        optimizer.get_grads_for_reduction = self._grads_with_payload
-        original_allreduce = engine.allreduce_gradients
+        compat.supply_gradients_for_reduction(engine, self._grads_with_payload)
+        compat.on_gradients_reduced(engine, self._after_reduction)
 
-        @functools.wraps(original_allreduce)
-        def allreduce_gradients(*args: Any, **kwargs: Any) -> Any:
-            result = original_allreduce(*args, **kwargs)
-            self._after_reduction()
-            return result
-
-        engine.allreduce_gradients = allreduce_gradients
-
-    def _grads_with_payload(self) -> tuple[list[torch.Tensor], dict]:
-        grads, expert_grads = self._collect()
+    def _grads_with_payload(self, collect: Callable[[], tuple]) -> tuple[list[torch.Tensor], dict]:
+        grads, expert_grads = collect()
         grads = list(grads)
         if not grads:
             raise RuntimeError("DeepSpeed gave no gradients to reduce; nothing to measure")
-        self._loss_scale = loss_scale_of(self.engine.optimizer)
+        self._loss_scale = compat.loss_scale(self.engine.optimizer)
         self._grads = grads
         self._carrier = self.payload.take(self._loss_scale).to(device=grads[-1].device, dtype=grads[-1].dtype)
         return grads + [self._carrier], expert_grads
@@ -189,22 +169,21 @@ class NormRider(Rider):
                  grad_multiplier: float) -> None:
         super().__init__(engine, payload, deliver, grad_multiplier)
         optimizer = engine.optimizer
-        self.stage3 = isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3)
-        name = "_get_norm_groups" if self.stage3 else "scaled_global_norm"
-        original = getattr(optimizer, name)
-        setattr(optimizer, name, functools.partial(self._norm_with_payload, original))
-        if not self.stage3 and not optimizer.compute_grad_norm:
-            self._install_fallback(optimizer)
+        compat.wrap_norm_computation(optimizer, self._norm_with_payload)
+        if not compat.norm_is_computed(optimizer):
+            self.extra_collectives = compat.compute_norm_before_step(optimizer)
+            log.warning("scaling_plugins: zero_optimization.compute_grad_norm=false leaves no gradient-norm "
+                        "reduction to ride; computing DeepSpeed's gradient norm once per step (%d extra 1-element "
+                        "all-reduce(s) per step)", self.extra_collectives)
 
     def _norm_with_payload(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        loss_scale = loss_scale_of(self.engine.optimizer)
+        loss_scale = compat.loss_scale(self.engine.optimizer)
         local = self.payload.take(loss_scale)
         reduced: list[torch.Tensor] = []
-        real_all_reduce = ds_comm.all_reduce
 
-        def all_reduce(tensor: torch.Tensor, op: Any = ds_comm.ReduceOp.SUM, group: Any = None,
-                       async_op: bool = False, **more: Any) -> Any:
-            if reduced or async_op or tensor.numel() != 1 or op != ds_comm.ReduceOp.SUM:
+        def widen_first_norm(real_all_reduce: Callable[..., Any], tensor: torch.Tensor, op: Any, group: Any,
+                             async_op: bool, **more: Any) -> Any:
+            if reduced or async_op or tensor.numel() != 1 or op != compat.SUM:
                 return real_all_reduce(tensor, op=op, group=group, async_op=async_op, **more)
             packed = torch.cat([tensor.detach().reshape(1).to(torch.float64), local.to(tensor.device)])
             work = real_all_reduce(packed, op=op, group=group, async_op=False, **more)
@@ -212,41 +191,22 @@ class NormRider(Rider):
             reduced.append(packed[1:])
             return work
 
-        ds_comm.all_reduce = all_reduce
-        try:
+        with compat.all_reduce_intercepted(widen_first_norm):
             norm = original(*args, **kwargs)
-        finally:
-            ds_comm.all_reduce = real_all_reduce
         if not reduced:
             raise RuntimeError("DeepSpeed's gradient-norm computation did no 1-element all-reduce to carry the "
                                "statistics; this DeepSpeed version is not supported by scaling_plugins")
-        total = combine_grad_norm_groups(norm) if self.stage3 else norm
-        total = torch.as_tensor(total, dtype=torch.float64)
+        total = torch.as_tensor(compat.total_norm(self.engine.optimizer, norm), dtype=torch.float64)
         valid = torch.isfinite(total) & (total >= 0)
         scale = self.grad_multiplier * self.engine.dp_world_size * loss_scale
         mean_sq = torch.where(valid, (total / scale) ** 2, torch.full_like(total, float("inf")))
         self.deliver(Harvest(reduced[0], mean_sq if self.payload.meter is not None else None))
         return norm
 
-    def _install_fallback(self, optimizer: Any) -> None:
-        """compute_grad_norm = false: no norm reduction to ride, so compute DeepSpeed's norm once per step."""
-        self.extra_collectives = len(optimizer.bit16_groups)
-        log.warning("scaling_plugins: zero_optimization.compute_grad_norm=false leaves no gradient-norm reduction "
-                    "to ride; computing DeepSpeed's gradient norm once per step (%d extra 1-element all-reduce(s) "
-                    "per step)", self.extra_collectives)
-        original_step = optimizer.step
-
-        @functools.wraps(original_step)
-        def step(*args: Any, **kwargs: Any) -> Any:
-            optimizer.scaled_global_norm()
-            return original_step(*args, **kwargs)
-
-        optimizer.step = step
-
 
 def build_rider(engine: Any, payload: Payload, deliver: Callable[[Harvest], None]) -> Rider:
     """The rider for this engine's optimizer: the ZeRO norm reduction for stages 1–3, else the flat all-reduce."""
-    grad_multiplier = 1.0 / engine.dp_world_size if engine.gradient_average else 1.0
-    if isinstance(engine.optimizer, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
+    grad_multiplier = compat.gradient_multiplier(engine)
+    if compat.is_zero_optimizer(engine.optimizer):
         return NormRider(engine, payload, deliver, grad_multiplier)
     return FlatRider(engine, payload, deliver, grad_multiplier)

@@ -1,16 +1,24 @@
-"""One policy driving one optimizer's learning rates: the engine-independent half of a backend.
+"""One policy driving one optimizer's learning rates: the per-step logic every backend shares.
 
-A backend harvests its engine's reduced numbers and hands them to :meth:`PolicyDriver.observe`, which
-follows the policy protocol (``scaling_plugins.policies.base``):
+Per optimizer step a backend calls :meth:`PolicyDriver.advance`, which does (policy protocol,
+``scaling_plugins.policies.base``):
 
-    policy.step(StepObservation(gradients=GradientSample(L, T, n) or None, loss=mean loss or None))
-    for each param group: group["lr"] = policy.learning_rate(that group's initial lr)
+    L, T  = backend.reduced_norms()                 the step's reduced numbers, read with one host sync
+    loss  = backend.reduced_loss(loss)              the mean training loss over ranks (policies that use it)
+    policy.step(StepObservation(GradientSample(L, T, n), loss))
+    for each param group: group["lr"] = policy.learning_rate(group["initial_lr"])
 
-and the backend then steps the optimizer.
+and the backend then steps the optimizer. A backend keeps only what is specific to its engine: where the
+numbers ride (``reduced_norms``, ``all_reduce_mean``) and when the step happens.
+
+The base learning rate of each param group is the group's own ``initial_lr`` (the key torch's LR schedulers
+keep it under), set from the group's ``lr`` the first time the driver sees the group; a group added to the
+optimizer after attach follows the policy from its first step, and a second driver on the same optimizer
+starts from the same base rates instead of the first driver's scaled ones.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
@@ -20,6 +28,20 @@ from ..policies.registry import PolicySpec
 from ..stats import GradientSample
 
 LOSS_REDUCTIONS = ("mean", "sum")
+INITIAL_LR = "initial_lr"
+
+
+def check_loss_reduction(loss_reduction: str) -> None:
+    """``ValueError`` unless ``loss_reduction`` is one of ``LOSS_REDUCTIONS``."""
+    if loss_reduction not in LOSS_REDUCTIONS:
+        raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+
+
+def check_accumulation_steps(accumulation_steps: Any) -> None:
+    """``ValueError`` unless ``accumulation_steps`` is an int ≥ 1."""
+    if not (isinstance(accumulation_steps, int) and not isinstance(accumulation_steps, bool)
+            and accumulation_steps >= 1):
+        raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
 
 
 def accumulation_sample(local_sq_mean: float, mean_sq_norm: float, world_size: int, accumulation_steps: int,
@@ -35,8 +57,6 @@ def accumulation_sample(local_sq_mean: float, mean_sq_norm: float, world_size: i
     - ``"sum"`` (micro-batch losses summed): each measured gradient is g_i and the accumulated average
       is A·ḡ, so L = W·local_sq_mean and T = mean_sq_norm/A².
     """
-    if loss_reduction not in LOSS_REDUCTIONS:
-        raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
     acc = accumulation_steps
     if loss_reduction == "mean":
         local_sq_mean *= acc * acc
@@ -46,23 +66,68 @@ def accumulation_sample(local_sq_mean: float, mean_sq_norm: float, world_size: i
                           count=world_size * acc)
 
 
+def torch_all_reduce_mean(value: torch.Tensor, group: Any = None) -> float:
+    """The mean over the ranks of ``group`` (torch.distributed) of a one-element tensor, in float64."""
+    import torch.distributed as dist
+
+    total = value.detach().to(torch.float64).reshape(1).clone()
+    dist.all_reduce(total, group=group)
+    return total.item() / dist.get_world_size(group)
+
+
 class PolicyDriver:
-    """Steps ``policy`` once per optimizer step and sets every param group's learning rate from it."""
+    """Steps one policy once per optimizer step and sets every param group's learning rate from it.
+
+    Subclasses (one per engine) provide :meth:`reduced_norms` and :meth:`all_reduce_mean`, and say in
+    ``backward_hint`` and ``loss_hint`` how their users hand over gradients and the loss.
+    """
+
+    backward_hint: ClassVar[str] = "call loss.backward() before the optimizer step"
+    loss_hint: ClassVar[str] = "pass the loss to the step"
 
     def __init__(self, optimizer: torch.optim.Optimizer, policy: PolicySpec, world_size: int,
                  accumulation_steps: int = 1, loss_reduction: str = "mean") -> None:
-        if not (isinstance(accumulation_steps, int) and accumulation_steps >= 1):
-            raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+        check_accumulation_steps(accumulation_steps)
+        check_loss_reduction(loss_reduction)
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self.loss_reduction = loss_reduction
         self.world_size = world_size
         self.policy = build_policy(policy)
         self.policy.configure(world_size, accumulation_steps)
-        self.base_lrs = [group["lr"] for group in optimizer.param_groups]
         self.apply_learning_rate()
+
+    # -- what each engine provides --------------------------------------------------------------------------
+    def reduced_norms(self) -> Optional[tuple[float, float]]:
+        """(mean over ranks of Σ_micro-batches ‖g‖² as measured, ‖reduced gradient‖²) of this step, or None
+        when no gradients were reduced since the last step; resets for the next step."""
+        raise NotImplementedError
+
+    def all_reduce_mean(self, value: torch.Tensor) -> float:
+        """The mean over this driver's ranks of a one-element tensor."""
+        raise NotImplementedError
+
+    def reduced_loss(self, loss: Optional[torch.Tensor | float]) -> float:
+        """This step's training loss, averaged over ranks (one 1-element all-reduce)."""
+        if loss is None:
+            raise ValueError(f"policy {self.policy.name!r} uses the training loss: {self.loss_hint}")
+        return self.all_reduce_mean(torch.as_tensor(loss, dtype=torch.float64).detach().reshape(1))
+
+    # -- per step -------------------------------------------------------------------------------------------
+    def advance(self, loss: Optional[torch.Tensor | float] = None) -> None:
+        """Fold this optimizer step's statistics (and loss) into the policy and set this step's learning rates."""
+        gradients = self._gradient_sample() if self.policy.needs_gradient_norms else None
+        mean_loss = self.reduced_loss(loss) if self.policy.needs_loss else None
+        self.policy.step(StepObservation(gradients=gradients, loss=mean_loss))
+        self.apply_learning_rate()
+
+    def _gradient_sample(self) -> GradientSample:
+        reduced = self.reduced_norms()
+        if reduced is None:
+            raise RuntimeError(f"no gradients were reduced since the last step: {self.backward_hint}")
+        local_sq_mean, mean_sq_norm = reduced
+        return accumulation_sample(local_sq_mean, mean_sq_norm, self.world_size, self.accumulation_steps,
+                                   self.loss_reduction)
 
     def resize(self, world_size: int, accumulation_steps: Optional[int] = None) -> None:
         """Follow a new world size (Horovod Elastic) or accumulation: the policy's scale follows; estimates carry
@@ -73,14 +138,11 @@ class PolicyDriver:
             self.policy.configure(world_size, accumulation_steps)
         self.world_size, self.accumulation_steps = world_size, accumulation_steps
 
-    def observe(self, gradients: Optional[GradientSample], loss: Optional[float]) -> None:
-        """Fold this step into the policy and set this step's learning rates."""
-        self.policy.step(StepObservation(gradients=gradients, loss=loss))
-        self.apply_learning_rate()
-
     def apply_learning_rate(self) -> None:
-        for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
-            group["lr"] = self.policy.learning_rate(base_lr)
+        """lr = policy.learning_rate(initial lr) for every param group visible now (a new group's initial lr is
+        its lr when first seen; ZeRO-1/2 show DeepSpeed's basic optimizer only the group it is stepping)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.policy.learning_rate(group.setdefault(INITIAL_LR, group["lr"]))
 
     # -- what users read ------------------------------------------------------------------------------------
     @property
@@ -108,9 +170,15 @@ class PolicyDriver:
         return {"step": self.policy.steps, "lr": self.lr, **self.policy.metrics()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy.state_dict(), "base_lrs": list(self.base_lrs)}
+        return {"policy": self.policy.state_dict(),
+                "base_lrs": [group.get(INITIAL_LR, group["lr"]) for group in self.optimizer.param_groups]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        groups = self.optimizer.param_groups
+        if len(state["base_lrs"]) != len(groups):
+            raise ValueError(f"the checkpoint has initial lrs for {len(state['base_lrs'])} param groups, the "
+                             f"optimizer has {len(groups)}")
         self.policy.load_state_dict(state["policy"])
-        self.base_lrs = list(state["base_lrs"])
+        for group, initial_lr in zip(groups, state["base_lrs"]):
+            group[INITIAL_LR] = initial_lr
         self.apply_learning_rate()

@@ -53,16 +53,16 @@ from __future__ import annotations
 import abc
 import contextlib
 import inspect
-import operator
-from types import ModuleType
 from typing import Any, Callable, Optional
 
 import torch
 
 from ..policies import build_policy
 from ..policies.registry import PolicySpec
-from ..stats import GradientSample
-from .driver import LOSS_REDUCTIONS, PolicyDriver, accumulation_sample
+from . import horovod_compat as compat
+from .driver import PolicyDriver, check_loss_reduction
+from .horovod_compat import horovod_torch
+from .horovod_elastic import register_state_handler
 from .local_norms import LocalNormMeter, squared_norm_sum
 
 NORM_NAME = "scaling_plugins.local_sq_norm"
@@ -71,31 +71,22 @@ STATE_KEY = "scaling_plugins"
 READ_THROUGH = ("gain", "lr", "progress", "scale", "done")   # opt.<name> reads opt.scaling.<name>
 
 
-def horovod_torch() -> ModuleType:
-    """``horovod.torch``, imported on first use, with a message saying how to install it."""
-    try:
-        import horovod.torch as hvd
-    except ImportError as err:
-        raise ImportError(
-            "the Horovod backend needs horovod 0.28.1 built with PyTorch: run `make horovod` (builds it once from "
-            "source with the C++17 fix, caches the wheel, installs it into .venv), then `pip install .[horovod]` "
-            f"finds it installed ({err})") from err
-    return hvd
-
-
 class ScaledOptimizer(abc.ABC):
     """Marker type: ``isinstance(opt, ScaledOptimizer)`` is true for optimizers made by :func:`DistributedOptimizer`."""
 
 
-class HorovodScaling(PolicyDriver):
+class HorovodDriver(PolicyDriver):
     """Harvests L and T from one Horovod ``DistributedOptimizer`` and drives its policy (``opt.scaling``)."""
+
+    backward_hint = "call loss.backward() before opt.step()"
+    loss_hint = "call opt.step(loss=loss)"
 
     def __init__(self, optimizer: torch.optim.Optimizer, policy: PolicySpec, backward_passes_per_step: int,
                  gradient_predivide_factor: float, process_set: Any, loss_reduction: str) -> None:
         self.hvd = horovod_torch()
         super().__init__(optimizer, policy, process_set.size(), backward_passes_per_step, loss_reduction)
         self.process_set = process_set
-        self.op = optimizer.op
+        self.op = compat.reduction_op(optimizer)
         average = self.op == self.hvd.Average
         self._scale_factors = (1.0 / gradient_predivide_factor, gradient_predivide_factor) if average else (1.0, 1.0)
         self._meter: Optional[LocalNormMeter] = None
@@ -106,7 +97,7 @@ class HorovodScaling(PolicyDriver):
             for p in params:                   # registered before the meter's hooks, so they run first
                 p.register_hook(self._on_gradient)
             self._meter = LocalNormMeter(params)
-            self._norm_name = f"{NORM_NAME}.{optimizer._parameter_names[params[0]]}"
+            self._norm_name = f"{NORM_NAME}.{compat.parameter_name(optimizer, params[0])}"
 
     # -- harvesting -----------------------------------------------------------------------------------------
     def _discard_pending(self) -> None:
@@ -125,7 +116,7 @@ class HorovodScaling(PolicyDriver):
                              f"got a {grad.layout} gradient (e.g. nn.Embedding(sparse=True)): use dense ones")
         if not self._in_backward:
             self._in_backward = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
+            compat.queue_end_of_backward(self._end_of_backward)
 
     def _end_of_backward(self) -> None:
         """After every accumulator hook of this backward: the fallback enqueue, if no gradient carried the norm."""
@@ -151,7 +142,7 @@ class HorovodScaling(PolicyDriver):
         if self._meter is None or self._norm is not None or not self._in_backward:
             return False
         self._enqueued += 1
-        return (self._enqueued == enqueued_of and optimizer._compression is self.hvd.Compression.none
+        return (self._enqueued == enqueued_of and not compat.compresses(optimizer)
                 and all(g.dtype == torch.float32 and g.layout == torch.strided for g in grads))
 
     def allreduce_gradient(self, optimizer: Any, p: torch.Tensor) -> tuple[Any, Any]:
@@ -161,18 +152,18 @@ class HorovodScaling(PolicyDriver):
         buffer = self._take_norm_buffer()
         prescale, postscale = self._scale_factors
         handle = self.hvd.grouped_allreduce_async_(
-            [p.grad, buffer], name=f"{NORM_NAME}.{optimizer._parameter_names[p]}", op=self.op,
+            [p.grad, buffer], name=f"{NORM_NAME}.{compat.parameter_name(optimizer, p)}", op=self.op,
             prescale_factor=prescale, postscale_factor=postscale, process_set=self.process_set)
         self._norm = (buffer, None)
         return (lambda: self.hvd.synchronize(handle)[0]), None   # Horovod calls a callable handle for the result
 
     def grouped_allreduce(self, optimizer: Any, params: tuple) -> tuple[Any, tuple]:
         """Horovod's all-reduce of one gradient group (``groups=``); the group completing last takes the norm."""
-        if not self._carries_norm(optimizer, [p.grad for p in params], len(optimizer._group_counts)):
+        if not self._carries_norm(optimizer, [p.grad for p in params], compat.gradient_group_count(optimizer)):
             return optimizer._horovod_grouped_allreduce_grad_async(params)
         buffer = self._take_norm_buffer()
         handle = self.hvd.grouped_allreduce_async_(       # Horovod's grouped path applies no scale factors
-            [*(p.grad for p in params), buffer], name=f"{NORM_NAME}.{optimizer._parameter_names[params[0]]}",
+            [*(p.grad for p in params), buffer], name=f"{NORM_NAME}.{compat.parameter_name(optimizer, params[0])}",
             op=self.op, process_set=self.process_set)
         self._norm = (buffer, None)
         return handle, (None,) * len(params)
@@ -199,26 +190,21 @@ class HorovodScaling(PolicyDriver):
     def observe_step(self, loss: Optional[torch.Tensor | float]) -> None:
         """Follow the world size, feed the policy this step's statistics (and loss), set the learning rates."""
         self.resize(self.process_set.size())
-        gradients = self._take_gradient_sample() if self._meter is not None else None
-        mean_loss = self._mean_loss(loss) if self.policy.needs_loss else None
-        self.observe(gradients, mean_loss)
+        self.advance(loss)
 
-    def _take_gradient_sample(self) -> GradientSample:
+    def reduced_norms(self) -> Optional[tuple[float, float]]:
         if self._reduced is None:
-            raise RuntimeError("no gradients were reduced since the last step(): call loss.backward() "
-                               "before opt.step()")
+            return None
         reduced_local, reduced_sq = torch.stack(self._reduced).tolist()     # the one host sync per step
         self._reduced = None
-        world = self.world_size
         if self.op == self.hvd.Sum:           # Sum: Σ over ranks, not the mean
+            world = self.world_size
             reduced_local /= world
             reduced_sq /= world * world
-        return accumulation_sample(reduced_local, reduced_sq, world, self.accumulation_steps, self.loss_reduction)
+        return reduced_local, reduced_sq
 
-    def _mean_loss(self, loss: Optional[torch.Tensor | float]) -> float:
-        if loss is None:
-            raise ValueError(f"policy {self.policy.name!r} uses the training loss: call opt.step(loss=loss)")
-        value = torch.as_tensor(loss, dtype=torch.float64).detach().reshape(1)
+    def all_reduce_mean(self, value: torch.Tensor) -> float:
+        value = value.detach().to(torch.float64).reshape(1)
         return self.hvd.allreduce(value, op=self.hvd.Average, name=LOSS_NAME, process_set=self.process_set).item()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -237,7 +223,7 @@ class _ScaledMembers:
 
     def step(self, closure: Optional[Callable[[], float]] = None, loss: Optional[torch.Tensor | float] = None) -> Any:
         """Synchronize, feed the policy, set this step's learning rates, then Horovod's step (the update)."""
-        synchronize_here = self._should_synchronize and not self._synchronized
+        synchronize_here = compat.synchronizes_in_step(self)
         if synchronize_here:
             self.synchronize()
         self.scaling.observe_step(loss)
@@ -274,22 +260,11 @@ def _load_scaling_state(optimizer: torch.optim.Optimizer, state: dict[str, Any])
     return state
 
 
-def _extend(optimizer: torch.optim.Optimizer, scaling: HorovodScaling) -> None:
-    """Add the policy to the class Horovod made for this one optimizer (Horovod's methods call
-    ``super(self.__class__, self)``, so the class cannot be subclassed; it is extended in place)."""
-    cls = type(optimizer)
-    if "_allreduce_grad_async" not in vars(cls):
-        raise RuntimeError(f"unexpected Horovod optimizer class {cls!r}: this backend supports horovod 0.28.1")
-    for name, member in vars(_ScaledMembers).items():
-        if name.startswith("__"):
-            continue
-        if hasattr(cls, name):                  # Horovod's own stays reachable as _horovod_<name>
-            setattr(cls, "_horovod_" + name.lstrip("_"), getattr(cls, name))
-        setattr(cls, name, member)
-    for name in READ_THROUGH:
-        setattr(cls, name, property(operator.attrgetter(f"scaling.{name}"), doc=f"``opt.scaling.{name}``"))
-    ScaledOptimizer.register(cls)
-    optimizer.scaling = scaling
+def _extend(optimizer: torch.optim.Optimizer, driver: HorovodDriver) -> None:
+    """Add the policy to the optimizer Horovod made: its class gets ``_ScaledMembers``, the optimizer its driver
+    (``opt.scaling``) and the state hooks that carry the policy state in ``state_dict()``."""
+    compat.extend_optimizer_class(optimizer, _ScaledMembers, READ_THROUGH, ScaledOptimizer)
+    optimizer.scaling = driver
     optimizer.register_state_dict_post_hook(_save_scaling_state)
     optimizer.register_load_state_dict_pre_hook(_load_scaling_state)
 
@@ -318,16 +293,14 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, *args: Any, policy: P
         raise ValueError(f"op=hvd.{op_name} is not supported (allowed: hvd.Average, hvd.Sum): the policies set the "
                          "learning rate of the averaged gradient, and Adasum (or min/max/product) does not average, "
                          "so AdaScale's gain has no meaning there")
-    if loss_reduction not in LOSS_REDUCTIONS:
-        raise ValueError(f"loss_reduction must be one of {LOSS_REDUCTIONS}, got {loss_reduction!r}")
+    check_loss_reduction(loss_reduction)
     process_set = hvd_args["process_set"]
     if not process_set.included():
         raise ValueError("this rank is not in process_set: a policy needs the reduced gradients of its own set")
     policy = build_policy(policy)              # bad policy input fails before Horovod registers hooks
     distributed = hvd.DistributedOptimizer(**hvd_args)
-    scaling = HorovodScaling(distributed, policy, hvd_args["backward_passes_per_step"],
-                             hvd_args["gradient_predivide_factor"], process_set, loss_reduction)
-    _extend(distributed, scaling)
-    from .horovod_elastic import register_state_handler
-    register_state_handler()
+    driver = HorovodDriver(distributed, policy, hvd_args["backward_passes_per_step"],
+                           hvd_args["gradient_predivide_factor"], process_set, loss_reduction)
+    _extend(distributed, driver)
+    register_state_handler(ScaledOptimizer)
     return distributed

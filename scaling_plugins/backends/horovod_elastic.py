@@ -8,7 +8,8 @@
 
 ``TorchState`` holds an optimizer through a handler chosen from Horovod's handler registry; this module puts
 one handler in front of Horovod's optimizer handler for optimizers made by
-``scaling_plugins.backends.horovod.DistributedOptimizer`` (registered automatically when one is made):
+``scaling_plugins.backends.horovod.DistributedOptimizer`` (registered automatically when one is made; the
+registry itself is reached through ``horovod_compat``):
 
 - save / restore: the optimizer's ``state_dict()`` carries the policy state under ``"scaling_plugins"``, so
   the copy Horovod keeps at ``commit()`` and reloads after a failure carries τ, the estimates and the step;
@@ -21,40 +22,20 @@ and the gain of that step is computed at the new scale.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from .horovod import ScaledOptimizer, horovod_torch
+from .horovod_compat import horovod_torch, register_elastic_handler
 
 
 def broadcast_scaling_state(optimizer: torch.optim.Optimizer, root_rank: int = 0) -> None:
     """Make every rank's policy state equal to ``root_rank``'s (e.g. after rank 0 loaded a checkpoint)."""
     hvd = horovod_torch()
-    scaling = optimizer.scaling
-    state = hvd.broadcast_object(scaling.state_dict(), root_rank=root_rank, process_set=scaling.process_set)
-    scaling.load_state_dict(state)
+    driver = optimizer.scaling
+    state = hvd.broadcast_object(driver.state_dict(), root_rank=root_rank, process_set=driver.process_set)
+    driver.load_state_dict(state)
 
 
-@functools.lru_cache(maxsize=None)
-def _handler_class() -> type:
-    from horovod.torch.elastic.state import OptimizerStateHandler
-
-    class ScaledOptimizerStateHandler(OptimizerStateHandler):
-        """Horovod's optimizer handler, plus the policy state in ``sync``."""
-
-        def sync(self) -> None:
-            super().sync()
-            broadcast_scaling_state(self.value, root_rank=0)
-
-    return ScaledOptimizerStateHandler
-
-
-def register_state_handler() -> None:
-    """Put the handler for scaled optimizers first in Horovod's TorchState handler registry (idempotent)."""
-    horovod_torch()
-    from horovod.torch.elastic import state as elastic_state
-
-    registry = elastic_state.get_handler_registry()
-    if not any(handler is _handler_class() for _, handler in registry):
-        elastic_state.set_handler_registry([(ScaledOptimizer, _handler_class()), *registry])
+def register_state_handler(marker: type) -> None:
+    """Save, restore and sync the policy with optimizers of type ``marker`` in ``hvd.elastic.TorchState``;
+    after Horovod's broadcast of the optimizer state, the policy state is broadcast from rank 0 (idempotent)."""
+    register_elastic_handler(marker, broadcast_scaling_state)

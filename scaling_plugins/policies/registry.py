@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from typing import Mapping, Union
 
+from ..config import build_from_params
 from .base import Policy
 
 POLICIES: dict[str, type[Policy]] = {}
@@ -25,8 +26,6 @@ def policy_class(name: str) -> type[Policy]:
 
 def build_policy(spec: PolicySpec) -> Policy:
     """A policy from an instance, a name, or ``{"type": name, "params": {...}}``; parameters validated."""
-    from ..config import build_from_params
-
     if isinstance(spec, Policy):
         return spec
     if isinstance(spec, str):

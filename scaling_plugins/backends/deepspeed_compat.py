@@ -1,0 +1,207 @@
+"""Everything the DeepSpeed backend touches beyond DeepSpeed's public API, in one place, for the versions checked here.
+
+DeepSpeed 0.19.8 is the version this is verified against; the 0.19 series is accepted. Importing this module
+with any other version raises ``ImportError`` naming the supported ones, instead of an ``AttributeError``
+deep inside ``deepspeed.initialize`` or a step. What lives here:
+
+- scheduler registration: DeepSpeed resolves ``"scheduler": {"type": NAME}`` with ``getattr`` on
+  ``deepspeed.runtime.lr_schedules`` (a module ``__getattr__`` answers policy names), and builds the scheduler
+  inside ``deepspeed.initialize`` with only the optimizer (the engine is found on the call stack);
+- features the backend refuses (pipeline engines, MoE layers, model parallelism);
+- the engine's and the ZeRO optimizers' private members the harvest rides on: the list of gradients of the
+  flat all-reduce, the gradient-norm computation and its 1-element all-reduce, the loss scale, whether
+  gradients are averaged, the basic optimizer;
+- rebinding an engine or optimizer method on one instance (``engine.backward``, ``allreduce_gradients``).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import sys
+from typing import Any, Callable, Iterator, Optional
+
+try:
+    import deepspeed
+    from deepspeed import comm as ds_comm
+    from deepspeed.runtime import lr_schedules
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError("scaling_plugins.backends.deepspeed needs DeepSpeed: "
+                      "pip install 'scaling_plugins[deepspeed]'") from err
+
+SUPPORTED_VERSIONS = ("0.19.",)     # version prefixes; verified on 0.19.8
+
+
+def _require_supported_version(version: str) -> None:
+    if not version.startswith(SUPPORTED_VERSIONS):
+        raise ImportError(f"deepspeed {version} is not supported by scaling_plugins (supported: "
+                          f"{', '.join(v + 'x' for v in SUPPORTED_VERSIONS)}; verified on 0.19.8)")
+
+
+_require_supported_version(deepspeed.__version__)
+
+from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402  (after the version check)
+from deepspeed.runtime.pipe.engine import PipelineEngine  # noqa: E402
+from deepspeed.runtime.utils import combine_grad_norm_groups  # noqa: E402
+from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3  # noqa: E402
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer  # noqa: E402
+
+SUM = ds_comm.ReduceOp.SUM
+
+
+# -- scheduler registration -----------------------------------------------------------------------------------
+def deepspeed_scheduler_names() -> list[str]:
+    """DeepSpeed's own scheduler type names."""
+    return list(lr_schedules.VALID_LR_SCHEDULES)
+
+
+def install_scheduler_lookup(lookup: Callable[[str, Callable[[str], Any]], Any]) -> None:
+    """Make ``getattr(lr_schedules, NAME)`` answer ``lookup(NAME, fallback)`` for names the module lacks;
+    ``fallback`` is the module's previous ``__getattr__`` (or the usual ``AttributeError``). Idempotent."""
+    previous = lr_schedules.__dict__.get("__getattr__")
+    if getattr(previous, "scaling_plugins_lookup", False):
+        return
+
+    def fallback(name: str) -> Any:
+        if previous is not None:
+            return previous(name)
+        raise AttributeError(f"module {lr_schedules.__name__!r} has no attribute {name!r}")
+
+    def module_getattr(name: str) -> Any:
+        return lookup(name, fallback)
+
+    module_getattr.scaling_plugins_lookup = True
+    lr_schedules.__getattr__ = module_getattr
+
+
+def asked_by_scheduler_config() -> bool:
+    """Whether the running module ``__getattr__`` was called by DeepSpeed's scheduler lookup from the config
+    (rather than by ``hasattr`` elsewhere): frames are this function, the lookup, the module ``__getattr__``,
+    then DeepSpeed's caller."""
+    caller = sys._getframe(3)
+    return caller.f_code.co_name == "_scheduler_from_config"
+
+
+def engine_under_construction() -> DeepSpeedEngine:
+    """The DeepSpeedEngine whose ``deepspeed.initialize`` is building a scheduler now (found on the call stack)."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, DeepSpeedEngine):
+            return candidate
+        frame = frame.f_back
+    raise RuntimeError("a scaling_plugins scheduler is built by deepspeed.initialize (a \"scheduler\" config entry "
+                       "or scaling_plugins.backends.deepspeed.initialize(..., policy=...)), not directly")
+
+
+def unsupported_feature(engine: DeepSpeedEngine) -> Optional[str]:
+    """Why the backend cannot measure this engine's gradients, or None when it can."""
+    if isinstance(engine, PipelineEngine):
+        return "scaling_plugins does not support DeepSpeed pipeline parallelism"
+    if engine.has_moe_layers:
+        return "scaling_plugins does not support MoE layers (expert gradients reduce over other groups)"
+    if engine.mpu is not None:
+        return "scaling_plugins does not support model parallelism (mpu): local norms would be partial"
+    return None
+
+
+# -- the engine's members -------------------------------------------------------------------------------------
+def basic_optimizer(engine: DeepSpeedEngine) -> Any:
+    """The torch optimizer DeepSpeed steps (inside any ZeRO or fp16 wrapper)."""
+    return engine.basic_optimizer
+
+
+def gradient_multiplier(engine: DeepSpeedEngine) -> float:
+    """c, what DeepSpeed's gradient reduction multiplies the sum over ranks by: 1/W when it averages, else 1."""
+    return 1.0 / engine.dp_world_size if engine.gradient_average else 1.0
+
+
+def loss_scale(optimizer: Any) -> float:
+    """The loss scale the current backward passes used: fp16's (dynamic or static) scale, else 1."""
+    return float(getattr(optimizer, "loss_scale", 1.0) or 1.0)
+
+
+def call_before(owner: Any, name: str, hook: Callable[..., None]) -> None:
+    """Rebind ``owner.name`` (one instance) so that ``hook(*args, **kwargs)`` runs before each call."""
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        hook(*args, **kwargs)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, wrapper)
+
+
+def call_after(owner: Any, name: str, hook: Callable[[], None]) -> None:
+    """Rebind ``owner.name`` (one instance) so that ``hook()`` runs after each call returns."""
+    original = getattr(owner, name)
+
+    @functools.wraps(original)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        hook()
+        return result
+
+    setattr(owner, name, wrapper)
+
+
+# -- ZeRO stage 0 (and BF16_Optimizer): the flat gradient all-reduce ------------------------------------------
+def supply_gradients_for_reduction(engine: DeepSpeedEngine, supply: Callable[[Callable[[], tuple]], tuple]) -> None:
+    """DeepSpeed's flat all-reduce asks the optimizer for ``get_grads_for_reduction()`` when it has one; make
+    that ``supply(collect)``, where ``collect()`` gives the (grads, expert grads) DeepSpeed would reduce."""
+    optimizer = engine.optimizer
+    collect = getattr(optimizer, "get_grads_for_reduction", None) or engine._get_gradients_for_reduction
+    optimizer.get_grads_for_reduction = lambda: supply(collect)
+
+
+def on_gradients_reduced(engine: DeepSpeedEngine, hook: Callable[[], None]) -> None:
+    """Call ``hook()`` right after each flat gradient all-reduce (before any clipping)."""
+    call_after(engine, "allreduce_gradients", hook)
+
+
+# -- ZeRO stages 1-3: the gradient-norm reduction -------------------------------------------------------------
+def is_zero_optimizer(optimizer: Any) -> bool:
+    """Whether the engine's optimizer is a ZeRO (stage 1, 2 or 3) optimizer."""
+    return isinstance(optimizer, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3))
+
+
+def wrap_norm_computation(optimizer: Any, wrapper: Callable[..., Any]) -> None:
+    """Route the optimizer's gradient-norm computation (``_get_norm_groups`` in stage 3, ``scaled_global_norm``
+    in stages 1/2) through ``wrapper(original, *args, **kwargs)``."""
+    name = "_get_norm_groups" if isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3) else "scaled_global_norm"
+    setattr(optimizer, name, functools.partial(wrapper, getattr(optimizer, name)))
+
+
+def total_norm(optimizer: Any, returned: Any) -> Any:
+    """The global gradient norm from what the wrapped norm computation returned."""
+    if isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3):
+        return combine_grad_norm_groups(returned)
+    return returned
+
+
+def norm_is_computed(optimizer: Any) -> bool:
+    """False when ``zero_optimization.compute_grad_norm = false`` leaves stage 1/2 without a norm reduction."""
+    return isinstance(optimizer, DeepSpeedZeroOptimizer_Stage3) or optimizer.compute_grad_norm
+
+
+def compute_norm_before_step(optimizer: Any) -> int:
+    """Make the optimizer compute its gradient norm before each step; returns the 1-element all-reduces that
+    adds per step (one per parameter group)."""
+    call_before(optimizer, "step", lambda *args, **kwargs: optimizer.scaled_global_norm())
+    return len(optimizer.bit16_groups)
+
+
+@contextlib.contextmanager
+def all_reduce_intercepted(intercept: Callable[..., Any]) -> Iterator[None]:
+    """Within the block, every ``deepspeed.comm.all_reduce(tensor, op, group, async_op, ...)`` becomes
+    ``intercept(real_all_reduce, tensor, op=op, group=group, async_op=async_op, ...)``."""
+    real = ds_comm.all_reduce
+
+    def all_reduce(tensor: Any, op: Any = SUM, group: Any = None, async_op: bool = False, **more: Any) -> Any:
+        return intercept(real, tensor, op=op, group=group, async_op=async_op, **more)
+
+    ds_comm.all_reduce = all_reduce
+    try:
+        yield
+    finally:
+        ds_comm.all_reduce = real

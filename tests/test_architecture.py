@@ -1,0 +1,120 @@
+"""The package's layers: the library never imports the application, no module imports itself back through
+another, each engine's internals sit in its compatibility module, and importing the library with a backend
+pulls in no application dependency."""
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "scaling_plugins"
+APP = "scaling_plugins.app"
+# Private members of the engines that only the compatibility modules may name.
+ENGINE_INTERNALS = {
+    "deepspeed": ("_get_norm_groups", "scaled_global_norm", "_get_gradients_for_reduction", "get_grads_for_reduction",
+                  "basic_optimizer", "gradient_average", "lr_schedules", "_getframe", "bit16_groups"),
+    "horovod": ("_parameter_names", "_compression", "_group_counts", "_should_synchronize", "_synchronized",
+                "_execution_engine", "get_handler_registry", "OptimizerStateHandler"),
+}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path) -> set[str]:
+    """Every scaling_plugins module ``path`` imports, at module level or inside functions."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            candidates = [target] + [f"{target}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.Import):
+            candidates = [alias.name for alias in node.names]
+        else:
+            continue
+        found.update(c for c in candidates if c.startswith("scaling_plugins") and module_exists(c))
+    found.discard(name)
+    return found
+
+
+def module_exists(name: str) -> bool:
+    path = PACKAGE.parent.joinpath(*name.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
+
+
+GRAPH = {module_name(p): imports_of(p) for p in PACKAGE.rglob("*.py")}
+
+
+def test_the_library_never_imports_the_application():
+    offenders = {m: sorted(i for i in deps if i == APP or i.startswith(APP + "."))
+                 for m, deps in GRAPH.items() if not (m == APP or m.startswith(APP + "."))}
+    assert {m: deps for m, deps in offenders.items() if deps} == {}
+
+
+def test_no_import_cycles_between_modules():
+    """Package ``__init__`` modules only re-export, so edges into a package are not followed through it."""
+    graph = {m: {d for d in deps if not (PACKAGE.parent / Path(*d.split(".")) / "__init__.py").exists()}
+             for m, deps in GRAPH.items()}
+    state: dict[str, int] = {}
+    cycles = []
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                cycles.append(path[path.index(dep):] + [dep] if dep in path else [node, dep])
+            elif dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])
+    assert cycles == []
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINE_INTERNALS))
+def test_engine_internals_only_in_the_compatibility_module(engine):
+    compat = PACKAGE / "backends" / f"{engine}_compat.py"
+    assert compat.exists()
+    offenders = {}
+    for path in (PACKAGE / "backends").glob("*.py"):
+        if path == compat:
+            continue
+        tree = ast.parse(path.read_text())
+        names = {n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)
+                 and not (isinstance(n.value, ast.Name) and n.value.id == "compat")}   # compat's own functions
+        names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
+        used = sorted(names & set(ENGINE_INTERNALS[engine]))
+        if used:
+            offenders[path.name] = used
+    assert offenders == {}
+
+
+ENGINE_MODULES = {"ddp": "torch.distributed", "deepspeed": "deepspeed", "horovod": "horovod.torch"}
+
+
+@pytest.mark.parametrize("backend", sorted(ENGINE_MODULES))
+def test_importing_the_library_and_a_backend_pulls_no_application_dependency(backend):
+    """What torch and the engine import by themselves (torch.hub takes tqdm when it is installed) is theirs;
+    nothing heavy may be added by the library."""
+    code = ("import sys, importlib\n"
+            f"importlib.import_module({ENGINE_MODULES[backend]!r})\n"
+            "heavy = ('matplotlib', 'sklearn', 'tqdm', 'scaling_plugins.app')\n"
+            "before = {m for m in heavy if m in sys.modules}\n"
+            f"import scaling_plugins, scaling_plugins.backends.{backend}\n"
+            "added = sorted(m for m in heavy if m in sys.modules and m not in before)\n"
+            "print(added); sys.exit(1 if added else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
