@@ -14,6 +14,8 @@ import bisect
 import math
 from typing import Callable, Mapping, Sequence, Union
 
+from .config import build_from_params
+
 Schedule = Callable[[float], float]
 ScheduleSpec = Union[None, str, Mapping, Schedule]
 
@@ -178,13 +180,16 @@ def build_schedule(spec: ScheduleSpec) -> Schedule:
         raise ValueError(f"schedule must be a name, a mapping with 'type' or a callable, got {spec!r}")
     params = dict(spec)
     name = params.pop("type", None)
-    params.update(params.pop("params", {}) or {})
+    nested = params.pop("params", None) or {}
+    if not isinstance(nested, Mapping):
+        raise ValueError(f"schedule.params must be a mapping of parameter name to value, got {nested!r}")
+    params.update(nested)
     factory = SCHEDULES.get(name)
     if factory is None:
         raise ValueError(f"schedule.type={name!r} is not a known schedule; valid: {sorted(SCHEDULES)}")
     try:
-        return factory(**params)
-    except TypeError as err:
+        return build_from_params(factory, params, where=f"schedule {name!r}")
+    except TypeError as err:   # a required parameter missing
         raise ValueError(f"schedule {name!r}: bad parameters {params!r} ({err})") from err
 
 

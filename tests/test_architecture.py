@@ -17,7 +17,7 @@ ENGINE_INTERNALS = {
     "deepspeed": ("_get_norm_groups", "scaled_global_norm", "_get_gradients_for_reduction", "get_grads_for_reduction",
                   "basic_optimizer", "gradient_average", "lr_schedules", "_getframe", "bit16_groups"),
     "horovod": ("_parameter_names", "_compression", "_group_counts", "_should_synchronize", "_synchronized",
-                "_execution_engine", "get_handler_registry", "OptimizerStateHandler"),
+                "get_handler_registry", "OptimizerStateHandler"),
 }
 
 

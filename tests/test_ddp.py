@@ -264,19 +264,23 @@ def test_bad_input_gets_clear_errors():
 
 def base_lrs_from_groups(rank, world):
     """LinearScaling (k = world = 2, no warmup): each group's rate is 2 × its own initial lr, for a group added
-    after attach too, and a second attach on the same optimizer does not scale the scaled rate again."""
+    after attach too; a second attach on the same optimizer is refused."""
     torch.manual_seed(0)
     first, second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
     ddp = DDP(torch.nn.Sequential(first, second))
     optimizer = torch.optim.SGD(first.parameters(), lr=0.1)
-    attach(ddp, optimizer, "LinearScaling")
-    ctl = attach(ddp, optimizer, "LinearScaling")        # the second attach (no gradient hooks: a rule)
+    ctl = attach(ddp, optimizer, "LinearScaling")
+    try:
+        attach(ddp, optimizer, "LinearScaling")
+        second_attach = "accepted"
+    except ValueError as err:
+        second_attach = str(err)
     optimizer.add_param_group({"params": list(second.parameters()), "lr": 0.05})
     ddp(torch.ones(1, 2)).sum().backward()
     before = second.bias.detach().clone()
     ctl.step()
     applied = ((before - second.bias.detach()) / second.bias.grad).item()
-    return {"lrs": [g["lr"] for g in optimizer.param_groups], "applied": applied,
+    return {"lrs": [g["lr"] for g in optimizer.param_groups], "applied": applied, "second_attach": second_attach,
             "initial": [g["initial_lr"] for g in optimizer.param_groups], "state": ctl.state_dict()["base_lrs"]}
 
 
@@ -285,3 +289,4 @@ def test_base_learning_rates_come_from_each_group():
     assert result["lrs"] == pytest.approx([0.2, 0.1], rel=1e-12)
     assert result["applied"] == pytest.approx(0.1, rel=1e-6)
     assert result["initial"] == result["state"] == [0.1, 0.05]
+    assert "already follows policy 'LinearScaling'" in result["second_attach"]

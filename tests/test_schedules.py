@@ -51,5 +51,7 @@ def test_unknown_name_lists_the_valid_ones():
 def test_bad_parameters_name_the_key():
     with pytest.raises(ValueError, match="total_steps must be > 0"):
         build_schedule({"type": "cosine", "total_steps": 0})
-    with pytest.raises(ValueError, match="bad parameters"):
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['total_stepz'\].*allowed: \['min_factor', 'total_steps'\]"):
         build_schedule({"type": "cosine", "total_stepz": 5})
+    with pytest.raises(ValueError, match="bad parameters"):      # a required one missing
+        build_schedule({"type": "cosine"})

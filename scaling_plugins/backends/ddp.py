@@ -33,8 +33,8 @@ import torch
 import torch.distributed as dist
 
 from ..policies.registry import PolicySpec
-from .driver import PolicyDriver, torch_all_reduce_mean
-from .local_norms import LocalNormMeter
+from .driver import PolicyDriver, torch_all_gather_rows, torch_all_reduce_mean
+from .local_norms import BackwardCounter, LocalNormMeter
 
 
 class DDPDriver(PolicyDriver):
@@ -51,11 +51,14 @@ class DDPDriver(PolicyDriver):
                          loss_reduction)
         self.model = ddp_model
         self.process_group = ddp_model.process_group
+        self.agree_across_ranks()
         self._hook: Optional[_HookState] = None
         if self.policy.needs_gradient_norms:
-            self._hook = _HookState(LocalNormMeter(ddp_model.module.parameters()), self.process_group,
-                                    self.world_size)
+            self._counter: BackwardCounter = LocalNormMeter(ddp_model.module.parameters())
+            self._hook = _HookState(self._counter, self.process_group, self.world_size)
             ddp_model.register_comm_hook(self._hook, _allreduce_with_local_norm)
+        else:
+            self._counter = BackwardCounter(ddp_model.module.parameters())
 
     def step(self, loss: Optional[torch.Tensor | float] = None) -> None:
         """Feed this step's statistics (and loss) to the policy, set the learning rate, step the optimizer."""
@@ -64,6 +67,19 @@ class DDPDriver(PolicyDriver):
 
     def reduced_norms(self) -> Optional[tuple[float, float]]:
         return self._hook.take()
+
+    def backward_passes(self) -> int:
+        passes = self._counter.take_passes()
+        if passes and self._hook is not None and self._hook.reduced_local is None:
+            raise RuntimeError(f"{passes} backward pass(es) ran but DDP reduced no gradients in this step: either "
+                               "every micro-step ran under no_sync() (run the last one outside it), or a parameter "
+                               "DDP expects a gradient for got none on this rank (requires_grad changed after the "
+                               "DistributedDataParallel wrap, or parameters unused without "
+                               "find_unused_parameters=True; every rank must train the same parameters)")
+        return passes
+
+    def all_gather_rows(self, row: torch.Tensor) -> torch.Tensor:
+        return torch_all_gather_rows(row, self.process_group)
 
     def all_reduce_mean(self, value: torch.Tensor) -> float:
         return torch_all_reduce_mean(value, self.process_group)

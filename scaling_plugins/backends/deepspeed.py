@@ -64,7 +64,7 @@ from ..policies import POLICIES, build_policy, policy_class
 from ..policies.registry import PolicySpec
 from ..telemetry import monitor_events, record_from
 from .deepspeed_harvest import Harvest, Payload, build_rider
-from .driver import PolicyDriver, torch_all_reduce_mean
+from .driver import PolicyDriver, torch_all_gather_rows, torch_all_reduce_mean
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ class DeepSpeedDriver(PolicyDriver):
     """
 
     backward_hint = "train with engine.backward(loss) and engine.step()"
+    accumulation_name = "gradient_accumulation_steps"
 
     def __init__(self, optimizer: Any, policy: PolicySpec = "AdaScale", last_batch_iteration: int = -1) -> None:
         if last_batch_iteration != -1:
@@ -90,6 +91,7 @@ class DeepSpeedDriver(PolicyDriver):
             raise ValueError(unsupported)
         super().__init__(self.engine.optimizer, policy, int(self.engine.dp_world_size),
                          int(self.engine.gradient_accumulation_steps()))
+        self.agree_across_ranks()
         self.last_batch_iteration = -1
         self.last_loss: Optional[float] = None
         self._backward_loss: Optional[torch.Tensor] = None
@@ -97,6 +99,8 @@ class DeepSpeedDriver(PolicyDriver):
         self._harvest: Optional[Harvest] = None
         self._values: Optional[list[float]] = None
         self._stepped_at: Optional[int] = None
+        self._backward_window = (self.engine.global_steps, 0)   # (optimizer step, engine.backward calls in it)
+        compat.call_before(self.engine, "backward", self._count_backward)
         self.rider = None
         if self.policy.needs_gradient_norms or self.policy.needs_loss:
             self.payload = Payload(self.engine, self.policy.needs_gradient_norms, self.policy.needs_loss)
@@ -144,6 +148,19 @@ class DeepSpeedDriver(PolicyDriver):
                                f"{self.backward_hint}")
         self.last_loss = self._values[self.payload.size - 1] / (self.world_size * self.accumulation_steps)
         return self.last_loss
+
+    def _count_backward(self, *args: Any, **kwargs: Any) -> None:
+        step, calls = self._backward_window
+        self._backward_window = (self.engine.global_steps, calls + 1 if step == self.engine.global_steps else 1)
+
+    def backward_passes(self) -> int:
+        """``engine.backward`` calls since the engine moved to this optimizer step (an fp16-overflow step that
+        DeepSpeed skipped does not count into the next)."""
+        step, calls = self._backward_window
+        return calls if step == self.engine.global_steps else 0
+
+    def all_gather_rows(self, row: torch.Tensor) -> torch.Tensor:
+        return torch_all_gather_rows(row, self.engine.data_parallel_group)
 
     def all_reduce_mean(self, value: torch.Tensor) -> float:
         return torch_all_reduce_mean(value, self.engine.data_parallel_group)

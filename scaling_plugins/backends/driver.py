@@ -18,6 +18,11 @@ starts from the same base rates instead of the first driver's scaled ones.
 """
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import math
+import weakref
 from typing import Any, ClassVar, Optional
 
 import torch
@@ -27,8 +32,13 @@ from ..policies.base import StepObservation
 from ..policies.registry import PolicySpec
 from ..stats import GradientSample
 
+log = logging.getLogger(__name__)
+
 LOSS_REDUCTIONS = ("mean", "sum")
 INITIAL_LR = "initial_lr"
+AGREED_SETTINGS = ("policy", "params", "scale", "accumulation_steps", "loss_reduction")
+PERSISTENT_MISMATCH = 3   # consecutive steps with an unexpected number of backward passes before it is an error
+_DRIVEN: "weakref.WeakKeyDictionary[torch.optim.Optimizer, str]" = weakref.WeakKeyDictionary()
 
 
 def check_loss_reduction(loss_reduction: str) -> None:
@@ -66,6 +76,37 @@ def accumulation_sample(local_sq_mean: float, mean_sq_norm: float, world_size: i
                           count=world_size * acc)
 
 
+def setting_fingerprint(value: Any) -> int:
+    """A 63-bit hash of a setting's JSON text (callables by their qualified name), equal on every rank."""
+    def describe(obj: Any) -> str:
+        return f"{type(obj).__module__}.{getattr(obj, '__qualname__', type(obj).__qualname__)}"
+
+    text = json.dumps(value, sort_keys=True, default=describe)
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") >> 1
+
+
+def disagreements(rows: torch.Tensor) -> dict[str, list[list[int]]]:
+    """For each of ``AGREED_SETTINGS`` on which the ranks' fingerprints (one row per rank) differ: the ranks
+    grouped by equal value."""
+    found = {}
+    for column, key in enumerate(AGREED_SETTINGS):
+        groups: dict[int, list[int]] = {}
+        for rank, value in enumerate(rows[:, column].tolist()):
+            groups.setdefault(value, []).append(rank)
+        if len(groups) > 1:
+            found[key] = list(groups.values())
+    return found
+
+
+def torch_all_gather_rows(row: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """Every rank's ``row`` (torch.distributed), stacked in rank order."""
+    import torch.distributed as dist
+
+    rows = [torch.empty_like(row) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(rows, row, group=group)
+    return torch.stack(rows)
+
+
 def torch_all_reduce_mean(value: torch.Tensor, group: Any = None) -> float:
     """The mean over the ranks of ``group`` (torch.distributed) of a one-element tensor, in float64."""
     import torch.distributed as dist
@@ -78,24 +119,43 @@ def torch_all_reduce_mean(value: torch.Tensor, group: Any = None) -> float:
 class PolicyDriver:
     """Steps one policy once per optimizer step and sets every param group's learning rate from it.
 
-    Subclasses (one per engine) provide :meth:`reduced_norms` and :meth:`all_reduce_mean`, and say in
-    ``backward_hint`` and ``loss_hint`` how their users hand over gradients and the loss.
+    Subclasses (one per engine) provide :meth:`reduced_norms`, :meth:`all_reduce_mean`, :meth:`all_gather_rows`
+    and, where they count them, :meth:`backward_passes`; they call :meth:`agree_across_ranks` once their
+    collectives work, and say in ``backward_hint`` and ``loss_hint`` how their users hand over gradients and
+    the loss.
+
+    Checks on the way (each a clear error, never a silent wrong learning rate):
+    - one driver per optimizer: a second attach on the same optimizer is refused;
+    - at attach, one all-gather of a few fingerprints: every rank must run the same policy with the same
+      params, scale, accumulation and loss reduction;
+    - every step, where the backend counts backward passes: a step with none is an error; a count other
+      than ``accumulation_steps`` logs a warning (once), and ``PERSISTENT_MISMATCH`` such steps in a row
+      are an error (one short step, such as an epoch's last partial accumulation, is allowed);
+    - a param group with lr 0 is logged once (the policy multiplies it, so that group does not train).
     """
 
     backward_hint: ClassVar[str] = "call loss.backward() before the optimizer step"
     loss_hint: ClassVar[str] = "pass the loss to the step"
+    accumulation_name: ClassVar[str] = "accumulation_steps"   # what the engine's users call it
 
     def __init__(self, optimizer: torch.optim.Optimizer, policy: PolicySpec, world_size: int,
                  accumulation_steps: int = 1, loss_reduction: str = "mean") -> None:
         check_accumulation_steps(accumulation_steps)
         check_loss_reduction(loss_reduction)
+        if optimizer in _DRIVEN:
+            raise ValueError(f"this optimizer already follows policy {_DRIVEN[optimizer]!r}: attach a policy once "
+                             "per optimizer (a second attach would drive the same learning rates twice)")
         self.optimizer = optimizer
         self.accumulation_steps = accumulation_steps
         self.loss_reduction = loss_reduction
         self.world_size = world_size
         self.policy = build_policy(policy)
         self.policy.configure(world_size, accumulation_steps)
+        self._mismatched_steps = 0
+        self._warned_passes = False
+        self._warned_zero_lr = False
         self.apply_learning_rate()
+        _DRIVEN[optimizer] = self.policy.name
 
     # -- what each engine provides --------------------------------------------------------------------------
     def reduced_norms(self) -> Optional[tuple[float, float]]:
@@ -107,19 +167,64 @@ class PolicyDriver:
         """The mean over this driver's ranks of a one-element tensor."""
         raise NotImplementedError
 
+    def all_gather_rows(self, row: torch.Tensor) -> torch.Tensor:
+        """Every rank's one-dimensional ``row``, stacked in rank order (one collective)."""
+        raise NotImplementedError
+
+    def backward_passes(self) -> Optional[int]:
+        """Backward passes seen since the last step (then reset), or None where the backend does not count."""
+        return None
+
     def reduced_loss(self, loss: Optional[torch.Tensor | float]) -> float:
         """This step's training loss, averaged over ranks (one 1-element all-reduce)."""
         if loss is None:
             raise ValueError(f"policy {self.policy.name!r} uses the training loss: {self.loss_hint}")
-        return self.all_reduce_mean(torch.as_tensor(loss, dtype=torch.float64).detach().reshape(1))
+        value = torch.as_tensor(loss, dtype=torch.float64).detach()
+        if value.numel() != 1:
+            raise ValueError(f"the loss given to the step must be one number (the batch's mean loss), got a tensor "
+                             f"of shape {tuple(value.shape)}: reduce it first, e.g. loss.mean()")
+        return self.all_reduce_mean(value.reshape(1))
+
+    def agree_across_ranks(self) -> None:
+        """``ValueError`` on every rank unless all ranks run the same policy with the same params, scale,
+        accumulation and loss reduction (one all-gather of ``len(AGREED_SETTINGS)`` int64 per rank)."""
+        mine = {"policy": self.policy.name, "params": self.policy.params, "scale": float(self.scale),
+                "accumulation_steps": self.accumulation_steps, "loss_reduction": self.loss_reduction}
+        row = torch.tensor([setting_fingerprint(mine[key]) for key in AGREED_SETTINGS], dtype=torch.int64)
+        differing = disagreements(self.all_gather_rows(row))
+        if differing:
+            parts = [f"{key} (ranks grouped by equal value: {groups}; this rank has {mine[key]!r})"
+                     for key, groups in differing.items()]
+            raise ValueError("the ranks disagree on their policy settings: " + "; ".join(parts) + ". Every rank "
+                             "must attach the same policy with the same params, accumulation and loss reduction")
 
     # -- per step -------------------------------------------------------------------------------------------
     def advance(self, loss: Optional[torch.Tensor | float] = None) -> None:
         """Fold this optimizer step's statistics (and loss) into the policy and set this step's learning rates."""
+        self._check_backward_passes(self.backward_passes())
         gradients = self._gradient_sample() if self.policy.needs_gradient_norms else None
         mean_loss = self.reduced_loss(loss) if self.policy.needs_loss else None
         self.policy.step(StepObservation(gradients=gradients, loss=mean_loss))
         self.apply_learning_rate()
+
+    def _check_backward_passes(self, seen: Optional[int]) -> None:
+        if seen is None:
+            return
+        expected = self.accumulation_steps
+        if seen == 0:
+            raise RuntimeError(f"no backward pass since the last step: {self.backward_hint}")
+        if seen == expected:
+            self._mismatched_steps = 0
+            return
+        self._mismatched_steps += 1
+        message = (f"{seen} backward pass(es) in this step, but {self.accumulation_name} is {expected}: the policy's "
+                   f"scale and statistics assume {expected} (run that many micro-batches per step, or pass the "
+                   "accumulation you run)")
+        if self._mismatched_steps >= PERSISTENT_MISMATCH:
+            raise RuntimeError(f"{message}; {self._mismatched_steps} steps in a row")
+        if not self._warned_passes:
+            log.warning("%s; an error if it happens %d steps in a row", message, PERSISTENT_MISMATCH)
+            self._warned_passes = True
 
     def _gradient_sample(self) -> GradientSample:
         reduced = self.reduced_norms()
@@ -142,7 +247,12 @@ class PolicyDriver:
         """lr = policy.learning_rate(initial lr) for every param group visible now (a new group's initial lr is
         its lr when first seen; ZeRO-1/2 show DeepSpeed's basic optimizer only the group it is stepping)."""
         for group in self.optimizer.param_groups:
-            group["lr"] = self.policy.learning_rate(group.setdefault(INITIAL_LR, group["lr"]))
+            initial_lr = group.setdefault(INITIAL_LR, group["lr"])
+            if initial_lr == 0 and not self._warned_zero_lr:
+                log.warning("a param group has lr 0: policy %r multiplies it, so that group does not train",
+                            self.policy.name)
+                self._warned_zero_lr = True
+            group["lr"] = self.policy.learning_rate(initial_lr)
 
     # -- what users read ------------------------------------------------------------------------------------
     @property
@@ -179,6 +289,7 @@ class PolicyDriver:
             raise ValueError(f"the checkpoint has initial lrs for {len(state['base_lrs'])} param groups, the "
                              f"optimizer has {len(groups)}")
         self.policy.load_state_dict(state["policy"])
+        self.resize(self.world_size, self.accumulation_steps)   # saved on another shape: the scale follows
         for group, initial_lr in zip(groups, state["base_lrs"]):
             group[INITIAL_LR] = initial_lr
         self.apply_learning_rate()

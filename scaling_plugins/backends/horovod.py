@@ -53,6 +53,7 @@ from __future__ import annotations
 import abc
 import contextlib
 import inspect
+import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -63,7 +64,7 @@ from . import horovod_compat as compat
 from .driver import PolicyDriver, check_loss_reduction
 from .horovod_compat import horovod_torch
 from .horovod_elastic import register_state_handler
-from .local_norms import LocalNormMeter, squared_norm_sum
+from .local_norms import LocalNormMeter, queue_end_of_backward, squared_norm_sum
 
 NORM_NAME = "scaling_plugins.local_sq_norm"
 LOSS_NAME = "scaling_plugins.mean_loss"
@@ -80,12 +81,14 @@ class HorovodDriver(PolicyDriver):
 
     backward_hint = "call loss.backward() before opt.step()"
     loss_hint = "call opt.step(loss=loss)"
+    accumulation_name = "backward_passes_per_step"
 
     def __init__(self, optimizer: torch.optim.Optimizer, policy: PolicySpec, backward_passes_per_step: int,
                  gradient_predivide_factor: float, process_set: Any, loss_reduction: str) -> None:
         self.hvd = horovod_torch()
         super().__init__(optimizer, policy, process_set.size(), backward_passes_per_step, loss_reduction)
         self.process_set = process_set
+        self.agree_across_ranks()
         self.op = compat.reduction_op(optimizer)
         average = self.op == self.hvd.Average
         self._scale_factors = (1.0 / gradient_predivide_factor, gradient_predivide_factor) if average else (1.0, 1.0)
@@ -103,6 +106,7 @@ class HorovodDriver(PolicyDriver):
     def _discard_pending(self) -> None:
         """Forget a half-done step (a reload, an elastic reset): no pass seen, nothing in flight."""
         self._passes = 0
+        self._passes_seen: Optional[int] = None   # passes of the step whose gradients were just synchronized
         self._enqueued = 0              # gradients (or Horovod groups) enqueued by hooks in this backward
         self._in_backward = False       # a gradient hook fired and the end-of-backward callback has not run
         self._norm: Optional[tuple[torch.Tensor, Any]] = None   # (buffer, handle; None when in a group)
@@ -116,7 +120,7 @@ class HorovodDriver(PolicyDriver):
                              f"got a {grad.layout} gradient (e.g. nn.Embedding(sparse=True)): use dense ones")
         if not self._in_backward:
             self._in_backward = True
-            compat.queue_end_of_backward(self._end_of_backward)
+            queue_end_of_backward(self._end_of_backward)
 
     def _end_of_backward(self) -> None:
         """After every accumulator hook of this backward: the fallback enqueue, if no gradient carried the norm."""
@@ -184,7 +188,7 @@ class HorovodDriver(PolicyDriver):
                  if p.requires_grad and p.grad is not None]
         self._reduced = (buffer[0].to(torch.float64), squared_norm_sum(grads))
         self._norm = None
-        self._passes = 0
+        self._passes_seen, self._passes = self._passes, 0
 
     # -- per step -------------------------------------------------------------------------------------------
     def observe_step(self, loss: Optional[torch.Tensor | float]) -> None:
@@ -202,6 +206,16 @@ class HorovodDriver(PolicyDriver):
             reduced_local /= world
             reduced_sq /= world * world
         return reduced_local, reduced_sq
+
+    def backward_passes(self) -> Optional[int]:
+        """Passes counted by the end-of-backward callback (policies that measure norms; None otherwise)."""
+        if self._meter is None:
+            return None
+        passes, self._passes_seen = self._passes_seen, None
+        return self._passes if passes is None else passes
+
+    def all_gather_rows(self, row: torch.Tensor) -> torch.Tensor:
+        return self.hvd.allgather(row.reshape(1, -1), name="scaling_plugins.settings", process_set=self.process_set)
 
     def all_reduce_mean(self, value: torch.Tensor) -> float:
         value = value.detach().to(torch.float64).reshape(1)
@@ -294,6 +308,9 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, *args: Any, policy: P
                          "learning rate of the averaged gradient, and Adasum (or min/max/product) does not average, "
                          "so AdaScale's gain has no meaning there")
     check_loss_reduction(loss_reduction)
+    predivide = hvd_args["gradient_predivide_factor"]
+    if not (isinstance(predivide, (int, float)) and math.isfinite(predivide) and predivide > 0):
+        raise ValueError(f"gradient_predivide_factor must be a finite number > 0, got {predivide!r}")
     process_set = hvd_args["process_set"]
     if not process_set.included():
         raise ValueError("this rank is not in process_set: a policy needs the reduced gradients of its own set")

@@ -7,7 +7,6 @@ Horovod 0.28.1 (its last release) is the version this is verified against; the 0
 - the private attributes of ``hvd.DistributedOptimizer``'s class that the backend reads (parameter names,
   compression, gradient groups, whether ``step()`` synchronizes) and the extension of that class in place
   (Horovod's methods call ``super(self.__class__, self)``, so the class cannot be subclassed);
-- torch autograd's end-of-backward callback queue;
 - Horovod Elastic's ``TorchState`` handler registry.
 """
 from __future__ import annotations
@@ -83,12 +82,6 @@ def extend_optimizer_class(optimizer: Any, members: type, read_through: Iterable
     for name in read_through:
         setattr(cls, name, property(operator.attrgetter(f"scaling.{name}"), doc=f"``opt.scaling.{name}``"))
     marker.register(cls)
-
-
-# -- torch autograd -------------------------------------------------------------------------------------------
-def queue_end_of_backward(callback: Callable[[], None]) -> None:
-    """Run ``callback`` once the current backward pass has finished (after every accumulator hook)."""
-    torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
 # -- Horovod Elastic ------------------------------------------------------------------------------------------

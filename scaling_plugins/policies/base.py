@@ -17,7 +17,10 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
+from ..config import bound_arguments
 from ..stats import GradientSample
+
+STATE_FORMAT = 1   # the version of the state layout; bump when a policy's state_dict changes shape
 
 
 @dataclass(frozen=True)
@@ -35,6 +38,14 @@ class Policy(ABC):
     name: ClassVar[str]
     needs_gradient_norms: ClassVar[bool] = False
     needs_loss: ClassVar[bool] = False
+    params: dict[str, Any]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "Policy":
+        """Every construction checks the arguments' types against the constructor's annotations (finite numbers,
+        integers, strings, ...: ``scaling_plugins.config``) and keeps them, defaults included, as ``params``."""
+        policy = super().__new__(cls)
+        policy.params = bound_arguments(cls, args, kwargs)
+        return policy
 
     def __init__(self) -> None:
         self.world_size = 1
@@ -74,9 +85,22 @@ class Policy(ABC):
         return {"gain": self.gain, "progress": self.progress}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "world_size": self.world_size, "accumulation_steps": self.accumulation_steps}
+        return {"policy": self.name, "format": STATE_FORMAT, "steps": self.steps, "world_size": self.world_size,
+                "accumulation_steps": self.accumulation_steps}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state saved by ``state_dict`` of the same policy (``ValueError`` for another policy's, or
+        another format's). The saved run's shape comes back with it; a backend then calls ``configure`` with the
+        current shape when it differs (a resume on another number of workers)."""
+        if not isinstance(state, dict) or "format" not in state or "policy" not in state:
+            raise ValueError(f"not a scaling_plugins policy state (no 'policy' name and 'format' version); "
+                             f"got keys {sorted(state) if isinstance(state, dict) else type(state).__name__}")
+        if state["policy"] != self.name:
+            raise ValueError(f"this state was saved by policy {state['policy']!r}, not {self.name!r}: load it into "
+                             f"a {state['policy']} policy, or start {self.name} afresh")
+        if state["format"] != STATE_FORMAT:
+            raise ValueError(f"policy state format {state['format']!r} is not supported (this version reads "
+                             f"format {STATE_FORMAT})")
         self.steps = int(state["steps"])
         self.world_size = int(state["world_size"])
         self.accumulation_steps = int(state["accumulation_steps"])
