@@ -186,3 +186,16 @@ def test_scheduler_outside_deepspeed_initialize_is_refused():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(RuntimeError, match="deepspeed.initialize"):
         DeepSpeedDriver(optimizer, "AdaScale")
+
+
+@pytest.mark.slow
+def test_checkpoint_loaded_on_another_world_size_follows_the_new_scale(tmp_path):
+    """engine.save_checkpoint at 2 ranks × gas 2 (S = 4), engine.load_checkpoint at 1 rank × gas 2 (S = 2)."""
+    for ranks, mode in ((2, "save"), (1, "load")):
+        run_command([str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
+                     "tests/deepspeed_scripts/resize.py", "--out", str(tmp_path), "--mode", mode],
+                    timeout=600, env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    saved, loaded = (json.loads((tmp_path / f"{mode}.json").read_text()) for mode in ("save", "load"))
+    assert saved["scale"] == 4.0 and loaded["scale"] == 2.0
+    for key in ("progress", "sigma_sq", "mu_sq"):                  # τ and the base-batch estimates carry over
+        assert loaded[key] == saved[key]

@@ -33,3 +33,14 @@ def test_elastic_shrink_keeps_progress_and_rescales(tmp_path):
     for before, after in zip(records, records[1:]):                             # τ carried across the change
         assert after["progress"] == before["progress"] + after["gain"]
     assert all(r["loss"] < float("inf") for r in records)
+
+
+def test_checkpoint_loaded_on_another_world_size_follows_the_new_scale(tmp_path):
+    script = str(SCRIPTS / "resize.py")
+    run_command([str(VENV_BIN / "horovodrun"), "--gloo", "-np", "2", str(VENV_BIN / "python"), script, "save",
+                 str(tmp_path)], timeout=300)
+    run_command([str(VENV_BIN / "python"), script, "load", str(tmp_path)], timeout=120)
+    saved, loaded = (json.loads((tmp_path / f"{mode}.json").read_text()) for mode in ("save", "load"))
+    assert saved["scale"] == 4.0 and loaded["scale"] == 2.0       # 2 ranks × 2 passes, then 1 × 2
+    for key in ("progress", "sigma_sq", "mu_sq"):                  # τ and the base-batch estimates carry over
+        assert loaded[key] == saved[key]
