@@ -199,3 +199,15 @@ def test_checkpoint_loaded_on_another_world_size_follows_the_new_scale(tmp_path)
     assert saved["scale"] == 4.0 and loaded["scale"] == 2.0
     for key in ("progress", "sigma_sq", "mu_sq"):                  # τ and the base-batch estimates carry over
         assert loaded[key] == saved[key]
+
+
+@pytest.mark.slow
+def test_set_train_batch_size_is_followed(tmp_path):
+    """gas 2 → 4 mid-run: the scale and the statistics follow (equal to a fresh gas-4 run on the same batches)."""
+    run_command([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
+                 "tests/deepspeed_scripts/resize.py", "--out", str(tmp_path), "--mode", "ramp"],
+                timeout=600, env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    result = json.loads((tmp_path / "ramp.json").read_text())
+    assert result["steps"] == 4 and result["ramped"]["scale"] == result["fresh"]["scale"] == 8.0
+    for key in ("sigma_sq", "mu_sq", "gain"):
+        assert result["ramped"][key] == pytest.approx(result["fresh"][key], rel=1e-9)

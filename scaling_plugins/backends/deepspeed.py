@@ -119,6 +119,7 @@ class DeepSpeedDriver(PolicyDriver):
             self.apply_learning_rate()  # ZeRO-1/2 step the basic optimizer once per param group
             return
         self._stepped_at = self.engine.global_steps
+        self.resize(self.world_size, int(self.engine.gradient_accumulation_steps()))  # set_train_batch_size
         self._values = self._take_harvest()
         self.advance()
 
