@@ -118,3 +118,27 @@ def test_importing_the_library_and_a_backend_pulls_no_application_dependency(bac
             "print(added); sys.exit(1 if added else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_an_unsupported_deepspeed_version_is_refused_by_name():
+    pytest.importorskip("deepspeed")
+    from scaling_plugins.backends import deepspeed_compat
+
+    with pytest.raises(ImportError, match=r"deepspeed 0\.18\.2 is not supported by scaling_plugins \(supported: "
+                                          r"0\.19\.x; verified on 0\.19\.8\)"):
+        deepspeed_compat._require_supported_version("0.18.2")
+
+
+def test_an_unsupported_horovod_version_is_refused_by_name(monkeypatch):
+    horovod = pytest.importorskip("horovod")
+    pytest.importorskip("horovod.torch")
+    from scaling_plugins.backends import horovod_compat
+
+    monkeypatch.setattr(horovod, "__version__", "0.27.0")
+    horovod_compat.horovod_torch.cache_clear()
+    try:
+        with pytest.raises(ImportError, match=r"horovod 0\.27\.0 is not supported by scaling_plugins \(supported: "
+                                              r"0\.28\.x; verified on 0\.28\.1\)"):
+            horovod_compat.horovod_torch()
+    finally:
+        horovod_compat.horovod_torch.cache_clear()
