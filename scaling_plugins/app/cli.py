@@ -80,8 +80,18 @@ def build_parser() -> argparse.ArgumentParser:
         "check-config", help="validate a DeepSpeed config's policy entry or a standalone policy config",
         description="Check a JSON file without training: a DeepSpeed config's \"scheduler\" entry naming a "
                     "scaling_plugins policy, or a standalone {\"type\": NAME, \"params\": {...}}. Prints every "
-                    "problem with its key path, the bad value and what is allowed; exit status 0 when valid, 1 not.")
+                    "problem with its key path (or the file's line), the bad value and what is allowed; exit status "
+                    "0 when valid, 1 not. A valid entry is then configured as attach configures it: at --workers × "
+                    "--accumulation when --workers is given (a failure there is a problem), else at every shape of "
+                    "1-1024 workers, the failing ones printed as a warning (exit 0), since some settings only fail "
+                    "at some scales (LEGW's warmup grows with k). --accumulation defaults to a DeepSpeed config's "
+                    "gradient_accumulation_steps, else 1.")
     check.add_argument("file", type=Path, metavar="FILE")
+    check.add_argument("--workers", type=_positive_int, default=None,
+                       help="ranks of the run; check the policy at exactly this shape (default: try 1-1024, warn)")
+    check.add_argument("--accumulation", type=_positive_int, default=None,
+                       help="gradient-accumulation steps of the run (default: the DeepSpeed config's "
+                            "gradient_accumulation_steps, else 1)")
 
     from .bench import add_quality_arguments
 
@@ -132,9 +142,9 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    from .config_check import check_file
+    from .config_check import Shape, check_file
 
-    problems, notes = check_file(args.file)
+    problems, notes = check_file(args.file, Shape(args.workers, args.accumulation))
     for note in notes:
         print(f"{args.file}: {note}")
     for problem in problems:
