@@ -53,13 +53,19 @@ def _required(cls: type[Policy]) -> list[str]:
     return [p.name for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
-def _construct(cls: type[Policy], params: Mapping[str, Any]) -> str | None:
-    """None when ``cls(**params)`` builds; else its error message."""
+def _construct(cls: type[Policy], params: Mapping[str, Any]) -> Exception | None:
+    """None when ``cls(**params)`` builds; else its error (an ``ImportError``: a missing optional dependency,
+    such as AutoWU's scikit-learn)."""
     try:
         cls(**params)
-    except (ValueError, TypeError, ImportError) as err:   # ImportError: an optional dependency (AutoWU's sklearn)
-        return str(err)
+    except (ValueError, TypeError, ImportError) as err:
+        return err
     return None
+
+
+def _value_error(error: Exception | None) -> str | None:
+    """The message of an error that blames the values; None for success or a missing dependency."""
+    return None if error is None or isinstance(error, ImportError) else str(error)
 
 
 def check_params(cls: type[Policy], params: Any, path: str) -> list[Problem]:
@@ -74,16 +80,16 @@ def check_params(cls: type[Policy], params: Any, path: str) -> list[Problem]:
     if missing:
         return problems
     base = {key: params[key] for key in _required(cls)}
-    baseline = _construct(cls, base)   # a policy may need a key it does not mark as required (AutoWU's budget)
-    for key, value in params.items():
+    baseline = _value_error(_construct(cls, base))   # a policy may need a key it does not mark as required
+    for key, value in params.items():                  # (AutoWU's budget)
         if key in allowed and key not in base:
-            error = _construct(cls, {**base, key: value})
+            error = _value_error(_construct(cls, {**base, key: value}))
             if error and error != baseline:
                 problems.append(Problem(f"{path}.{key}", value, error))
     if not problems:
         error = _construct(cls, params)
         if error:
-            problems.append(Problem(path, dict(params), error))
+            problems.append(Problem(path, dict(params), str(error)))
     return problems
 
 
