@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 DESCRIPTION = """\
 Batch-size-aware learning-rate policies (AdaScale, and the scaling rules in the policy registry) for
@@ -26,14 +26,26 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-    return value
+def _checked(convert: Callable[[str], Any], check: Callable[[Any], None]) -> Callable[[str], Any]:
+    """An argparse ``type``: ``convert`` the text, then ``check`` the value; a ``ValueError`` from either
+    becomes argparse's usage error (exit status 2) with the check's message."""
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a {convert.__name__}: {text!r}") from None
+        try:
+            check(value)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+        return value
+
+    parse.__name__ = convert.__name__   # argparse names the type in its messages
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .demo import check_budget, check_seed
     from .engines import BACKENDS
     from .workloads import WORKLOADS
 
@@ -57,13 +69,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=_positive_int, default=2, help="ranks (processes) for the scaled runs (default: 2)")
     demo.add_argument("--scale", type=_positive_int, default=16,
                       help="S = effective batch / base batch = workers × gradient-accumulation steps (default: 16)")
-    demo.add_argument("--budget", type=_positive_float, default=None,
-                      help="training length in base-scale steps (samples / base batch); AdaScale stops when its "
-                           "progress τ reaches it, other policies after the same number of samples. "
+    demo.add_argument("--budget", type=_checked(float, check_budget), default=None,
+                      help="training length in base-scale steps (samples / base batch), finite and > 0; AdaScale "
+                           "stops when its progress τ reaches it, other policies after the same number of samples. "
                            "Default: the workload's (digits 1600, charlm 1200, quadratic 800)")
-    demo.add_argument("--seed", type=int, default=0, help="seed of the data order and the model initialisation (default: 0)")
+    demo.add_argument("--seed", type=_checked(int, check_seed), default=0,
+                      help="seed of the data order and the model initialisation, 0 to 2**63 - 1 (default: 0)")
     demo.add_argument("--evals", type=_positive_int, default=8, help="validation evaluations per run (default: 8)")
-    demo.add_argument("--out", type=Path, default=Path("runs"), help="folder that receives the run folders (default: runs)")
+    demo.add_argument("--out", type=Path, default=Path("runs"),
+                      help="folder that receives the run folders, created if missing (default: runs)")
     demo.add_argument("--no-reference", action="store_true", help="skip the S = 1 reference run")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")
 
