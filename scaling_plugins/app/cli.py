@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
@@ -138,21 +137,37 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    """Exit status 0 when every run was reported, 1 when some were skipped (each with a warning on stderr),
+    2 when none could be loaded or the figures could not be written."""
     from .noise_scale import advice_lines
     from .plots import comparison_table, load_runs, render
 
-    try:
-        runs = load_runs(args.run_dirs)
-    except (FileNotFoundError, json.JSONDecodeError, KeyError) as err:
-        print(f"scaling-plugins report: {err}", file=sys.stderr)
+    skipped: list[str] = []
+
+    def skip(problem: str) -> None:
+        print(f"scaling-plugins report: warning: skipping {problem}", file=sys.stderr)
+        skipped.append(problem)
+
+    runs = load_runs(args.run_dirs, skip=skip)
+    if not runs:
+        print("scaling-plugins report: no run could be loaded; nothing to report", file=sys.stderr)
         return 2
     out = args.out or (args.run_dirs[0] if len(args.run_dirs) == 1 else Path("report"))
     print(comparison_table(runs))
     for line in advice_lines(runs):
         print(line)
-    for path in render(runs, out, title=args.title):
+    try:
+        written = render(runs, out, title=args.title)
+    except OSError as err:
+        print(f"scaling-plugins report: cannot write the figures into {out} (--out): {err.strerror or err}",
+              file=sys.stderr)
+        return 2
+    for path in written:
         print(f"wrote {path}")
-    return 0
+    if skipped:
+        print(f"scaling-plugins report: {len(skipped)} run(s) or folder(s) skipped (see the warnings above)",
+              file=sys.stderr)
+    return 1 if skipped else 0
 
 
 def _check_config(args: argparse.Namespace) -> int:

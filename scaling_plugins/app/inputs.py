@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 PathLike = Union[str, Path]
 
@@ -64,8 +64,9 @@ def parse_json(path: PathLike) -> Any:
     return _loads(read_text(path), path)
 
 
-def parse_jsonl(path: PathLike) -> list[dict[str, Any]]:
-    """Every record of a JSON-lines file: one JSON object per non-blank line (a missing file has none)."""
+def parse_jsonl(path: PathLike, check: Optional[Callable[[dict[str, Any]], None]] = None) -> list[dict[str, Any]]:
+    """Every record of a JSON-lines file: one JSON object per non-blank line (a missing file has none). ``check``
+    may reject a record with a ``ValueError``, which becomes an ``InputError`` at that record's line."""
     if not Path(path).exists():
         return []
     records = []
@@ -75,5 +76,10 @@ def parse_jsonl(path: PathLike) -> list[dict[str, Any]]:
         record = _loads(line, path, line_offset=number - 1)
         if not isinstance(record, dict):
             raise InputError(path, f"expected a JSON object per line, got {type(record).__name__}", number)
+        try:
+            if check is not None:
+                check(record)
+        except ValueError as err:
+            raise InputError(path, str(err), number) from None
         records.append(record)
     return records
