@@ -32,7 +32,16 @@ from .inputs import InputError, parse_json
 
 ENTRY_KEYS = ("params", "type")
 PROBED_WORKERS = 1024   # shapes tried when the run's shape is not given: 1..PROBED_WORKERS workers
-NO_VALUE = type("NoValue", (), {"__repr__": lambda self: "NO_VALUE"})()   # a problem of the file, not of a value
+
+
+class _NoValue:
+    """The value of a problem that belongs to the file (unreadable, not JSON), not to a key."""
+
+    def __repr__(self) -> str:
+        return "NO_VALUE"
+
+
+NO_VALUE = _NoValue()
 
 
 @dataclass(frozen=True)

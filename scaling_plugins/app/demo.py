@@ -100,32 +100,37 @@ def check_runs(specs: Sequence[RunSpec]) -> None:
         require_backend(spec.backend)
         try:
             key = (spec.workload, spec.seed)
-            workload = workloads[key] = workloads.get(key) or get_workload(*key)
-            _checked_policy(spec, workload)
+            if key not in workloads:
+                workloads[key] = get_workload(*key)
+            _checked_policy(spec, workloads[key])
         except (ValueError, TypeError, ImportError) as err:
             raise ValueError(f"run {spec.name!r} ({spec.policy} on {spec.workload}, {spec.workers} worker(s) × "
                              f"{spec.accumulation} accumulation): {err}") from err
+
+
+def _file_in_the_way(folder: Path) -> Optional[Path]:
+    """The first of ``folder`` and its parents that exists as something other than a folder, if any."""
+    return next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
 
 
 def make_demo_folder(out: Path) -> Path:
     """Create and return ``out/<timestamp>`` (``-2``, ``-3``, ... when taken); ``ValueError`` saying why when
     ``out`` cannot hold it."""
     out = Path(out)
+    blocker = _file_in_the_way(out)
+    if blocker is not None:
+        raise ValueError(f"cannot write the runs under {out} (--out): {blocker} is a file, not a folder")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    for suffix in range(1, 1000):
+    suffix = 1
+    while True:
         folder = out / (stamp if suffix == 1 else f"{stamp}-{suffix}")
         try:
             folder.mkdir(parents=True)
             return folder
         except FileExistsError:
-            if not out.is_dir():
-                break
+            suffix += 1
         except OSError as err:
-            blocker = next((path for path in (out, *out.parents) if path.exists() and not path.is_dir()), None)
-            reason = f"{blocker} is a file, not a folder" if blocker else (err.strerror or str(err))
-            raise ValueError(f"cannot write the runs under {out} (--out): {reason}") from None
-    raise ValueError(f"cannot write the runs under {out} (--out): "
-                     + ("it is not a folder" if not out.is_dir() else f"{folder} and earlier names are taken"))
+            raise ValueError(f"cannot write the runs under {out} (--out): {err.strerror or err}") from None
 
 
 def run_demo(specs: Sequence[RunSpec], out: Path, progress_bar: bool = True) -> Path:
