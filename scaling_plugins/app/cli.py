@@ -139,6 +139,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     """Exit status 0 when every run was reported, 1 when some were skipped (each with a warning on stderr),
     2 when none could be loaded or the figures could not be written."""
+    from .inputs import make_folder
     from .noise_scale import advice_lines
     from .plots import comparison_table, load_runs, render
 
@@ -157,10 +158,13 @@ def _report(args: argparse.Namespace) -> int:
     for line in advice_lines(runs):
         print(line)
     try:
-        written = render(runs, out, title=args.title)
+        written = render(runs, make_folder(out, "the figures (--out)"), title=args.title)
     except OSError as err:
-        print(f"scaling-plugins report: cannot write the figures into {out} (--out): {err.strerror or err}",
+        print(f"scaling-plugins report: cannot write the figures (--out) into {out}: {err.strerror or err}",
               file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"scaling-plugins report: {err}", file=sys.stderr)
         return 2
     for path in written:
         print(f"wrote {path}")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from .engines import require_backend
+from .inputs import make_folder
 from .noise_scale import advice_lines
 from .plots import comparison_table, load_run, render
 from ..config import allowed_keys
@@ -108,29 +109,21 @@ def check_runs(specs: Sequence[RunSpec]) -> None:
                              f"{spec.accumulation} accumulation): {err}") from err
 
 
-def _file_in_the_way(folder: Path) -> Optional[Path]:
-    """The first of ``folder`` and its parents that exists as something other than a folder, if any."""
-    return next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
-
-
 def make_demo_folder(out: Path) -> Path:
     """Create and return ``out/<timestamp>`` (``-2``, ``-3``, ... when taken); ``ValueError`` saying why when
     ``out`` cannot hold it."""
-    out = Path(out)
-    blocker = _file_in_the_way(out)
-    if blocker is not None:
-        raise ValueError(f"cannot write the runs under {out} (--out): {blocker} is a file, not a folder")
+    out = make_folder(out, "the runs (--out)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     suffix = 1
     while True:
         folder = out / (stamp if suffix == 1 else f"{stamp}-{suffix}")
         try:
-            folder.mkdir(parents=True)
+            folder.mkdir()
             return folder
         except FileExistsError:
             suffix += 1
         except OSError as err:
-            raise ValueError(f"cannot write the runs under {out} (--out): {err.strerror or err}") from None
+            raise ValueError(f"cannot write the runs (--out) into {out}: {err.strerror or err}") from None
 
 
 def run_demo(specs: Sequence[RunSpec], out: Path, progress_bar: bool = True) -> Path:

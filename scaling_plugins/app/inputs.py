@@ -31,6 +31,29 @@ class InputError(ValueError):
         return f"line {self.line}" + ("" if self.column is None else f", column {self.column}")
 
 
+def file_in_the_way(folder: PathLike) -> Optional[Path]:
+    """The first of ``folder`` and its parents that exists as something other than a folder (so that
+    ``folder`` cannot be created), if any."""
+    folder = Path(folder)
+    return next((path for path in (folder, *folder.parents) if path.exists() and not path.is_dir()), None)
+
+
+def make_folder(folder: PathLike, contents: str) -> Path:
+    """Create ``folder`` (and its parents) unless it exists; ``ValueError`` "cannot write CONTENTS into FOLDER:
+    why" when it cannot be."""
+    folder = Path(folder)
+    blocker = file_in_the_way(folder)
+    if blocker is None:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            return folder
+        except OSError as err:
+            reason = err.strerror or str(err)
+    else:
+        reason = f"{blocker} is a file, not a folder"
+    raise ValueError(f"cannot write {contents} into {folder}: {reason}")
+
+
 def _position(data: bytes, offset: int) -> tuple[int, int]:
     """1-based (line, column) of byte ``offset`` in ``data``; the column counts bytes."""
     line_start = data.rfind(b"\n", 0, offset) + 1
