@@ -83,7 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "report", help="re-render the comparison table and plots from saved runs",
         description="Load run folders (or folders of run folders, as the demo writes them), print the comparison "
-                    "table and write validation.png, lr_gain.png, progress.png and table.md.")
+                    "table and write validation.png, lr_gain.png, progress.png and table.md. A damaged or unfinished "
+                    "run is skipped with a warning naming its file and line (or key) and the rest are reported; "
+                    "exit status 0 when every run was reported, 1 when some were skipped, 2 when none could be.")
     report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     report.add_argument("--out", type=Path, default=None,
                         help="where to write the figures; default: RUN_DIR when one is given, else ./report")
@@ -163,7 +165,7 @@ def _report(args: argparse.Namespace) -> int:
         print(f"scaling-plugins report: cannot write the figures (--out) into {out}: {err.strerror or err}",
               file=sys.stderr)
         return 2
-    except ValueError as err:
+    except (ValueError, ImportError) as err:   # ImportError: no matplotlib, with the command that installs it
         print(f"scaling-plugins report: {err}", file=sys.stderr)
         return 2
     for path in written:
