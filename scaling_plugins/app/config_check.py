@@ -8,32 +8,53 @@ Two kinds of file are understood:
 Each parameter is checked on its own (so one bad key does not hide another), then all together (for rules
 that tie keys, e.g. ``min_lr < max_lr``), with the same code that builds the policy at run time
 (``scaling_plugins.policies`` and ``scaling_plugins.config``).
+
+A valid entry is then configured the way ``attach`` / ``deepspeed.initialize`` configure it, because some
+checks need the run's shape (LEGW's warmup grows with k = workers × accumulation and must stay shorter than
+``total_num_steps``). With a :class:`Shape` whose ``workers`` is given, that one shape is checked and a failure
+is a problem. Without it every shape of 1..``PROBED_WORKERS`` workers is tried and the ones that would fail
+at attach are reported as a warning (the file may be meant for a small run), with the failing range.
+The accumulation is ``Shape.accumulation``, else a DeepSpeed config's ``gradient_accumulation_steps``, else 1.
 """
 from __future__ import annotations
 
 import inspect
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Union
+from typing import Any, Iterable, Mapping, Optional, Union
 
 from ..config import allowed_keys
 from ..policies import POLICIES
 from ..policies.base import Policy
+from .inputs import InputError, parse_json
 
 ENTRY_KEYS = ("params", "type")
+PROBED_WORKERS = 1024   # shapes tried when the run's shape is not given: 1..PROBED_WORKERS workers
+
+
+class _NoValue:
+    """The value of a problem that belongs to the file (unreadable, not JSON), not to a key."""
+
+    def __repr__(self) -> str:
+        return "NO_VALUE"
+
+
+NO_VALUE = _NoValue()
 
 
 @dataclass(frozen=True)
 class Problem:
-    """One thing wrong: where (a dotted key path), the bad value, and what is allowed."""
+    """One thing wrong: where (a dotted key path, or a line of the file), the bad value, and what is allowed."""
 
     path: str
     value: Any
     message: str
 
     def __str__(self) -> str:
-        return f"{self.path} = {json.dumps(self.value, default=repr)}: {self.message}"
+        head = self.path if self.value is NO_VALUE else f"{self.path} = {json.dumps(self.value, default=repr)}"
+        return f"{head}: {self.message}" if head else self.message
 
 
 def _required(cls: type[Policy]) -> list[str]:
@@ -41,13 +62,19 @@ def _required(cls: type[Policy]) -> list[str]:
     return [p.name for p in parameters if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
-def _construct(cls: type[Policy], params: Mapping[str, Any]) -> str | None:
-    """None when ``cls(**params)`` builds; else its error message."""
+def _construct(cls: type[Policy], params: Mapping[str, Any]) -> Exception | None:
+    """None when ``cls(**params)`` builds; else its error (an ``ImportError``: a missing optional dependency,
+    such as AutoWU's scikit-learn)."""
     try:
         cls(**params)
-    except (ValueError, TypeError) as err:
-        return str(err)
+    except (ValueError, TypeError, ImportError) as err:
+        return err
     return None
+
+
+def _value_error(error: Exception | None) -> str | None:
+    """The message of an error that blames the values; None for success or a missing dependency."""
+    return None if error is None or isinstance(error, ImportError) else str(error)
 
 
 def check_params(cls: type[Policy], params: Any, path: str) -> list[Problem]:
@@ -62,16 +89,16 @@ def check_params(cls: type[Policy], params: Any, path: str) -> list[Problem]:
     if missing:
         return problems
     base = {key: params[key] for key in _required(cls)}
-    baseline = _construct(cls, base)   # a policy may need a key it does not mark as required (AutoWU's budget)
-    for key, value in params.items():
+    baseline = _value_error(_construct(cls, base))   # a policy may need a key it does not mark as required
+    for key, value in params.items():                  # (AutoWU's budget)
         if key in allowed and key not in base:
-            error = _construct(cls, {**base, key: value})
+            error = _value_error(_construct(cls, {**base, key: value}))
             if error and error != baseline:
                 problems.append(Problem(f"{path}.{key}", value, error))
     if not problems:
         error = _construct(cls, params)
         if error:
-            problems.append(Problem(path, dict(params), error))
+            problems.append(Problem(path, dict(params), str(error)))
     return problems
 
 
@@ -86,15 +113,74 @@ def check_entry(entry: Any, path: str, deepspeed: bool = False) -> list[Problem]
     name = entry.get("type")
     if name not in POLICIES:
         return problems + [Problem(f"{path}.type", name, f"not a policy; valid policies: {sorted(POLICIES)}")]
+    if deepspeed and entry.get("params") is None:
+        problems.append(Problem(f"{path}.params", None, "required by DeepSpeed, which builds the scheduler with "
+                                "**params: use {} for every default"))
+    params = entry.get("params") or {}
+    if deepspeed and isinstance(params, Mapping) and params.get("last_batch_iteration", -1) != -1:
+        problems.append(Problem(f"{path}.params.last_batch_iteration", params["last_batch_iteration"],
+                                "only -1 is allowed: resume with engine.load_checkpoint, which restores the "
+                                "policy's state"))
+    return problems + check_params(POLICIES[name], _policy_params(entry, deepspeed), f"{path}.params")
+
+
+def _policy_params(entry: Mapping[str, Any], deepspeed: bool) -> Any:
+    """The keywords the policy is built from: the entry's params, less DeepSpeed's own last_batch_iteration."""
     params = entry.get("params") or {}
     if deepspeed and isinstance(params, Mapping) and "last_batch_iteration" in params:
-        params = dict(params)
-        last = params.pop("last_batch_iteration")
-        if last != -1:
-            problems.append(Problem(f"{path}.params.last_batch_iteration", last,
-                                    "only -1 is allowed: resume with engine.load_checkpoint, which restores the "
-                                    "policy's state"))
-    return problems + check_params(POLICIES[name], params, f"{path}.params")
+        params = {key: value for key, value in params.items() if key != "last_batch_iteration"}
+    return params
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The run's shape as far as it is known: workers (ranks) and accumulation steps; None = not given."""
+
+    workers: Optional[int] = None
+    accumulation: Optional[int] = None
+
+
+def _attach_error(policy: Policy, workers: int, accumulation: int) -> Optional[str]:
+    """None when ``policy.configure(workers, accumulation)`` (what attach calls) succeeds; else its message."""
+    try:
+        policy.configure(workers, accumulation)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _spans(numbers: Iterable[int]) -> str:
+    """``1, 3-5, 9``: sorted integers as runs of consecutive ones."""
+    spans: list[list[int]] = []
+    for number in sorted(numbers):
+        if spans and number == spans[-1][1] + 1:
+            spans[-1][1] = number
+        else:
+            spans.append([number, number])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in spans)
+
+
+def check_shapes(cls: type[Policy], params: Mapping[str, Any], path: str,
+                 shape: Shape) -> tuple[list[Problem], list[str]]:
+    """(problems, notes) of configuring a valid policy at the run's shape (module docstring). Warnings the
+    policy gives at attach become notes, once each."""
+    accumulation = shape.accumulation or 1
+    tried = [shape.workers] if shape.workers is not None else range(1, PROBED_WORKERS + 1)
+    policy = cls(**params)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        failures = {workers: error for workers in tried
+                    if (error := _attach_error(policy, workers, accumulation)) is not None}
+    notes = [f"warning at attach: {message}" for message in dict.fromkeys(str(w.message) for w in caught)]
+    if not failures:
+        return [], notes
+    first = min(failures)
+    at = f"{first} worker(s) × {accumulation} accumulation step(s)"
+    if shape.workers is not None:
+        return [Problem(path, dict(params), f"fails at attach with {at}: {failures[first]}")], notes
+    return [], notes + [f"warning: {path} fails at attach with {_spans(failures)} worker(s) (of 1-{PROBED_WORKERS} "
+                        f"tried) × {accumulation} accumulation step(s); at {at}: {failures[first]}. Give --workers "
+                        f"(and --accumulation) to check the run's own shape"]
 
 
 def _engine_scheduler(name: Any) -> bool:
@@ -110,28 +196,44 @@ def _engine_scheduler(name: Any) -> bool:
     return name in VALID_LR_SCHEDULES
 
 
-def check_document(document: Any) -> tuple[list[Problem], list[str]]:
-    """(problems, notes) for a parsed config: a DeepSpeed config or a standalone policy entry."""
+def _checked_entry(entry: Any, path: str, deepspeed: bool, shape: Shape) -> tuple[list[Problem], list[str]]:
+    """(problems, notes) of one policy entry: its keys and values, then, when they are valid, its shapes."""
+    problems = check_entry(entry, path, deepspeed=deepspeed)
+    if problems:
+        return problems, []
+    return check_shapes(POLICIES[entry["type"]], _policy_params(entry, deepspeed), f"{path}.params", shape)
+
+
+def _deepspeed_accumulation(document: Mapping[str, Any]) -> Optional[int]:
+    """A DeepSpeed config's ``gradient_accumulation_steps`` when it is a plain integer >= 1 (DeepSpeed checks
+    the rest, e.g. "auto")."""
+    steps = document.get("gradient_accumulation_steps")
+    return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1 else None
+
+
+def check_document(document: Any, shape: Shape = Shape()) -> tuple[list[Problem], list[str]]:
+    """(problems, notes) for a parsed config: a DeepSpeed config or a standalone policy entry, checked at
+    ``shape`` (module docstring)."""
     if isinstance(document, Mapping) and "scheduler" in document:
         scheduler = document["scheduler"]
         name = scheduler.get("type") if isinstance(scheduler, Mapping) else None
         if name not in POLICIES and _engine_scheduler(name):
             return [], [f"scheduler.type = {name!r} is DeepSpeed's or torch's own scheduler, not a scaling_plugins "
                         f"policy; nothing to check here"]
-        return (check_entry(scheduler, "scheduler", deepspeed=True),
-                [f"DeepSpeed config: checked its scheduler entry {name!r}"])
+        shape = Shape(shape.workers, shape.accumulation or _deepspeed_accumulation(document))
+        problems, notes = _checked_entry(scheduler, "scheduler", True, shape)
+        return problems, [f"DeepSpeed config: checked its scheduler entry {name!r}"] + notes
     if isinstance(document, Mapping) and "type" in document:
-        return check_entry(document, "policy"), [f"standalone policy config {document.get('type')!r}"]
+        problems, notes = _checked_entry(document, "policy", False, shape)
+        return problems, [f"standalone policy config {document.get('type')!r}"] + notes
     return [Problem("(top level)", None, 'expected a DeepSpeed config with a "scheduler" entry or a policy entry '
                     '{"type": NAME, "params": {...}}')], []
 
 
-def check_file(path: Union[str, Path]) -> tuple[list[Problem], list[str]]:
-    """(problems, notes) for a JSON file; an unreadable or malformed file is one problem."""
+def check_file(path: Union[str, Path], shape: Shape = Shape()) -> tuple[list[Problem], list[str]]:
+    """(problems, notes) for a JSON file; an unreadable, non-UTF-8 or malformed file is one problem, at its line."""
     try:
-        document = json.loads(Path(path).read_text())
-    except OSError as err:
-        return [Problem(str(path), None, f"cannot read: {err.strerror}")], []
-    except json.JSONDecodeError as err:
-        return [Problem(f"{path}:{err.lineno}:{err.colno}", None, f"not valid JSON: {err.msg}")], []
-    return check_document(document)
+        document = parse_json(path)
+    except InputError as err:
+        return [Problem(err.position, NO_VALUE, err.message)], []
+    return check_document(document, shape)

@@ -9,12 +9,12 @@ matplotlib (Agg, no display needed) is imported lazily: ``pip install 'scaling_p
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
-from ..telemetry import EVAL_FILE, METRICS_FILE, read_jsonl
+from ..telemetry import EVAL_FILE, METRICS_FILE
+from .inputs import InputError, parse_json, parse_jsonl
 from .training import RUN_FILE
 
 FIGURES = ("validation.png", "lr_gain.png", "progress.png")
@@ -40,29 +40,106 @@ class Run:
         return f"{self.name} (S={self.summary.get('scale', '?')})"
 
 
+# What the table, the figures and the advice read from a saved run, and so what a run's files must hold.
+SUMMARY_NUMBERS = ("scale", "final_val_loss", "steps", "samples", "wall_s", "mean_gain")   # required numbers
+SUMMARY_OPTIONAL_NUMBERS = ("final_val_accuracy", "final_progress")                         # numbers or null
+SPEC_OPTIONAL_NUMBERS = ("budget",)
+STEP_NUMBERS = ("step", "samples", "loss", "lr", "gain", "sigma_sq", "mu_sq", "noise_scale", "progress")
+EVAL_NUMBERS = ("step", "samples", "val_loss", "val_accuracy")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_numbers(record: Mapping[str, Any], keys: Sequence[str], where: str, required: bool = False) -> None:
+    """``ValueError`` naming ``where + key`` unless each key holds a number (or, when not ``required``, is absent
+    or null)."""
+    for key in keys:
+        if key not in record:
+            if required:
+                raise ValueError(f"{where}{key} is missing (a number is required)")
+            continue
+        value = record[key]
+        if not (_is_number(value) or (value is None and not required)):
+            raise ValueError(f"{where}{key} must be a number{'' if required else ' or null'}, got {value!r}")
+
+
+def _section(info: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    """``info[key]``, which must be a JSON object."""
+    section = info.get(key)
+    if not isinstance(section, Mapping):
+        raise ValueError(f'"{key}" must be an object, ' + ("missing" if key not in info else f"got {section!r}"))
+    return section
+
+
+def _read_run_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(spec, summary) from a ``run.json``; ``InputError`` naming the file and the bad key."""
+    info = parse_json(path)
+    try:
+        if not isinstance(info, Mapping):
+            raise ValueError(f'expected an object {{"spec": ..., "summary": ...}}, got {type(info).__name__}')
+        spec, summary = _section(info, "spec"), _section(info, "summary")
+        _check_numbers(summary, SUMMARY_NUMBERS, "summary.", required=True)
+        _check_numbers(summary, SUMMARY_OPTIONAL_NUMBERS, "summary.")
+        _check_numbers(spec, SPEC_OPTIONAL_NUMBERS, "spec.")
+        if not isinstance(spec.get("name", ""), str):
+            raise ValueError(f"spec.name must be a string, got {spec['name']!r}")
+    except ValueError as err:
+        raise InputError(path, str(err)) from None
+    return dict(spec), dict(summary)
+
+
 def load_run(path: Union[str, Path]) -> Run:
-    """The run saved in ``path``; ``FileNotFoundError`` when it holds no ``run.json``."""
+    """The run saved in ``path``; ``FileNotFoundError`` when it holds no ``run.json``, ``InputError`` (naming the
+    file, and the line or key) when one of its files is damaged."""
     path = Path(path)
     info_file = path / RUN_FILE
     if not info_file.exists():
         raise FileNotFoundError(f"{path} is not a run folder (no {RUN_FILE})")
-    info = json.loads(info_file.read_text())
-    return Run(path=path, spec=info["spec"], summary=info["summary"], steps=read_jsonl(path / METRICS_FILE),
-               evals=read_jsonl(path / EVAL_FILE))
+    spec, summary = _read_run_file(info_file)
+    steps = parse_jsonl(path / METRICS_FILE, check=lambda record: _check_numbers(record, STEP_NUMBERS, ""))
+    evals = parse_jsonl(path / EVAL_FILE, check=lambda record: _check_numbers(record, EVAL_NUMBERS, ""))
+    return Run(path=path, spec=spec, summary=summary, steps=steps, evals=evals)
 
 
-def load_runs(paths: Iterable[Union[str, Path]]) -> list[Run]:
+def _run_folders(path: Path) -> tuple[list[Path], list[str]]:
+    """(run folders, problems) for a report argument: ``path`` itself when it holds ``run.json``, else its
+    sub-folders that do; a sub-folder with step records but no ``run.json`` (an unfinished run) is a problem."""
+    if (path / RUN_FILE).exists():
+        return [path], []
+    if not path.is_dir():
+        return [], [f"{path}: " + ("not a folder" if path.exists() else "no such folder")]
+    children = sorted(child for child in path.iterdir() if child.is_dir())
+    runs = [child for child in children if (child / RUN_FILE).exists()]
+    unfinished = [f"{child}: no {RUN_FILE} (an unfinished run?)" for child in children
+                  if (child / METRICS_FILE).exists() and not (child / RUN_FILE).exists()]
+    if not runs and not unfinished:
+        unfinished = [f"{path}: holds no runs (no {RUN_FILE} in it or in its sub-folders)"]
+    return runs, unfinished
+
+
+def load_runs(paths: Iterable[Union[str, Path]], skip: Optional[Callable[[str], None]] = None) -> list[Run]:
     """Runs from run folders and from folders of run folders (inside each: by scale, then name, so the S = 1
-    reference comes first as in the demo)."""
+    reference comes first as in the demo). A damaged or unfinished run, or an argument that holds none, is passed
+    to ``skip`` as a message naming the file (and line or key) and left out; without ``skip`` it raises
+    (``InputError``, or ``FileNotFoundError`` for a folder with no runs)."""
     runs: list[Run] = []
     for path in map(Path, paths):
-        if (path / RUN_FILE).exists():
-            runs.append(load_run(path))
-            continue
-        children = sorted(child for child in path.glob("*") if (child / RUN_FILE).exists()) if path.is_dir() else []
-        if not children:
-            raise FileNotFoundError(f"{path} holds no runs (no {RUN_FILE} in it or in its sub-folders)")
-        runs.extend(sorted((load_run(child) for child in children), key=lambda run: (run.summary["scale"], run.name)))
+        folders, problems = _run_folders(path)
+        loaded: list[Run] = []
+        for folder in folders:
+            try:
+                loaded.append(load_run(folder))
+            except InputError as err:
+                if skip is None:
+                    raise
+                problems.append(str(err))
+        for problem in problems:
+            if skip is None:
+                raise FileNotFoundError(problem)
+            skip(problem)
+        runs.extend(sorted(loaded, key=lambda run: (run.summary["scale"], run.name)))
     return runs
 
 
