@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import weakref
 from typing import Any, ClassVar, Optional
 
@@ -155,7 +154,6 @@ class PolicyDriver:
         self._warned_passes = False
         self._warned_zero_lr = False
         self.apply_learning_rate()
-        _DRIVEN[optimizer] = self.policy.name
 
     # -- what each engine provides --------------------------------------------------------------------------
     def reduced_norms(self) -> Optional[tuple[float, float]]:
@@ -187,7 +185,8 @@ class PolicyDriver:
 
     def agree_across_ranks(self) -> None:
         """``ValueError`` on every rank unless all ranks run the same policy with the same params, scale,
-        accumulation and loss reduction (one all-gather of ``len(AGREED_SETTINGS)`` int64 per rank)."""
+        accumulation and loss reduction (one all-gather of ``len(AGREED_SETTINGS)`` int64 per rank); once they
+        agree, the optimizer counts as driven (a second attach on it is refused)."""
         mine = {"policy": self.policy.name, "params": self.policy.params, "scale": float(self.scale),
                 "accumulation_steps": self.accumulation_steps, "loss_reduction": self.loss_reduction}
         row = torch.tensor([setting_fingerprint(mine[key]) for key in AGREED_SETTINGS], dtype=torch.int64)
@@ -197,6 +196,7 @@ class PolicyDriver:
                      for key, groups in differing.items()]
             raise ValueError("the ranks disagree on their policy settings: " + "; ".join(parts) + ". Every rank "
                              "must attach the same policy with the same params, accumulation and loss reduction")
+        _DRIVEN[self.optimizer] = self.policy.name
 
     # -- per step -------------------------------------------------------------------------------------------
     def advance(self, loss: Optional[torch.Tensor | float] = None) -> None:
