@@ -100,13 +100,11 @@ class DeepSpeedDriver(PolicyDriver):
         self._values: Optional[list[float]] = None
         self._stepped_at: Optional[int] = None
         self._backward_window = (self.engine.global_steps, 0)   # (optimizer step, engine.backward calls in it)
-        compat.call_before(self.engine, "backward", self._count_backward)
         self.rider = None
         if self.policy.needs_gradient_norms or self.policy.needs_loss:
             self.payload = Payload(self.engine, self.policy.needs_gradient_norms, self.policy.needs_loss)
             self.rider = build_rider(self.engine, self.payload, self._receive)
-            if self.policy.needs_loss:
-                self._read_loss_in_backward()
+        compat.call_before(self.engine, "backward", self._on_backward)
         compat.basic_optimizer(self.engine).register_step_pre_hook(self._before_optimizer_step)
 
     # -- per step -------------------------------------------------------------------------------------------
@@ -150,9 +148,13 @@ class DeepSpeedDriver(PolicyDriver):
         self.last_loss = self._values[self.payload.size - 1] / (self.world_size * self.accumulation_steps)
         return self.last_loss
 
-    def _count_backward(self, *args: Any, **kwargs: Any) -> None:
+    def _on_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        """Each ``engine.backward(loss)``: counted for this optimizer step; the loss read where the policy uses it."""
         step, calls = self._backward_window
         self._backward_window = (self.engine.global_steps, calls + 1 if step == self.engine.global_steps else 1)
+        if self.policy.needs_loss:
+            self.payload.add_loss(loss)
+            self._backward_loss = loss.detach()
 
     def backward_passes(self) -> int:
         """``engine.backward`` calls since the engine moved to this optimizer step (an fp16-overflow step that
@@ -165,13 +167,6 @@ class DeepSpeedDriver(PolicyDriver):
 
     def all_reduce_mean(self, value: torch.Tensor) -> float:
         return torch_all_reduce_mean(value, self.engine.data_parallel_group)
-
-    def _read_loss_in_backward(self) -> None:
-        def read_loss(loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
-            self.payload.add_loss(loss)
-            self._backward_loss = loss.detach()
-
-        compat.call_before(self.engine, "backward", read_loss)
 
     def _check_step_loss(self, loss: Any) -> None:
         """``engine.step(lr_kwargs={"loss": loss})``: must be the loss last given to ``engine.backward``."""
