@@ -84,14 +84,15 @@ export MASTER_ADDR MASTER_PORT
 
 # route_iface ADDR: the interface this host reaches ADDR through (the one holding ADDR when it is local).
 route_iface() {
-    local addr
-    addr="$(getent ahostsv4 "$1" 2>/dev/null | awk 'NR == 1 { print $1 }')"
+    local addr dev
+    addr="$(getent ahostsv4 "$1" 2>/dev/null | awk 'NR == 1 { print $1 }' || true)"
     [[ -n "$addr" ]] && command -v ip >/dev/null || return 0
-    { ip -o addr show to "$addr" | awk '{ print $2; exit }'
-      ip route get "$addr" | awk '{ for (i = 1; i < NF; i++) if ($i == "dev") { print $(i + 1); exit } }'
-    } 2>/dev/null | head -n 1
+    dev="$(ip -o addr show to "$addr" 2>/dev/null | awk 'NR == 1 { print $2 }' || true)"
+    [[ -n "$dev" ]] || dev="$(ip route get "$addr" 2>/dev/null \
+        | awk '{ for (i = 1; i < NF; i++) if ($i == "dev") { print $(i + 1); exit } }' || true)"
+    echo "$dev"
 }
-IFACE="$(route_iface "$MASTER_ADDR")"
+IFACE="$(route_iface "$MASTER_ADDR" || true)"
 if [[ -n "$IFACE" ]]; then
     export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-$IFACE}" NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-$IFACE}"
     export HOROVOD_GLOO_IFACE="${HOROVOD_GLOO_IFACE:-$IFACE}"
