@@ -3,7 +3,8 @@
 # Sets:  HOSTS (array of node names, in order)   SLOTS (array: ranks on each node)
 #        NNODES  NPROC_PER_NODE  NP (total ranks)  NODE_RANK  MASTER_ADDR  MASTER_PORT  PYTHON  BATCH_SYSTEM
 #        MPIRUN_ROOT_FLAG (array: --allow-run-as-root when running as root)
-#        GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME HOROVOD_GLOO_IFACE (exported; the interface of the route to
+#        GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME HOROVOD_GLOO_IFACE OMPI_MCA_btl_tcp_if_include
+#                    (exported; the interface of the route to
 #                     MASTER_ADDR, so that a node with several interfaces uses the one that reaches the others;
 #                     each one the user set is kept)
 # and offers  write_hostfile  (one "host slots=N" line per node, the format DeepSpeed, Open MPI and
@@ -96,6 +97,7 @@ IFACE="$(route_iface "$MASTER_ADDR" || true)"
 if [[ -n "$IFACE" ]]; then
     export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-$IFACE}" NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-$IFACE}"
     export HOROVOD_GLOO_IFACE="${HOROVOD_GLOO_IFACE:-$IFACE}"
+    export OMPI_MCA_btl_tcp_if_include="${OMPI_MCA_btl_tcp_if_include:-$IFACE}"   # Open MPI's own traffic
     echo "launch: interface ${GLOO_SOCKET_IFNAME} (route to MASTER_ADDR=$MASTER_ADDR)" >&2
 fi
 
