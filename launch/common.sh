@@ -15,6 +15,7 @@
 # Node list:   SLURM  SLURM_JOB_NODELIST expanded by python-hostlist (`hostlist`, pip install python-hostlist;
 #                     ranks per node from SLURM_TASKS_PER_NODE, e.g. "2(x3),1")
 #              PBS    PBS_NODEFILE (one line per rank slot; counted per node in order of appearance)
+#              SCALING_PLUGINS_NODES  "host:slots,..." (what once_per_node hands the copies it starts under PBS)
 #              none   this machine alone (127.0.0.1, a free port), NPROC_PER_NODE ranks (default: visible GPUs, else 1)
 # Overrides:   NPROC_PER_NODE (ranks on every node), MASTER_ADDR, MASTER_PORT, NODE_RANK, HOSTFILE, PYTHON;
 #              extra launcher options in TORCHRUN_ARGS, DEEPSPEED_ARGS, MPIRUN_ARGS, HOROVODRUN_ARGS;
@@ -47,6 +48,12 @@ if [[ -n "${SLURM_JOB_NODELIST+set}" ]]; then
     fi
     NODE_RANK="${NODE_RANK:-${SLURM_NODEID:-0}}"
     MASTER_PORT="${MASTER_PORT:-$((20000 + ${SLURM_JOB_ID:-0} % 10000))}"
+elif [[ -n "${SCALING_PLUGINS_NODES:-}" ]]; then   # "host:slots,..." from once_per_node (PBS), on every node
+    BATCH_SYSTEM=forwarded
+    IFS=, read -r -a entries <<< "$SCALING_PLUGINS_NODES"
+    for entry in "${entries[@]}"; do HOSTS+=("${entry%:*}"); SLOTS+=("${entry##*:}"); done
+    NODE_RANK="${NODE_RANK:-${OMPI_COMM_WORLD_RANK:-${PMI_RANK:-0}}}"
+    MASTER_PORT="${MASTER_PORT:?once_per_node forwards MASTER_PORT}"
 elif [[ -n "${PBS_NODEFILE:-}" ]]; then
     BATCH_SYSTEM=pbs
     [[ -r "$PBS_NODEFILE" ]] || { echo "launch: PBS_NODEFILE=$PBS_NODEFILE is not readable" >&2; exit 2; }
@@ -69,7 +76,7 @@ fi
 [[ ${#HOSTS[@]} -gt 0 ]] || die "the $BATCH_SYSTEM node list is empty"
 if [[ "${DRY_RUN:-0}" != 1 ]]; then   # a dry run only prints: its nodes need not exist
     for host in "${HOSTS[@]}"; do
-        getent hosts "$host" >/dev/null || die "node $host of the $BATCH_SYSTEM node list does not resolve (unknown host)"
+        getent ahosts "$host" >/dev/null || die "node $host of the $BATCH_SYSTEM node list does not resolve (unknown host)"
     done
 fi
 if [[ -n "${NPROC_PER_NODE:-}" ]]; then
@@ -149,11 +156,13 @@ once_per_node() {
     case "$BATCH_SYSTEM" in
         slurm)
             run_launcher srun --nodes "$NNODES" --ntasks "$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 "$@" ;;
-        pbs)
+        pbs)   # the other nodes see neither PBS_NODEFILE nor this hostfile: the node list travels as a variable
             write_hostfile
             check_hosts_answer
+            SCALING_PLUGINS_NODES="$(for i in "${!HOSTS[@]}"; do echo "${HOSTS[$i]}:${SLOTS[$i]}"; done | paste -sd,)"
+            export SCALING_PLUGINS_NODES
             run_launcher mpirun -np "$NNODES" --hostfile "$HOSTFILE" --map-by ppr:1:node "${MPIRUN_ROOT_FLAG[@]}" \
-                -x SCALING_PLUGINS_ON_NODE -x NPROC_PER_NODE -x MASTER_ADDR -x MASTER_PORT -x GLOO_SOCKET_IFNAME \
+                -x SCALING_PLUGINS_ON_NODE -x SCALING_PLUGINS_NODES -x NPROC_PER_NODE -x MASTER_ADDR -x MASTER_PORT -x GLOO_SOCKET_IFNAME \
                 -x NCCL_SOCKET_IFNAME -x HOROVOD_GLOO_IFACE "$@" ;;
         *) die "once_per_node needs a batch system" ;;
     esac

@@ -53,6 +53,11 @@ def reference(tmp_path_factory):
     return outcome["results"][0]
 
 
+def env_for(cluster, extra: dict | None = None, path_first: tuple[str, ...] = ()) -> dict[str, str]:
+    """This environment plus ``extra``, with the venv (and ``path_first``) first on PATH, pointed at the cluster."""
+    return cluster.env({**os.environ, **(extra or {})}, path_first=[*path_first, str(VENV_BIN)])
+
+
 def results_of(text: str) -> list[dict]:
     rows = [json.loads(line.split("RESULT ", 1)[1]) for line in text.splitlines() if "RESULT {" in line]
     return sorted(rows, key=lambda r: r["rank"])
@@ -90,13 +95,13 @@ def test_launch_picks_the_interface_of_the_route_unless_set(cluster):
     base = {"SLURM_JOB_NODELIST": "sp-n[1-2]", "SLURM_TASKS_PER_NODE": "2(x2)", "SLURM_JOB_ID": "9",
             "DRY_RUN": "1"}
     script = 'source launch/common.sh x; echo "$GLOO_SOCKET_IFNAME $NCCL_SOCKET_IFNAME $HOROVOD_GLOO_IFACE"'
-    picked = cluster.run("sp-n2", ["bash", "-c", script], env=cluster.env({**os.environ, **base}), cwd=REPO)
+    picked = cluster.run("sp-n2", ["bash", "-c", script], env=env_for(cluster, base), cwd=REPO)
     assert picked.stdout.split() == ["eth1"] * 3, picked.stderr
     spare = cluster.run("sp-n2", ["bash", "-c", script], cwd=REPO,
-                        env=cluster.env({**os.environ, **base, "MASTER_ADDR": "10.213.48.12"}))
+                        env=env_for(cluster, {**base, "MASTER_ADDR": "10.213.48.12"}))
     assert spare.stdout.split() == ["eth0"] * 3, spare.stderr
     chosen = cluster.run("sp-n2", ["bash", "-c", script], cwd=REPO,
-                         env=cluster.env({**os.environ, **base, "GLOO_SOCKET_IFNAME": "mine"}))
+                         env=env_for(cluster, {**base, "GLOO_SOCKET_IFNAME": "mine"}))
     assert chosen.stdout.split() == ["mine", "eth1", "eth1"], chosen.stderr
 
 
@@ -109,12 +114,13 @@ def test_slurm_template_across_two_hosts_without_ssh(cluster, reference, tmp_pat
     (stub / "ssh").write_text(NO_SSH)
     (stub / "ssh").chmod(0o755)
     log = tmp_path / "job.log"
-    cmd = ["sbatch", "--wait", "-N", "2", "--ntasks-per-node=2", "-o", str(log), f"launch/slurm/{launcher}.sbatch",
+    cmd = ["sbatch", "--parsable", "-N", "2", "--ntasks-per-node=2", "-o", str(log), f"launch/slurm/{launcher}.sbatch",
            *TRAIN, "--backend", SLURM_BACKENDS[launcher], "--out", str(tmp_path / "run")]
-    env = cluster.env(path_first=[str(stub), str(VENV_BIN)])
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=360)
+    env = env_for(cluster, path_first=(str(stub),))
+    job = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True)
+    state = wait_for_job(cluster, job.stdout.strip().split(";")[0], timeout=360)
     text = log.read_text(errors="replace") if log.exists() else ""
-    assert proc.returncode == 0, proc.stderr + text[-4000:]
+    assert state == "COMPLETED", state + "\n" + text[-4000:]
     assert not (stub / "ssh.log").exists(), (stub / "ssh.log").read_text()
     assert_trained_across_hosts(results_of(text), reference, text)
     progress = [line for line in text.splitlines() if line.startswith("progress sp-n1 rank 0 |")]
@@ -122,11 +128,26 @@ def test_slurm_template_across_two_hosts_without_ssh(cluster, reference, tmp_pat
     assert re.search(r"\| loss \S+ lr \S+ gain \S+$", progress[-1]), progress[-1]
 
 
+def wait_for_job(cluster, job_id: str, timeout: float) -> str:
+    """Poll the job's state every half second (``sbatch --wait`` polls in ever longer sleeps) until it ends;
+    its final state. Bounded by ``timeout`` seconds; a job still running then is cancelled."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=cluster.env(), capture_output=True,
+                             text=True, timeout=30).stdout
+        state = re.search(r"JobState=(\S+)", out)
+        if state and state.group(1) not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
+            return state.group(1)
+        time.sleep(0.5)
+    subprocess.run(["scancel", job_id], env=cluster.env(), timeout=30)
+    raise AssertionError(f"job {job_id} did not end within {timeout:.0f} s")
+
+
 def launch_from(cluster, host: str, cmd: list[str], tmp_path: Path, env: dict | None = None,
                 timeout: float = 300) -> tuple[list[dict], str]:
     """``cmd`` started on ``host`` (as a user logged in there would), in the repository; results and output."""
-    full = cluster.env({**os.environ, **(env or {})}, path_first=[str(VENV_BIN)])
-    proc = cluster.run(host, cmd + ["--out", str(tmp_path / "run")], env=full, cwd=REPO, timeout=timeout)
+    proc = cluster.run(host, cmd + ["--out", str(tmp_path / "run")], env=env_for(cluster, env), cwd=REPO,
+                       timeout=timeout)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     return results_of(proc.stdout), output
@@ -166,7 +187,7 @@ def test_torchrun_c10d_rendezvous_started_on_each_host(cluster, reference, tmp_p
     port = free_port()
     cmd = ["torchrun", "--nnodes", "2", "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
            f"sp-n1:{port}", "--rdzv-id", "sp-test", *TRAIN, "--backend", "ddp", "--out", str(tmp_path / "run")]
-    env = cluster.env({**os.environ, "GLOO_SOCKET_IFNAME": "eth1"}, path_first=[str(VENV_BIN)])
+    env = env_for(cluster, {"GLOO_SOCKET_IFNAME": "eth1"})
     procs = [cluster.popen(host, cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for host in HOSTS]
     try:
@@ -192,8 +213,7 @@ def test_pbs_job_across_two_hosts(cluster, reference, tmp_path, launcher):
     """PBS's environment simulated (PBS_NODEFILE etc.), the job script run on the first host, the launch real."""
     env = {**pbs_env(tmp_path, ["sp-n1", "sp-n1", "sp-n2", "sp-n2"]), "LAUNCHER": launcher,
            "TRAIN_ARGS": " ".join([*TRAIN, "--out", str(tmp_path / "run")]), "PYTHON": PYTHON}
-    full = cluster.env({**os.environ, **env}, path_first=[str(VENV_BIN)])
-    proc = cluster.run("sp-n1", ["bash", "launch/pbs/train.pbs"], env=full, cwd=REPO, timeout=300)
+    proc = cluster.run("sp-n1", ["bash", "launch/pbs/train.pbs"], env=env_for(cluster, env), cwd=REPO, timeout=300)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     assert_trained_across_hosts(results_of(proc.stdout), reference, output)
@@ -203,11 +223,28 @@ def test_a_host_that_does_not_answer_is_named_quickly(cluster, tmp_path):
     env = {**pbs_env(tmp_path, ["sp-n1", "sp-n1", "10.213.47.99", "10.213.47.99"]), "LAUNCHER": "mpirun",
            "TRAIN_ARGS": " ".join(TRAIN), "SSH_TIMEOUT": "5"}
     started = time.monotonic()
-    proc = cluster.run("sp-n1", ["bash", "launch/pbs/train.pbs"], env=cluster.env({**os.environ, **env},
-                       path_first=[str(VENV_BIN)]), cwd=REPO, timeout=60)
+    proc = cluster.run("sp-n1", ["bash", "launch/pbs/train.pbs"], env=env_for(cluster, env), cwd=REPO, timeout=60)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "node(s) 10.213.47.99 did not answer ssh within 5 s" in proc.stderr
     assert time.monotonic() - started < 30
+
+
+def test_golden_gains_across_hosts(cluster):
+    """srun starts 4 ranks on 2 hosts (no launcher in between); the first-step gains are the known ones."""
+    env = env_for(cluster, {"MASTER_ADDR": "sp-n1", "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "eth1",
+                            "PYTHONPATH": str(REPO)})
+    proc = subprocess.run(["srun", "-N", "2", "--ntasks-per-node=2", "--kill-on-bad-exit=1", PYTHON,
+                           "tests/scripts/cluster_golden.py"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = sorted((json.loads(line.split("GOLDEN ", 1)[1]) for line in proc.stdout.splitlines()
+                   if line.startswith("GOLDEN ")), key=lambda r: r["rank"])
+    assert [(r["rank"], r["node"], r["world_size"]) for r in rows] == [
+        (0, "sp-n1", 4), (1, "sp-n1", 4), (2, "sp-n2", 4), (3, "sp-n2", 4)]
+    for row in rows:
+        assert row["orthogonal"] == pytest.approx(4 / 3, rel=1e-6)
+        assert row["identical"] == pytest.approx(1.0, rel=1e-6)
+        assert row["opposite"] == pytest.approx(2.0, rel=1e-6)
 
 
 def test_a_second_up_after_a_crash_works_and_down_leaves_nothing(cluster):
@@ -222,6 +259,5 @@ def test_a_second_up_after_a_crash_works_and_down_leaves_nothing(cluster):
     harness.down()
     assert harness.network.leftovers() == {"netns": [], "links": [], "etc": []}
     assert not harness.STATE_DIR.exists()
-    for daemon in ("slurmctld", "slurmd", "munged", "sshd"):
-        found = subprocess.run(["pgrep", "-f", f"{harness.STATE_DIR}"], capture_output=True, text=True).stdout
-        assert found == "", (daemon, found)
+    daemons = subprocess.run(["pgrep", "-af", str(harness.STATE_DIR)], capture_output=True, text=True).stdout
+    assert daemons == ""   # every daemon's command line names the state folder
