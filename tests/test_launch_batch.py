@@ -6,10 +6,9 @@ import pytest
 from tests.distributed import VENV_BIN
 from tests.launching import TRAIN, assert_two_ranks_trained_together, pbs_env, run_launch, slurm_env
 
-MULTI_NODE_COMMANDS = {   # launcher -> (command start, with the hostfile as {hostfile})
-    "deepspeed": "deepspeed --hostfile {hostfile} --master_addr cn01 --master_port 24242 launch/examples/train.py",
+MULTI_NODE_COMMANDS = {   # launcher -> (command start, with the hostfile as {hostfile}); no ssh under SLURM
+    "deepspeed": "srun --nodes 3 --ntasks 3 --ntasks-per-node=1 --kill-on-bad-exit=1 ",
     "mpirun": "mpirun -np 5 --hostfile {hostfile} --map-by slot",
-    "torchrun": "srun --nodes 3 --ntasks-per-node=1 --kill-on-bad-exit=1 ",
 }
 
 
@@ -19,8 +18,43 @@ def test_slurm_multi_node_hostfile_and_command(tmp_path, launcher):
     outcome = run_launch(["bash", f"launch/slurm/{launcher}.sbatch", *TRAIN], env, tmp_path, free=False)
     expected = MULTI_NODE_COMMANDS[launcher].format(hostfile=tmp_path / "hostfile")
     assert outcome["commands"][0].startswith(expected), outcome["commands"]
-    if launcher != "torchrun":
-        assert outcome["hostfile"] == ["cn01 slots=2", "cn02 slots=2", "cn05 slots=1"]
+    assert outcome["hostfile"] == ["cn01 slots=2", "cn02 slots=2", "cn05 slots=1"]
+
+
+def test_slurm_torchrun_starts_one_torchrun_per_node_with_an_explicit_task_count(tmp_path):
+    """A nested srun inherits the job's task count unless told --ntasks: two torchruns per node otherwise."""
+    env = {**slurm_env("cn[01-03]", "2(x3)"), "DRY_RUN": "1"}
+    outcome = run_launch(["bash", "launch/slurm/torchrun.sbatch", *TRAIN], env, tmp_path, free=False)
+    assert outcome["commands"][0].startswith("srun --nodes 3 --ntasks 3 --ntasks-per-node=1 --kill-on-bad-exit=1 ")
+
+
+def test_slurm_deepspeed_on_each_node_runs_without_ssh(tmp_path):
+    env = {**slurm_env("cn[01-02,05]", "2(x2),1"), "SCALING_PLUGINS_ON_NODE": "1", "SLURM_NODEID": "2",
+           "DRY_RUN": "1"}
+    outcome = run_launch(["bash", "launch/deepspeed.sh", *TRAIN], env, tmp_path, free=False)
+    assert outcome["commands"][0].startswith(f"deepspeed --hostfile {tmp_path / 'hostfile'} --no_ssh --node_rank 2 "
+                                             "--master_addr cn01 --master_port 24242 launch/examples/train.py")
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"SLURM_JOB_NODELIST": ""}, "SLURM_JOB_NODELIST is set but empty"),
+    ({"SLURM_JOB_NODELIST": "cn[01-"}, "cannot read SLURM_JOB_NODELIST=cn[01-"),
+    ({"SLURM_JOB_NODELIST": "sp-nowhere[1-2]", "SLURM_TASKS_PER_NODE": "1(x2)"},
+     "node sp-nowhere1 of the slurm node list does not resolve"),
+    ({"SLURM_JOB_NODELIST": "localhost,127.0.0.1", "SLURM_TASKS_PER_NODE": "2(x1),1"},
+     "torchrun starts the same number of ranks on every node, but this allocation has 2 1"),
+])
+def test_bad_allocations_get_a_clear_message(tmp_path, env, message):
+    import subprocess
+
+    from tests.distributed import REPO
+
+    os = __import__("os")
+    full = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "7", **env}
+    proc = subprocess.run(["bash", "launch/slurm/torchrun.sbatch", *TRAIN], cwd=REPO, env=full, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert "+ " not in proc.stderr   # nothing was started
 
 
 def test_slurm_torchrun_on_each_node_gets_its_node_rank(tmp_path):
@@ -53,7 +87,7 @@ def test_slurm_torchrun_launches_two_simulated_nodes(tmp_path):
     node_commands = sorted(c for c in outcome["commands"] if c.startswith("torchrun"))
     assert [c.split("--node_rank ")[1].split()[0] for c in node_commands] == ["0", "1"]
     assert all("--nnodes 2 " in c and "--nproc_per_node 1 " in c for c in node_commands)
-    assert (tmp_path / "srun.log").read_text().startswith("srun --nodes 2 --ntasks-per-node=1")
+    assert (tmp_path / "srun.log").read_text().startswith("srun --nodes 2 --ntasks 2 --ntasks-per-node=1")
     assert_two_ranks_trained_together(outcome)
 
 

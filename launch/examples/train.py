@@ -7,11 +7,14 @@
     (or the launchers themselves: torchrun --nproc_per_node 2 launch/examples/train.py ...)
 
 The rank comes from whatever started the process (scaling_plugins.app.engines.start); the run is the built-in
-trainer's (scaling_plugins.app.training), so metrics land in OUT/metrics.jsonl exactly as in the demo. Every
-rank prints one line `RESULT {...}` with its rank, the world size and the run's summary.
+trainer's (scaling_plugins.app.training), so metrics land in OUT/metrics.jsonl exactly as in the demo. Rank 0
+shows its progress (plain periodic lines in a batch job's log). Every rank prints one line `RESULT {...}` with
+its node, rank, the world size and the run's summary; with --trajectory also this rank's gain, learning rate
+and loss at every step (what the multi-host tests compare across ranks and hosts).
 """
 import argparse
 import json
+import socket
 import sys
 from pathlib import Path
 
@@ -29,6 +32,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=None, help="base-scale steps (default: the workload's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/example"))
+    parser.add_argument("--trajectory", action="store_true", help="add every step's gain, lr and loss to RESULT")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     return parser.parse_args()
 
@@ -38,8 +42,12 @@ def main() -> None:
     where = start(args.backend)
     spec = RunSpec(name=args.out.name, workload=args.workload, backend=args.backend, policy=args.policy,
                    workers=where.world_size, accumulation=args.accumulation, budget=args.budget, seed=args.seed)
-    summary = train(spec, args.out, where.rank, where.world_size, progress_bar=False)
-    result = {"rank": where.rank, "world_size": where.world_size, "rank_from": where.source, **summary}
+    steps: list[dict] = []
+    summary = train(spec, args.out, where.rank, where.world_size, on_step=steps.append if args.trajectory else None)
+    result = {"node": socket.gethostname(), "rank": where.rank, "world_size": where.world_size,
+              "rank_from": where.source, **summary}
+    if args.trajectory:
+        result.update({key: [step[key] for step in steps] for key in ("gain", "lr", "loss")})
     sys.stdout.write(f"RESULT {json.dumps(result)}\n")   # one write: ranks share the launcher's stdout
     sys.stdout.flush()
     stop(args.backend)

@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import socket
+import sys
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -94,10 +96,13 @@ def policy_entry(spec: RunSpec) -> dict[str, Any]:
     return {"type": spec.policy, "params": {**params, **spec.policy_params}}
 
 
-def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progress_bar: bool = True) -> dict[str, Any]:
+def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progress_bar: bool = True,
+          on_step: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
     """Train ``spec`` on this rank of an initialised ``world``-rank job; returns the summary (on every rank):
     final validation loss/accuracy, optimizer steps, samples, wall time of the training loop (rank 0's
-    evaluations included), mean gain, scale and final progress."""
+    evaluations included), mean gain, scale and final progress. ``progress_bar``: rank 0 shows its progress,
+    as a bar on a terminal and as periodic plain lines (:class:`ProgressLines`) when stderr is a file (a batch
+    job's log). ``on_step`` receives every step's record, on every rank."""
     if world != spec.workers:
         raise ValueError(f"run {spec.name!r} wants {spec.workers} workers but the job has {world} ranks")
     run_dir = Path(run_dir)
@@ -108,7 +113,7 @@ def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progr
     base_steps = counts_base_steps(type(engine.policy))
     samples_per_step = spec.scale * workload.micro_batch
     eval_every = spec.budget / spec.evals
-    bar = _progress_bar(spec, enabled=progress_bar and rank == 0)
+    bar = _progress_bar(spec, rank, enabled=progress_bar and rank == 0)
     gains: list[float] = []
     step = samples = 0
     base_progress = 0.0
@@ -130,6 +135,8 @@ def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progr
             samples += samples_per_step
             record = record_from(engine.metrics(), step=step, samples=samples, loss=mean_loss)
             telemetry.write_step(record)
+            if on_step is not None:
+                on_step(record)
             gains.append(record["gain"] if record["gain"] is not None else 1.0)
             previous, base_progress = base_progress, (engine.policy.progress if base_steps
                                                       else samples / workload.micro_batch)
@@ -149,9 +156,56 @@ def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progr
     return summary
 
 
-def _progress_bar(spec: RunSpec, enabled: bool) -> Optional[Any]:
+class ProgressLines:
+    """Progress as plain lines for logs that are files (a batch job's stdout/stderr): one line each time a
+    tenth of the budget is done, and at the end, e.g.
+
+        progress sp-n1 rank 0 | adascale S=4 | 8.7/8 base steps, step 5 | loss 13.2 lr 0.0174 gain 1.74
+
+    It offers the part of tqdm's interface the training loop uses (update, set_postfix, close)."""
+
+    def __init__(self, spec: RunSpec, rank: int, stream: Any = None, parts: int = 10) -> None:
+        self.label = f"progress {socket.gethostname()} rank {rank} | {spec.name} S={spec.scale}"
+        self.total = float(spec.budget)
+        self.stream = stream if stream is not None else sys.stderr
+        self.every = self.total / parts
+        self.done = 0.0
+        self.steps = 0
+        self.next_line = self.every
+        self.postfix: dict[str, str] = {}
+        self.printed_at: Optional[float] = None
+
+    def update(self, amount: float) -> None:
+        self.done += amount
+        self.steps += 1
+
+    def set_postfix(self, **values: str) -> None:
+        """Called after :meth:`update` each step: prints the line when the next tenth is reached."""
+        self.postfix = values
+        if self.done >= self.next_line:
+            self._line()
+            while self.next_line <= self.done:
+                self.next_line += self.every
+
+    def close(self) -> None:
+        """The last line, unless the last step printed it already."""
+        if self.printed_at != self.done:
+            self._line()
+
+    def _line(self) -> None:
+        values = " ".join(f"{key} {value}" for key, value in self.postfix.items())
+        self.stream.write(f"{self.label} | {self.done:.4g}/{self.total:.4g} base steps, step {self.steps}"
+                          f" | {values}\n")
+        self.stream.flush()
+        self.printed_at = self.done
+
+
+def _progress_bar(spec: RunSpec, rank: int, enabled: bool) -> Optional[Any]:
+    """A tqdm bar on a terminal, ProgressLines when stderr is not one (tqdm writes to stderr)."""
     if not enabled:
         return None
+    if not sys.stderr.isatty():
+        return ProgressLines(spec, rank)
     try:
         from tqdm.auto import tqdm
     except ImportError:
