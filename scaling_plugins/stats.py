@@ -8,7 +8,12 @@ With S the scale, n = workers × micro-batches independent gradients g_i of batc
 L = Σ_i ‖g_i‖² and T = ‖ḡ‖² for the averaged gradient ḡ:
 
     E‖g_i‖² = μ² + σ²·n/S,      E‖ḡ‖² = μ² + σ²/S
-    σ̂² = S·(L/n − T)/(n − 1),   μ̂² = T − σ̂²/S,     clamped σ̂² ≥ 1e-6, μ̂² ≥ 0
+    σ̂² = S·(L/n − T)/(n − 1),   μ̂² = T − σ̂²/S,     clamped σ̂² ≥ ε·S·(L/n)/(n − 1), μ̂² ≥ 0
+
+The variance floor is relative: ε = 1e-9 of the largest σ̂² the same sample could give (the one with T = 0),
+so multiplying the loss by any factor c multiplies σ̂², μ̂² by c² and leaves the gain unchanged, also late in
+training when the squared norms are far below 1 (an absolute floor pins the gain at S there). ε is far above
+float64 rounding and far below any variance a gain could be told from.
 
 Both are smoothed with a bias-corrected exponential moving average (θ = max(1 − S/1000, 0) by default) and
 the gain is r = (σ² + μ²)/(σ²/S + μ²) ∈ [1, S]. The simple gradient noise scale of McCandlish et al.
@@ -20,7 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-SIGMA_SQ_FLOOR = 1e-6
+RELATIVE_VARIANCE_FLOOR = 1e-9
 
 
 @dataclass(frozen=True)
@@ -37,8 +42,9 @@ class GradientSample:
     count: int
 
     @property
-    def finite(self) -> bool:
-        return math.isfinite(self.local_sq_sum) and math.isfinite(self.mean_sq_norm)
+    def informative(self) -> bool:
+        """Finite (no fp16 overflow, no NaN loss) and not all gradients zero (0/0 carries no statistics)."""
+        return math.isfinite(self.local_sq_sum) and math.isfinite(self.mean_sq_norm) and self.local_sq_sum > 0
 
 
 def default_smoothing(scale: float) -> float:
@@ -47,12 +53,13 @@ def default_smoothing(scale: float) -> float:
 
 
 def estimate_moments(sample: GradientSample, scale: float) -> tuple[float, float]:
-    """One step's unbiased (σ̂², μ̂²) in scale-1 units, clamped to σ̂² ≥ 1e-6 and μ̂² ≥ 0."""
+    """One step's unbiased (σ̂², μ̂²) in scale-1 units, clamped to σ̂² ≥ ε·S·(L/n)/(n − 1) and μ̂² ≥ 0."""
     n = sample.count
     if n < 2:
         raise ValueError(f"variance needs at least 2 gradients per step, got count={n}")
     sigma_sq = scale * (sample.local_sq_sum / n - sample.mean_sq_norm) / (n - 1)
-    sigma_sq = max(sigma_sq, SIGMA_SQ_FLOOR)
+    largest = scale * (sample.local_sq_sum / n) / (n - 1)
+    sigma_sq = max(sigma_sq, RELATIVE_VARIANCE_FLOOR * largest)
     mu_sq = max(sample.mean_sq_norm - sigma_sq / scale, 0.0)
     return sigma_sq, mu_sq
 
@@ -96,8 +103,8 @@ class BiasCorrectedEMA:
 class GradientStatistics:
     """Smoothed σ², μ² and the gain derived from them, updated once per optimizer step.
 
-    A step whose L or T is not finite (fp16 overflow, NaN loss) is skipped: the previous estimates stand
-    and ``last_update_skipped`` says so for the step's telemetry.
+    A step whose L or T is not finite (fp16 overflow, NaN loss), or whose gradients are all zero, is skipped:
+    the previous estimates stand and ``last_update_skipped`` says so for the step's telemetry.
     """
 
     def __init__(self, scale: float, smoothing: Optional[float] = None) -> None:
@@ -125,8 +132,8 @@ class GradientStatistics:
         return self._sigma_sq.smoothing
 
     def update(self, sample: GradientSample) -> bool:
-        """Fold one step in; returns False (and keeps the old estimates) when the sample is not finite."""
-        self.last_update_skipped = not sample.finite
+        """Fold one step in; returns False (and keeps the old estimates) when the sample is not informative."""
+        self.last_update_skipped = not sample.informative
         if self.last_update_skipped:
             return False
         sigma_sq, mu_sq = estimate_moments(sample, self.scale)

@@ -19,8 +19,9 @@ pytest.importorskip("deepspeed")
 
 GOLDEN_GAINS = {"orthogonal": 4 / 3, "identical": 1.0, "opposite": 2.0}
 # σ̂², μ̂² of the first step (S = n = 2): per-sample ‖g‖² and ‖ḡ‖² of Linear(2, 2) + bias under output.sum()
-# give L = 8, T = 3 (orthogonal); L = 24, T = 12 (identical: σ̂² clamps to 1e-6); L = 8, T = 0 (opposite).
-GOLDEN_MOMENTS = {"orthogonal": [2.0, 2.0], "identical": [1e-6, 12.0 - 5e-7], "opposite": [8.0, 0.0]}
+# give L = 8, T = 3 (orthogonal); L = 24, T = 12 (identical: σ̂² clamps to 1e-9 of S·(L/n)/(n − 1) = 24);
+# L = 8, T = 0 (opposite).
+GOLDEN_MOMENTS = {"orthogonal": [2.0, 2.0], "identical": [2.4e-8, 12.0 - 1.2e-8], "opposite": [8.0, 0.0]}
 BASE_LR = 0.1
 
 

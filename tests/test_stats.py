@@ -22,8 +22,27 @@ def test_opposite_gradients_give_full_scale_with_mu_clamped_to_zero():
 
 def test_identical_gradients_clamp_variance_and_give_unit_gain():
     sigma_sq, mu_sq = estimate_moments(GradientSample(6.0, 3.0, 2), scale=2)
-    assert sigma_sq == 1e-6
+    assert sigma_sq == pytest.approx(1e-9 * 2 * 3.0)   # ε of the largest σ̂² (T = 0): S·(L/n)/(n − 1)
     assert adascale_gain(sigma_sq, mu_sq, 2) == pytest.approx(1.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("factor", [1e-6, 1e-3, 1.0, 1e6])
+def test_the_gain_does_not_change_when_the_loss_is_multiplied(factor):
+    """σ² = μ² = 1e-7 (late training), S = n = 8: the gain is (σ² + μ²)/(σ²/8 + μ²) = 16/9, and stays 16/9 with
+    the loss (so every gradient) multiplied by ``factor`` (squared norms by factor²)."""
+    sigma_sq, mu_sq, n = 1e-7, 1e-7, 8
+    local, mean = n * (mu_sq + sigma_sq), mu_sq + sigma_sq / n   # L = n·(μ² + σ²·n/S), T = μ² + σ²/S
+    stats = GradientStatistics(scale=n, smoothing=0.0)
+    stats.update(GradientSample(local * factor ** 2, mean * factor ** 2, n))
+    assert stats.gain == pytest.approx(16 / 9, rel=1e-9)
+    assert (stats.sigma_sq, stats.mu_sq) == pytest.approx((sigma_sq * factor ** 2, mu_sq * factor ** 2), rel=1e-9)
+
+
+def test_all_zero_gradients_are_skipped_and_keep_the_estimates():
+    stats = GradientStatistics(scale=2, smoothing=0.5)
+    stats.update(GradientSample(8.0, 3.0, 2))
+    assert not stats.update(GradientSample(0.0, 0.0, 2))
+    assert stats.last_update_skipped and stats.gain == pytest.approx(4 / 3)
 
 
 def test_scale_different_from_count_keeps_units_of_the_base_batch():
