@@ -23,6 +23,13 @@ n = world × accumulation_steps micro-batches. With ``loss_reduction="sum"`` the
 summed (not divided); the accumulated gradient is then accumulation_steps × the mean, and the statistics
 divide that out. The gain is the same under both.
 
+Mixed precision with a loss scaler (``torch.amp.GradScaler``): ``attach(..., grad_scaler=scaler)``, then per
+step ``scaler.scale(loss).backward()`` for each micro-batch, ``ctl.step()``, ``optimizer.zero_grad()``.
+``ctl.step()`` unscales, and on a finite step applies the policy's learning rate and steps and updates
+through the scaler; an overflow step (inf/NaN in any rank's gradients, hence in every rank's reduced ones)
+changes no parameter and moves the policy on no rank. The statistics are in unscaled units
+(``scaling_plugins.backends.grad_scaler``). Do not call ``scaler.step``/``scaler.update`` yourself.
+
 Policies that use the training loss (``needs_loss``) take it as ``ctl.step(loss)``; it is averaged over ranks
 with one 1-element all-reduce per step (the only collective this backend adds, and only for those policies).
 """
@@ -34,6 +41,7 @@ import torch.distributed as dist
 
 from ..policies.registry import PolicySpec
 from .driver import PolicyDriver, torch_all_gather_rows, torch_all_reduce_mean
+from .grad_scaler import check_grad_scaler, unscale_and_find_overflow
 from .local_norms import BackwardCounter, LocalNormMeter
 
 
@@ -44,9 +52,15 @@ class DDPDriver(PolicyDriver):
     loss_hint = "call ctl.step(loss)"
 
     def __init__(self, ddp_model: torch.nn.parallel.DistributedDataParallel, optimizer: torch.optim.Optimizer,
-                 policy: PolicySpec = "AdaScale", accumulation_steps: int = 1, loss_reduction: str = "mean") -> None:
+                 policy: PolicySpec = "AdaScale", accumulation_steps: int = 1, loss_reduction: str = "mean",
+                 grad_scaler: Optional[torch.amp.GradScaler] = None) -> None:
         if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
             raise ValueError(f"attach() needs a DistributedDataParallel model, got {type(ddp_model).__name__}")
+        if grad_scaler is not None:
+            check_grad_scaler(grad_scaler)
+        self.grad_scaler = grad_scaler
+        self.skipped_steps = 0
+        self._loss_scale = 1.0
         super().__init__(optimizer, policy, dist.get_world_size(ddp_model.process_group), accumulation_steps,
                          loss_reduction)
         self.model = ddp_model
@@ -61,12 +75,27 @@ class DDPDriver(PolicyDriver):
             self._counter = BackwardCounter(ddp_model.module.parameters())
 
     def step(self, loss: Optional[torch.Tensor | float] = None) -> None:
-        """Feed this step's statistics (and loss) to the policy, set the learning rate, step the optimizer."""
-        self.advance(loss)
-        self.optimizer.step()
+        """Feed this step's statistics (and loss) to the policy, set the learning rate, step the optimizer
+        (through the grad scaler when there is one: an overflow step is skipped and the policy stays)."""
+        if self.grad_scaler is None:
+            self.advance(loss)
+            self.optimizer.step()
+            return
+        self._loss_scale = float(self.grad_scaler.get_scale())   # the scale this step's backward ran under
+        if unscale_and_find_overflow(self.grad_scaler, self.optimizer):
+            self.discard()
+            self.skipped_steps += 1
+        else:
+            self.advance(loss)
+        self.grad_scaler.step(self.optimizer)
+        self.grad_scaler.update()
 
     def reduced_norms(self) -> Optional[tuple[float, float]]:
-        return self._hook.take()
+        reduced = self._hook.take()
+        if reduced is None or self._loss_scale == 1.0:
+            return reduced
+        square = self._loss_scale ** 2   # harvested from s·g: back to true units
+        return reduced[0] / square, reduced[1] / square
 
     def backward_passes(self) -> int:
         passes = self._counter.take_passes()
@@ -144,9 +173,10 @@ def _allreduce_with_local_norm(state: _HookState, bucket: dist.GradBucket) -> to
 
 def attach(ddp_model: torch.nn.parallel.DistributedDataParallel, optimizer: torch.optim.Optimizer,
            policy: PolicySpec = "AdaScale", accumulation_steps: int = 1,
-           loss_reduction: str = "mean") -> DDPDriver:
-    """Drive ``optimizer``'s learning rate by ``policy`` (a name, ``{"type", "params"}`` or a Policy).
+           loss_reduction: str = "mean", grad_scaler: Optional[torch.amp.GradScaler] = None) -> DDPDriver:
+    """Drive ``optimizer``'s learning rate by ``policy`` (a name, ``{"type", "params"}`` or a Policy); with
+    ``grad_scaler`` the steps go through that ``torch.amp.GradScaler`` (module docstring).
 
     Call before the first backward pass (it registers DDP's communication hook, which DDP allows once).
     """
-    return DDPDriver(ddp_model, optimizer, policy, accumulation_steps, loss_reduction)
+    return DDPDriver(ddp_model, optimizer, policy, accumulation_steps, loss_reduction, grad_scaler)

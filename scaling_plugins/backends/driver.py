@@ -207,6 +207,13 @@ class PolicyDriver:
         self.policy.step(StepObservation(gradients=gradients, loss=mean_loss))
         self.apply_learning_rate()
 
+    def discard(self) -> None:
+        """Drop this step's harvested numbers without moving the policy (a step the optimizer skips, such as a
+        loss-scaler overflow): τ, the estimates and the learning rates stay as they are."""
+        self.backward_passes()
+        if self.policy.needs_gradient_norms:
+            self.reduced_norms()
+
     def _check_backward_passes(self, seen: Optional[int]) -> None:
         if seen is None:
             return
