@@ -1,8 +1,8 @@
 """Multi-host runs for real, on the cluster harness (tests/cluster): two hosts with their own names, addresses
 and a spare interface each, sshd, munge, slurmctld and a slurmd per host. Every launcher runs
-launch/examples/train.py with 2 hosts x 2 ranks; every run must report world size 4 on both hosts, identical
-gain, lr and loss trajectories on every rank, equal (within float tolerance) to the same 4-rank run on one
-host. Needs root; without it the module is skipped, except under CI=true where it fails."""
+launch/examples/train.py --golden with 2 hosts x 2 ranks; every run must report world size 4 on both hosts,
+the golden first-step gains (4/3, 1, 2) on every rank, identical gain, lr and loss trajectories on every rank,
+equal (within float tolerance) to the same 4-rank run on one host. Needs root; without it the module is skipped, except under CI=true where it fails."""
 from __future__ import annotations
 
 import json
@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from scaling_plugins.app.golden import EXPECTED as GOLDEN_GAINS
 from tests import cluster as harness
 from tests.distributed import REPO, VENV_BIN, free_port
 from tests.launching import run_launch
@@ -22,7 +23,7 @@ from tests.launching import run_launch
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 HOSTS = ["sp-n1", "sp-n2"]
-TRAIN = ["launch/examples/train.py", "--workload", "quadratic", "--budget", "8", "--trajectory"]
+TRAIN = ["launch/examples/train.py", "--workload", "quadratic", "--budget", "8", "--trajectory", "--golden"]
 PYTHON = str(VENV_BIN / "python")
 SLURM_BACKENDS = {"torchrun": "ddp", "deepspeed": "deepspeed", "mpirun": "ddp", "horovodrun": "horovod"}
 NO_SSH = "#!/bin/sh\necho \"ssh $*\" >> \"$(dirname \"$0\")/ssh.log\"\nexit 255\n"
@@ -64,10 +65,12 @@ def results_of(text: str) -> list[dict]:
 
 
 def assert_trained_across_hosts(results: list[dict], reference: dict, log: str) -> None:
-    """4 ranks, 2 per host, one trajectory, equal to the one-host run's."""
+    """4 ranks, 2 per host, the golden gains on each, one trajectory, equal to the one-host run's."""
     assert [r["rank"] for r in results] == [0, 1, 2, 3], log[-4000:]
     assert all(r["world_size"] == 4 for r in results)
     assert sorted(r["node"] for r in results) == ["sp-n1", "sp-n1", "sp-n2", "sp-n2"]
+    for row in results:
+        assert row["golden"] == pytest.approx(GOLDEN_GAINS, rel=1e-6), (row["rank"], row["golden"])
     first = results[0]
     assert len(first["gain"]) == first["steps"] > 0 and first["final_progress"] >= 8
     for other in results[1:]:
@@ -229,22 +232,17 @@ def test_a_host_that_does_not_answer_is_named_quickly(cluster, tmp_path):
     assert time.monotonic() - started < 30
 
 
-def test_golden_gains_across_hosts(cluster):
-    """srun starts 4 ranks on 2 hosts (no launcher in between); the first-step gains are the known ones."""
+def test_srun_starts_the_ranks_itself_across_hosts(cluster, reference, tmp_path):
+    """srun starts 4 ranks on 2 hosts with no launcher in between (each reads SLURM_PROCID, SLURM_NTASKS)."""
     env = env_for(cluster, {"MASTER_ADDR": "sp-n1", "MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "eth1",
                             "PYTHONPATH": str(REPO)})
-    proc = subprocess.run(["srun", "-N", "2", "--ntasks-per-node=2", "--kill-on-bad-exit=1", PYTHON,
-                           "tests/scripts/cluster_golden.py"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=180)
+    proc = subprocess.run(["srun", "-N", "2", "--ntasks-per-node=2", "--kill-on-bad-exit=1", PYTHON, *TRAIN,
+                           "--backend", "ddp", "--out", str(tmp_path / "run")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = sorted((json.loads(line.split("GOLDEN ", 1)[1]) for line in proc.stdout.splitlines()
-                   if line.startswith("GOLDEN ")), key=lambda r: r["rank"])
-    assert [(r["rank"], r["node"], r["world_size"]) for r in rows] == [
-        (0, "sp-n1", 4), (1, "sp-n1", 4), (2, "sp-n2", 4), (3, "sp-n2", 4)]
-    for row in rows:
-        assert row["orthogonal"] == pytest.approx(4 / 3, rel=1e-6)
-        assert row["identical"] == pytest.approx(1.0, rel=1e-6)
-        assert row["opposite"] == pytest.approx(2.0, rel=1e-6)
+    results = results_of(proc.stdout)
+    assert {r["rank_from"] for r in results} == {"SLURM_PROCID"}, results
+    assert_trained_across_hosts(results, reference, proc.stdout + proc.stderr)
 
 
 def test_a_second_up_after_a_crash_works_and_down_leaves_nothing(cluster):
