@@ -67,9 +67,12 @@ def monitor_events(record: Mapping[str, Any], prefix: str = "scaling_plugins") -
 class TelemetryWriter:
     """Writes step records to ``run_dir/metrics.jsonl`` and evaluations to ``run_dir/eval.jsonl`` on rank 0,
     mirroring both to TensorBoard under ``run_dir/tensorboard`` when it is installed and ``tensorboard`` is on.
-    On other ranks every call does nothing."""
+    On other ranks every call does nothing. ``resume_after``: a run resumed from a checkpoint taken after that
+    step keeps the records up to it and appends; later ones (written before the run was interrupted, and
+    about to be redone) are dropped."""
 
-    def __init__(self, run_dir: Union[str, Path], rank: int = 0, tensorboard: bool = True) -> None:
+    def __init__(self, run_dir: Union[str, Path], rank: int = 0, tensorboard: bool = True,
+                 resume_after: Optional[int] = None) -> None:
         self.enabled = rank == 0
         self.run_dir = Path(run_dir)
         self._steps = self._evals = None
@@ -77,8 +80,8 @@ class TelemetryWriter:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._steps = open(self.run_dir / METRICS_FILE, "w", encoding="utf-8")
-        self._evals = open(self.run_dir / EVAL_FILE, "w", encoding="utf-8")
+        self._steps = _open_records(self.run_dir / METRICS_FILE, resume_after)
+        self._evals = _open_records(self.run_dir / EVAL_FILE, resume_after)
         if tensorboard:
             self._board = _tensorboard_writer(self.run_dir / "tensorboard")
 
@@ -114,6 +117,14 @@ class TelemetryWriter:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _open_records(path: Path, keep_until: Optional[int]) -> Any:
+    """``path`` opened for writing: emptied, or with only its records of step ≤ ``keep_until`` kept."""
+    kept = [] if keep_until is None else [r for r in read_jsonl(path) if r["step"] <= keep_until]
+    handle = open(path, "w", encoding="utf-8")
+    handle.writelines(json.dumps(record) + "\n" for record in kept)
+    return handle
 
 
 def _tensorboard_writer(log_dir: Path) -> Optional[Any]:

@@ -12,15 +12,24 @@ shows its progress (plain periodic lines in a batch job's log). Every rank print
 its node, rank, the world size and the run's summary; with --trajectory also this rank's gain, learning rate
 and loss at every step (what the multi-host tests compare across ranks and hosts); with --golden first the
 three first-step gains of known value (scaling_plugins.app.golden: 4/3, 1 and 2 on any even number of ranks).
+
+Faults: --checkpoint-every K saves every K steps to OUT/checkpoint and a restarted job (torchrun
+--max-restarts, or the same command again) resumes there, bit for bit; --timeout S bounds how long a rank waits
+for a lost peer, after which it prints one line naming the failure and exits 1; --fault-kill RANK:STEP is a
+drill (that rank SIGKILLs itself once). FAULTS.md has what each fault looks like and how to resume.
 """
 import argparse
 import json
+import os
+import signal
 import socket
 import sys
 from pathlib import Path
+from typing import Callable, NoReturn, Optional
 
 from scaling_plugins.app.engines import BACKENDS, start, stop
 from scaling_plugins.app.golden import golden_gains
+from scaling_plugins.app.launch_env import Placement
 from scaling_plugins.app.training import RunSpec, train
 from scaling_plugins.app.workloads import WORKLOADS
 
@@ -34,29 +43,83 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=None, help="base-scale steps (default: the workload's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/example"))
+    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
+                        help="checkpoint to OUT/checkpoint every K steps; resume from it when it is there")
+    parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                        help="how long a collective waits for a lost peer before this rank stops with an error "
+                             "(the process group timeout; default torch's 30 minutes)")
+    parser.add_argument("--fault-kill", default=None, metavar="RANK:STEP",
+                        help="fault drill: that rank kills itself with SIGKILL after that step, once per OUT")
     parser.add_argument("--trajectory", action="store_true", help="add every step's gain, lr and loss to RESULT")
     parser.add_argument("--golden", action="store_true", help="first check the known gains 4/3, 1, 2 (RESULT golden)")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
     return parser.parse_args()
 
 
+LOST_PEER_WORDS = ("timed out", "timeout", "connection", "closed", "reset by peer", "broken pipe")
+
+
+def fault_drill(spec: str, rank: int, out: Path) -> Callable[[dict], None]:
+    """An ``on_step`` that, on rank RANK of ``spec`` = "RANK:STEP", kills this process with SIGKILL right after
+    step STEP — once: a marker in ``out`` keeps a restarted or resubmitted job from doing it again."""
+    drill_rank, drill_step = (int(part) for part in spec.split(":"))
+    marker = out / "fault-drill.done"
+
+    def on_step(record: dict) -> None:
+        if rank == drill_rank and record["step"] == drill_step and not marker.exists():
+            out.mkdir(parents=True, exist_ok=True)
+            marker.write_text(f"rank {rank} killed itself after step {drill_step}\n")
+            print(f"fault drill: rank {rank} on {socket.gethostname()} kills itself (SIGKILL) after step "
+                  f"{drill_step}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGKILL)
+    return on_step
+
+
+def stop_on_lost_peer(err: BaseException, rank: int, timeout: Optional[float]) -> NoReturn:
+    """One clear line for the log, then exit 1 at once: with a peer gone, an orderly teardown of the process
+    group could wait on that peer again."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    hint = ""
+    if any(word in str(err).lower() for word in LOST_PEER_WORDS):
+        limit = f"{timeout:g} s" if timeout is not None else "torch's default of 30 minutes"
+        hint = (f" — a peer was lost or did not answer within the collective timeout ({limit}; set it with "
+                "--timeout)")
+    print(f"rank {rank} on {socket.gethostname()}: training stopped: {first}{hint}", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
 def main() -> None:
     args = parse_args()
-    where = start(args.backend)
+    where = start(args.backend, args.timeout)
+    try:
+        run(args, where)
+    except RuntimeError as err:   # torch.distributed's errors (DistBackendError, ...) are RuntimeErrors
+        stop_on_lost_peer(err, where.rank, args.timeout)
+    stop(args.backend)
+
+
+def run(args: argparse.Namespace, where: Placement) -> None:
     golden = golden_gains(args.backend, where.rank, where.world_size) if args.golden else None
     spec = RunSpec(name=args.out.name, workload=args.workload, backend=args.backend, policy=args.policy,
-                   workers=where.world_size, accumulation=args.accumulation, budget=args.budget, seed=args.seed)
+                   workers=where.world_size, accumulation=args.accumulation, budget=args.budget, seed=args.seed,
+                   checkpoint_every=args.checkpoint_every)
     steps: list[dict] = []
-    summary = train(spec, args.out, where.rank, where.world_size, on_step=steps.append if args.trajectory else None)
+    drill = fault_drill(args.fault_kill, where.rank, args.out) if args.fault_kill else None
+
+    def on_step(record: dict) -> None:
+        steps.append(record)
+        if drill is not None:
+            drill(record)
+
+    summary = train(spec, args.out, where.rank, where.world_size, on_step=on_step)
     result = {"node": socket.gethostname(), "rank": where.rank, "world_size": where.world_size,
               "rank_from": where.source, **summary}
     if golden is not None:
         result["golden"] = golden
     if args.trajectory:
-        result.update({key: [step[key] for step in steps] for key in ("gain", "lr", "loss")})
+        result.update({key: [step[key] for step in steps] for key in ("gain", "lr", "loss", "progress")})
     sys.stdout.write(f"RESULT {json.dumps(result)}\n")   # one write: ranks share the launcher's stdout
     sys.stdout.flush()
-    stop(args.backend)
 
 
 if __name__ == "__main__":

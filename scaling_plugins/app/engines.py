@@ -6,6 +6,13 @@ Each adapter wraps a model with its engine and a policy and offers
     step(mean_loss)                            the optimizer step, learning rate set by the policy
     mean_over_ranks(value)                     an all-reduced mean (for the training-loss telemetry)
     metrics(), policy, module                  what the telemetry reads; the bare model for evaluation
+    save_checkpoint(dir, client_state)         model, optimizer, policy and the trainer's counters, all ranks
+    load_checkpoint(dir) -> client_state       back from the last save (None when there is none)
+
+Checkpoints go the engine's own way: DeepSpeed's ``engine.save_checkpoint``/``load_checkpoint`` (the policy is
+its lr scheduler, saved with it); for DDP and Horovod rank 0 writes one ``torch.save`` file (written to a
+temporary name, then renamed, so a rank killed mid-write leaves the previous checkpoint whole) and every rank
+reads it. The directory must be one that every node sees (a shared file system), as DeepSpeed's own.
 
 Backends that are not installed, or whose module has not landed, raise ``BackendUnavailable`` with a hint.
 :func:`start` joins the job a launcher (or ``scaling_plugins.app.spawn``) started, as the backend needs.
@@ -14,6 +21,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
+import os
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
@@ -48,11 +57,55 @@ def require_backend(name: str) -> Any:
         raise BackendUnavailable(f"backend {name!r} is not available here ({err}). {hint}".strip()) from err
 
 
+CHECKPOINT_FILE = "state.pt"
+
+
 class EngineAdapter:
     """What every adapter shares: its backend's policy driver (``self.driver``) answers for the policy, the
-    telemetry numbers and the mean over ranks."""
+    telemetry numbers and the mean over ranks; DDP and Horovod share the one-file checkpoint."""
 
     driver: Any
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    policy_in_optimizer_state = False   # the optimizer's state_dict() carries the policy's (Horovod's does)
+
+    def rank(self) -> int:
+        raise NotImplementedError
+
+    def barrier(self) -> None:
+        raise NotImplementedError
+
+    def training_state(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the trainer's counters."""
+        state = {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if not self.policy_in_optimizer_state:
+            state["scaling"] = self.driver.state_dict()
+        return state
+
+    def load_training_state(self, state: dict[str, Any]) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if not self.policy_in_optimizer_state:
+            self.driver.load_state_dict(state["scaling"])
+
+    def save_checkpoint(self, directory: Path, client_state: dict[str, Any]) -> None:
+        """Rank 0 writes ``directory/state.pt`` (atomically); every rank returns once it is there."""
+        if self.rank() == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            partial = directory / f"{CHECKPOINT_FILE}.partial"
+            torch.save({**self.training_state(), "client": client_state}, partial)
+            os.replace(partial, directory / CHECKPOINT_FILE)
+        self.barrier()
+
+    def load_checkpoint(self, directory: Path) -> Optional[dict[str, Any]]:
+        """The trainer's counters of the last checkpoint in ``directory``, with the model, optimizer and policy
+        restored on every rank; None when there is no checkpoint."""
+        path = directory / CHECKPOINT_FILE
+        if not path.exists():
+            return None
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.load_training_state(state)
+        return state["client"]
 
     @property
     def policy(self) -> Any:
@@ -89,6 +142,12 @@ class DDPEngine(EngineAdapter):
     def step(self, mean_loss: float) -> None:
         self.driver.step(mean_loss)
         self.optimizer.zero_grad(set_to_none=True)
+
+    def rank(self) -> int:
+        return torch.distributed.get_rank()
+
+    def barrier(self) -> None:
+        torch.distributed.barrier()
 
 
 class DeepSpeedEngine(EngineAdapter):
@@ -128,9 +187,21 @@ class DeepSpeedEngine(EngineAdapter):
         """Nothing left to do: the last ``forward_backward`` stepped (a loss-driven policy reads its loss from
         ``engine.backward``)."""
 
+    def save_checkpoint(self, directory: Path, client_state: dict[str, Any]) -> None:
+        """DeepSpeed's own checkpoint (model, optimizer, the policy as its lr scheduler) with the counters."""
+        self.engine.save_checkpoint(str(directory), client_state=client_state)
+
+    def load_checkpoint(self, directory: Path) -> Optional[dict[str, Any]]:
+        if not (directory / "latest").exists():
+            return None
+        _, client_state = self.engine.load_checkpoint(str(directory))
+        return client_state
+
 
 class HorovodEngine(EngineAdapter):
     """``scaling_plugins.backends.horovod.DistributedOptimizer`` over SGD; needs ``hvd.init()`` done."""
+
+    policy_in_optimizer_state = True   # under "scaling_plugins"
 
     def __init__(self, model: nn.Module, workload: Workload, lr: float, policy: Mapping[str, Any],
                  accumulation: int) -> None:
@@ -155,15 +226,25 @@ class HorovodEngine(EngineAdapter):
         self.optimizer.step(loss=mean_loss)
         self.optimizer.zero_grad()   # Horovod's zero_grad takes no set_to_none
 
+    def rank(self) -> int:
+        return self.hvd.rank()
+
+    def barrier(self) -> None:
+        self.hvd.barrier()
+
 
 ENGINES = {"ddp": DDPEngine, "horovod": HorovodEngine}
 
 
-def start(backend: str) -> Placement:
+def start(backend: str, timeout: Optional[float] = None) -> Placement:
     """Join the job this process belongs to, the way ``backend`` needs: Horovod's own ``hvd.init()``, or a
-    torch.distributed gloo group from the launcher's variables (``scaling_plugins.app.launch_env``)."""
+    torch.distributed gloo group from the launcher's variables (``scaling_plugins.app.launch_env``).
+    ``timeout``: seconds a collective may wait for a lost peer before it raises (torch.distributed's process
+    group timeout; Horovod reads HOROVOD_GLOO_TIMEOUT_SECONDS, which this sets unless it is set already)."""
     require_backend(backend)
     if backend == "horovod":
+        if timeout is not None:
+            os.environ.setdefault("HOROVOD_GLOO_TIMEOUT_SECONDS", str(int(math.ceil(timeout))))
         hvd = importlib.import_module("horovod.torch")
         hvd.init()
         launched = placement()
@@ -172,7 +253,7 @@ def start(backend: str) -> Placement:
                 f"the launcher started {launched.world_size} ranks ({launched.source}) but Horovod sees {hvd.size()}: "
                 "start the horovod backend with horovodrun or mpirun (launch/horovodrun.sh, launch/mpirun.sh)")
         return Placement(hvd.rank(), hvd.size(), hvd.local_rank(), "horovod")
-    return init_process_group("gloo")
+    return init_process_group("gloo", timeout)
 
 
 def stop(backend: str) -> None:

@@ -50,12 +50,16 @@ def placement(environ: Optional[Mapping[str, str]] = None) -> Placement:
     return Placement(0, 1, 0, "single process")
 
 
-def init_process_group(backend: str = "gloo") -> Placement:
+def init_process_group(backend: str = "gloo", timeout: Optional[float] = None) -> Placement:
     """Join (or create) the default torch.distributed group for this process's placement; returns it.
 
     Exports RANK/WORLD_SIZE/LOCAL_RANK and a default MASTER_ADDR/MASTER_PORT so that engines which read the
-    environment themselves (DeepSpeed) see the same job.
+    environment themselves (DeepSpeed) see the same job. ``timeout`` (seconds; torch's default, 30 minutes,
+    when None) bounds every collective: a rank whose peer is lost (a host down, a link cut) raises after that
+    long instead of waiting for ever.
     """
+    import datetime
+
     import torch.distributed as dist
 
     where = placement()
@@ -63,7 +67,8 @@ def init_process_group(backend: str = "gloo") -> Placement:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     if not dist.is_initialized():
-        dist.init_process_group(backend, rank=where.rank, world_size=where.world_size)
+        limit = None if timeout is None else datetime.timedelta(seconds=timeout)
+        dist.init_process_group(backend, rank=where.rank, world_size=where.world_size, timeout=limit)
     return where
 
 

@@ -29,6 +29,7 @@ from ..telemetry import TelemetryWriter, record_from
 from .workloads import Workload, get_workload
 
 RUN_FILE = "run.json"
+CHECKPOINT_DIR = "checkpoint"
 
 
 @dataclasses.dataclass
@@ -42,6 +43,10 @@ class RunSpec:
     schedule: the base schedule as a function of base-scale steps (a ``scaling_plugins.schedules`` entry);
         None = cosine decay over the budget.
     evals: validation evaluations spread over the run (plus one before the first step).
+    checkpoint_every: save a checkpoint to ``run_dir/checkpoint`` every that many optimizer steps, and resume
+        from it when it is there at the start (a restarted job, e.g. torchrun ``--max-restarts``); None = never.
+        A resumed run goes on exactly as the uninterrupted one would: the data order is fixed by the step, and
+        model, optimizer, policy and the loop's counters come back. Delete the folder to start afresh.
     """
 
     name: str
@@ -57,11 +62,12 @@ class RunSpec:
     seed: int = 0
     evals: int = 8
     tensorboard: bool = True
+    checkpoint_every: Optional[int] = None
 
     def __post_init__(self) -> None:
-        for key in ("workers", "accumulation", "evals"):
+        for key in ("workers", "accumulation", "evals", "checkpoint_every"):
             value = getattr(self, key)
-            if not (isinstance(value, int) and value >= 1):
+            if not (isinstance(value, int) and value >= 1) and not (key == "checkpoint_every" and value is None):
                 raise ValueError(f"{key} must be an int >= 1, got {value!r}")
         if self.budget is not None and not self.budget > 0:
             raise ValueError(f"budget must be > 0 base-scale steps, got {self.budget!r}")
@@ -113,13 +119,19 @@ def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progr
     base_steps = counts_base_steps(type(engine.policy))
     samples_per_step = spec.scale * workload.micro_batch
     eval_every = spec.budget / spec.evals
-    bar = _progress_bar(spec, rank, enabled=progress_bar and rank == 0)
-    gains: list[float] = []
-    step = samples = 0
-    base_progress = 0.0
-    next_eval = 0.0
+    checkpoints = run_dir / CHECKPOINT_DIR
+    counters = {"step": 0, "samples": 0, "base_progress": 0.0, "next_eval": 0.0, "gains": []}
+    resumed = engine.load_checkpoint(checkpoints) if spec.checkpoint_every else None
+    if resumed is not None:
+        counters = resumed
+        print(f"rank {rank}: resumed from {checkpoints} at step {counters['step']}", file=sys.stderr, flush=True)
+    step, samples, base_progress = counters["step"], counters["samples"], counters["base_progress"]
+    next_eval, gains = counters["next_eval"], list(counters["gains"])
+    bar = _progress_bar(spec, rank, enabled=progress_bar and rank == 0, done=min(base_progress, spec.budget),
+                        steps=step)
     started = time.perf_counter()
-    with TelemetryWriter(run_dir, rank, tensorboard=spec.tensorboard) as telemetry:
+    with TelemetryWriter(run_dir, rank, tensorboard=spec.tensorboard,
+                         resume_after=step if resumed is not None else None) as telemetry:
         while base_progress < spec.budget:
             if rank == 0 and base_progress >= next_eval:
                 result = workload.evaluate(engine.module)
@@ -143,6 +155,9 @@ def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progr
             if bar is not None:
                 bar.update(min(base_progress, spec.budget) - min(previous, spec.budget))
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{record['lr']:.3g}", gain=f"{gains[-1]:.2f}")
+            if spec.checkpoint_every and step % spec.checkpoint_every == 0:
+                engine.save_checkpoint(checkpoints, {"step": step, "samples": samples, "base_progress": base_progress,
+                                                     "next_eval": next_eval, "gains": gains})
         wall = time.perf_counter() - started
         final = workload.evaluate(engine.module)
         telemetry.write_eval(step, samples, final.loss, final.accuracy)
@@ -150,7 +165,7 @@ def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progr
         bar.close()
     summary = {"final_val_loss": final.loss, "final_val_accuracy": final.accuracy, "steps": step, "samples": samples,
                "wall_s": wall, "mean_gain": sum(gains) / len(gains), "scale": spec.scale,
-               "final_progress": base_progress}
+               "final_progress": base_progress, "resumed_from": counters["step"] if resumed is not None else None}
     if rank == 0:
         (run_dir / RUN_FILE).write_text(json.dumps({"spec": dataclasses.asdict(spec), "summary": summary}, indent=2))
     return summary
@@ -164,14 +179,15 @@ class ProgressLines:
 
     It offers the part of tqdm's interface the training loop uses (update, set_postfix, close)."""
 
-    def __init__(self, spec: RunSpec, rank: int, stream: Any = None, parts: int = 10) -> None:
+    def __init__(self, spec: RunSpec, rank: int, stream: Any = None, parts: int = 10, done: float = 0.0,
+                 steps: int = 0) -> None:
         self.label = f"progress {socket.gethostname()} rank {rank} | {spec.name} S={spec.scale}"
         self.total = float(spec.budget)
         self.stream = stream if stream is not None else sys.stderr
         self.every = self.total / parts
-        self.done = 0.0
-        self.steps = 0
-        self.next_line = self.every
+        self.done = done   # a resumed run starts where its checkpoint was
+        self.steps = steps
+        self.next_line = self.every * (math.floor(done / self.every) + 1)
         self.postfix: dict[str, str] = {}
         self.printed_at: Optional[float] = None
 
@@ -200,16 +216,17 @@ class ProgressLines:
         self.printed_at = self.done
 
 
-def _progress_bar(spec: RunSpec, rank: int, enabled: bool) -> Optional[Any]:
-    """A tqdm bar on a terminal, ProgressLines when stderr is not one (tqdm writes to stderr)."""
+def _progress_bar(spec: RunSpec, rank: int, enabled: bool, done: float = 0.0, steps: int = 0) -> Optional[Any]:
+    """A tqdm bar on a terminal, ProgressLines when stderr is not one (tqdm writes to stderr); both start at
+    ``done`` base steps (a resumed run's)."""
     if not enabled:
         return None
     if not sys.stderr.isatty():
-        return ProgressLines(spec, rank)
+        return ProgressLines(spec, rank, done=done, steps=steps)
     try:
         from tqdm.auto import tqdm
     except ImportError:
         print("(no progress bar: pip install tqdm)")
         return None
-    return tqdm(total=spec.budget, desc=f"{spec.name} S={spec.scale}", unit="base step", mininterval=0.5,
+    return tqdm(total=spec.budget, initial=done, desc=f"{spec.name} S={spec.scale}", unit="base step", mininterval=0.5,
                 bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} base steps [{elapsed}<{remaining}{postfix}]")
