@@ -2,10 +2,10 @@
 and a spare interface each, sshd, munge, slurmctld and a slurmd per host. Every launcher runs
 launch/examples/train.py --golden with 2 hosts x 2 ranks; every run must report world size 4 on both hosts,
 the golden first-step gains (4/3, 1, 2) on every rank, identical gain, lr and loss trajectories on every rank,
-equal (within float tolerance) to the same 4-rank run on one host. Needs root; without it the module is skipped, except under CI=true where it fails."""
+equal (within float tolerance) to the same 4-rank run on one host. Needs root; without it the module is
+skipped, except under CI=true where it fails."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -17,32 +17,16 @@ import pytest
 
 from scaling_plugins.app.golden import EXPECTED as GOLDEN_GAINS
 from tests import cluster as harness
-from tests.distributed import REPO, VENV_BIN, free_port
+from tests.cluster_runs import (HOSTS, PYTHON, cluster, env_for, launch_from, results_of,  # noqa: F401 (fixture)
+                                run_on_each_host, wait_for_job)
+from tests.distributed import REPO, free_port
 from tests.launching import run_launch
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
-HOSTS = ["sp-n1", "sp-n2"]
 TRAIN = ["launch/examples/train.py", "--workload", "quadratic", "--budget", "8", "--trajectory", "--golden"]
-PYTHON = str(VENV_BIN / "python")
 SLURM_BACKENDS = {"torchrun": "ddp", "deepspeed": "deepspeed", "mpirun": "ddp", "horovodrun": "horovod"}
 NO_SSH = "#!/bin/sh\necho \"ssh $*\" >> \"$(dirname \"$0\")/ssh.log\"\nexit 255\n"
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    """One 2-host cluster for the module, stopped and removed afterwards (also when a test fails)."""
-    try:
-        running = harness.up(2)
-    except harness.HarnessError as err:
-        message = f"the cluster harness cannot run here: {err}"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    try:
-        yield running
-    finally:
-        harness.down()
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +36,6 @@ def reference(tmp_path_factory):
     outcome = run_launch(["launch/torchrun.sh", *TRAIN], {"NPROC_PER_NODE": "4"}, tmp)
     assert [r["rank"] for r in outcome["results"]] == [0, 1, 2, 3], outcome["output"][-3000:]
     return outcome["results"][0]
-
-
-def env_for(cluster, extra: dict | None = None, path_first: tuple[str, ...] = ()) -> dict[str, str]:
-    """This environment plus ``extra``, with the venv (and ``path_first``) first on PATH, pointed at the cluster."""
-    return cluster.env({**os.environ, **(extra or {})}, path_first=[*path_first, str(VENV_BIN)])
-
-
-def results_of(text: str) -> list[dict]:
-    rows = [json.loads(line.split("RESULT ", 1)[1]) for line in text.splitlines() if "RESULT {" in line]
-    return sorted(rows, key=lambda r: r["rank"])
 
 
 def assert_trained_across_hosts(results: list[dict], reference: dict, log: str) -> None:
@@ -131,31 +105,6 @@ def test_slurm_template_across_two_hosts_without_ssh(cluster, reference, tmp_pat
     assert re.search(r"\| loss \S+ lr \S+ gain \S+$", progress[-1]), progress[-1]
 
 
-def wait_for_job(cluster, job_id: str, timeout: float) -> str:
-    """Poll the job's state every half second (``sbatch --wait`` polls in ever longer sleeps) until it ends;
-    its final state. Bounded by ``timeout`` seconds; a job still running then is cancelled."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        out = subprocess.run(["scontrol", "-o", "show", "job", job_id], env=cluster.env(), capture_output=True,
-                             text=True, timeout=30).stdout
-        state = re.search(r"JobState=(\S+)", out)
-        if state and state.group(1) not in ("PENDING", "RUNNING", "CONFIGURING", "COMPLETING"):
-            return state.group(1)
-        time.sleep(0.5)
-    subprocess.run(["scancel", job_id], env=cluster.env(), timeout=30)
-    raise AssertionError(f"job {job_id} did not end within {timeout:.0f} s")
-
-
-def launch_from(cluster, host: str, cmd: list[str], tmp_path: Path, env: dict | None = None,
-                timeout: float = 300) -> tuple[list[dict], str]:
-    """``cmd`` started on ``host`` (as a user logged in there would), in the repository; results and output."""
-    proc = cluster.run(host, cmd + ["--out", str(tmp_path / "run")], env=env_for(cluster, env), cwd=REPO,
-                       timeout=timeout)
-    output = proc.stdout + proc.stderr
-    assert proc.returncode == 0, output[-4000:]
-    return results_of(proc.stdout), output
-
-
 SSH_LAUNCHES = {
     "mpirun --host": lambda port: [
         "mpirun", "--allow-run-as-root", "-np", "4", "--host", "sp-n1:2,sp-n2:2", "--mca", "btl_tcp_if_include",
@@ -190,18 +139,9 @@ def test_torchrun_c10d_rendezvous_started_on_each_host(cluster, reference, tmp_p
     port = free_port()
     cmd = ["torchrun", "--nnodes", "2", "--nproc_per_node", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint",
            f"sp-n1:{port}", "--rdzv-id", "sp-test", *TRAIN, "--backend", "ddp", "--out", str(tmp_path / "run")]
-    env = env_for(cluster, {"GLOO_SOCKET_IFNAME": "eth1"})
-    procs = [cluster.popen(host, cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for host in HOSTS]
-    try:
-        outputs = [proc.communicate(timeout=300)[0] for proc in procs]
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    assert [proc.returncode for proc in procs] == [0, 0], "\n".join(o[-3000:] for o in outputs)
-    assert_trained_across_hosts(results_of("".join(outputs)), reference, "".join(outputs))
+    codes, output = run_on_each_host(cluster, cmd, env_for(cluster, {"GLOO_SOCKET_IFNAME": "eth1"}))
+    assert codes == [0, 0], output[-6000:]
+    assert_trained_across_hosts(results_of(output), reference, output)
 
 
 def pbs_env(tmp_path: Path, slots: list[str]) -> dict[str, str]:
