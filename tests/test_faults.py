@@ -5,13 +5,16 @@
 - a DeepSpeed job (deepspeed --hostfile, pdsh) killed by one SIGKILLed rank, then started again: it resumes
   from engine.save_checkpoint's checkpoint, bit for bit;
 - a link cut under Slurm: one host's interface goes down mid-run; the ranks on the other host stop with one
-  clear line naming the failure within the timeout the user set (--timeout), and the job ends FAILED.
+  clear line naming the failure within the timeout the user set (--timeout), and the job ends FAILED;
+- Horovod Elastic: a host removed from the discovery script, added back (growth), a worker SIGKILLed; the
+  scale follows and the policy state comes through every reset.
 
 Every wait is bounded; every process started is stopped (the launch helpers kill what outlives its timeout,
 and the Slurm job is cancelled). FAULTS.md has the table these tests stand behind.
 """
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import time
@@ -19,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.cluster_runs import (cluster, env_for, results_of,  # noqa: F401 (fixture)
+from tests.cluster_runs import (PYTHON, cluster, env_for, results_of,  # noqa: F401 (fixture)
                                 run_on_each_host, wait_for_job)
 from tests.distributed import REPO, free_port
 
@@ -133,3 +136,33 @@ def wait_for(condition, timeout: float, what: str):
             return value
         time.sleep(0.2)
     raise AssertionError(f"waited {timeout:.0f} s for {what}")
+
+
+def test_horovod_elastic_loses_a_host_grows_back_and_survives_a_killed_worker(cluster, tmp_path):
+    """tests/horovod_scripts/elastic_hosts.py under horovodrun with a discovery script, started on sp-n1 (ssh to
+    sp-n2): 4 workers, sp-n2 removed (2), added back (4), a worker on sp-n2 SIGKILLed (Horovod blacklists
+    the host for its cooldown: 2), the host back (4). The scale follows every size, the policy state comes through every reset (τ continuous:
+    each step's τ is the previous step's plus this step's gain), the run ends."""
+    hosts = tmp_path / "hosts"
+    hosts.write_text("sp-n1:2\nsp-n2:2\n")
+    cmd = ["horovodrun", "-np", "4", "--min-np", "2", "--max-np", "4", "--blacklist-cooldown-range", "1", "2",
+           "--gloo", "--network-interface", LINK,
+           "--host-discovery-script", str(REPO / "tests/horovod_scripts/discover_hosts.sh"), PYTHON,
+           "tests/horovod_scripts/elastic_hosts.py", str(tmp_path)]
+    env = env_for(cluster, {"SCALING_PLUGINS_HOSTS_FILE": str(hosts), "PYTHONPATH": str(REPO),
+                            "HOROVOD_GLOO_TIMEOUT_SECONDS": "15"})   # how soon the survivors notice the kill
+    proc = cluster.run("sp-n1", cmd, env=env, cwd=REPO, timeout=400)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output[-6000:]
+    assert (tmp_path / "killed").exists()
+    records = json.loads((tmp_path / "records.json").read_text())
+    final = {record["step"]: record for record in records}   # a step redone after a reset: its last run
+    steps = [final[step] for step in sorted(final)]
+    assert [step for step in sorted(final)] == list(range(1, len(steps) + 1))
+    sizes = [s["size"] for s in steps]
+    assert [size for k, size in enumerate(sizes) if k == 0 or size != sizes[k - 1]] == [4, 2, 4, 2, 4], sizes
+    for step in steps:
+        assert step["scale"] == 2 * step["size"] and step["policy_world_size"] == step["size"]
+        assert 1.0 <= step["gain"] <= step["scale"]
+    for before, after in zip(steps, steps[1:]):
+        assert after["progress"] == pytest.approx(before["progress"] + after["gain"], rel=1e-9), after["step"]

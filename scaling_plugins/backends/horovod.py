@@ -88,7 +88,8 @@ class HorovodDriver(PolicyDriver):
         self.hvd = horovod_torch()
         super().__init__(optimizer, policy, process_set.size(), backward_passes_per_step, loss_reduction)
         self.process_set = process_set
-        self.agree_across_ranks()
+        if not compat.in_elastic_job():   # elastic workers start at different times: every sync checks instead
+            self.agree_across_ranks()
         self.op = compat.reduction_op(optimizer)
         average = self.op == self.hvd.Average
         self._scale_factors = (1.0 / gradient_predivide_factor, gradient_predivide_factor) if average else (1.0, 1.0)

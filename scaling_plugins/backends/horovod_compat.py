@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import operator
+import os
 from types import ModuleType
 from typing import Any, Callable, Iterable
 
@@ -85,6 +86,11 @@ def extend_optimizer_class(optimizer: Any, members: type, read_through: Iterable
 
 
 # -- Horovod Elastic ------------------------------------------------------------------------------------------
+def in_elastic_job() -> bool:
+    """Whether this worker runs under Horovod Elastic (horovodrun sets HOROVOD_ELASTIC=1 for its workers)."""
+    return os.environ.get("HOROVOD_ELASTIC") == "1"
+
+
 def register_elastic_handler(marker: type, after_sync: Callable[[Any], None]) -> None:
     """Put a handler for optimizers of type ``marker`` first in Horovod's ``TorchState`` handler registry
     (idempotent): Horovod's optimizer handler, with ``after_sync(optimizer)`` after its ``sync()``."""

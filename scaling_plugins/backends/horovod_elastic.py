@@ -14,7 +14,10 @@ registry itself is reached through ``horovod_compat``):
 - save / restore: the optimizer's ``state_dict()`` carries the policy state under ``"scaling_plugins"``, so
   the copy Horovod keeps at ``commit()`` and reloads after a failure carries τ, the estimates and the step;
 - sync (after a reset, before training resumes): Horovod's broadcast of the optimizer state from rank 0, then
-  a broadcast of the policy state from rank 0, so a worker that joins takes the survivors' policy.
+  a broadcast of the policy state from rank 0, so a worker that joins takes the survivors' policy; then the
+  policy follows the new world size and the ranks check that they agree on the policy settings (the check
+  other backends make at attach: under Elastic a worker that joins later builds its optimizer while the
+  others are already training, so a collective at construction would wait for ever; every worker syncs).
 
 When the world size changes, the next ``step()`` reconfigures the policy with the new size: the scale
 follows (S = workers × backward_passes_per_step unless set), σ² and μ² (in scale-1 units) and τ carry over,
@@ -35,7 +38,16 @@ def broadcast_scaling_state(optimizer: torch.optim.Optimizer, root_rank: int = 0
     driver.load_state_dict(state)
 
 
+def sync_scaling_state(optimizer: torch.optim.Optimizer) -> None:
+    """After an elastic reset: rank 0's policy state everywhere, the scale at the new world size, and one
+    all-gather checking that every rank runs the same policy settings."""
+    broadcast_scaling_state(optimizer)
+    driver = optimizer.scaling
+    driver.resize(driver.process_set.size())
+    driver.agree_across_ranks()
+
+
 def register_state_handler(marker: type) -> None:
     """Save, restore and sync the policy with optimizers of type ``marker`` in ``hvd.elastic.TorchState``;
-    after Horovod's broadcast of the optimizer state, the policy state is broadcast from rank 0 (idempotent)."""
-    register_elastic_handler(marker, broadcast_scaling_state)
+    after Horovod's broadcast of the optimizer state, :func:`sync_scaling_state` (idempotent)."""
+    register_elastic_handler(marker, sync_scaling_state)
