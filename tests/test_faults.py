@@ -60,7 +60,9 @@ def torchrun_on_both_hosts(cluster, out: Path, extra: list[str], max_restarts: i
 def test_a_rank_killed_under_torchrun_restarts_from_the_checkpoint_bit_for_bit(cluster, tmp_path):
     codes, straight = torchrun_on_both_hosts(cluster, tmp_path / "straight", [], max_restarts=0)
     assert codes == [0, 0], straight[-6000:]
-    codes, output = torchrun_on_both_hosts(cluster, tmp_path / "killed", KILL, max_restarts=1)
+    # 3 restarts: under load a restarted round can fail once to connect its gloo mesh (seen once in CI); the
+    # drill kills only once, so every later round resumes from the same checkpoint
+    codes, output = torchrun_on_both_hosts(cluster, tmp_path / "killed", KILL, max_restarts=3)
     assert codes == [0, 0], output[-6000:]
     assert "resumed from" in output
     assert_resumed_bit_for_bit(results_of(output), results_of(straight), output)
