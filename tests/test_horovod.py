@@ -180,3 +180,16 @@ def test_branch_skipped_on_one_rank_finishes_with_the_offline_gain(tmp_path, pas
     gains = [step["gain"] for step in first["steps"]]
     assert gains == pytest.approx(offline_gains(ranks, passes), rel=1e-5)
     assert all(1.0 <= gain <= 2.0 * passes for gain in gains)
+
+
+def test_ops_added_per_step_do_not_grow_with_the_number_of_tensors(tmp_path):
+    """torch.profiler's top-level aten ops per step, ours minus plain Horovod's: the same with 10× the tensors
+    (same elements), with and without accumulation (a per-parameter read added 3 ops per tensor and pass)."""
+    run_command(["horovodrun", "--gloo", "-np", "2", str(VENV_BIN / "python"),
+                 str(REPO / "tests" / "horovod_scripts" / "op_count.py"), str(tmp_path)], timeout=180, env=STALL_ENV)
+    results = json.loads((tmp_path / "rank0.json").read_text())
+    for passes in (1, 2):
+        few, many = results[f"16x{passes}"], results[f"160x{passes}"]
+        assert many["bare"] > few["bare"] + 100            # Horovod's own work grows with the tensors
+        assert 0 < many["added"] <= few["added"], results
+        assert 1.0 < few["gain"] <= 2.0 * passes and 1.0 < many["gain"] <= 2.0 * passes
