@@ -8,6 +8,7 @@ import torch
 
 from scaling_plugins.backends.fused_norms import EXACT_NUMEL, PIECE_NUMEL, ChunkedNormMeter, squared_norm_sum
 from scaling_plugins.backends.wide_payload import WidePayload
+from tests.profiling import top_level_ops
 
 
 def reference(tensors):
@@ -40,19 +41,6 @@ def test_low_precision_gradients_are_never_copied_whole():
     assert copies                                      # on CPU the fp32 accumulation does cast, piece by piece
     sizes = [math.prod(shape) for e in copies for shape in e.input_shapes[:1] if shape]
     assert sizes and max(sizes) <= PIECE_NUMEL
-
-
-def top_level_ops(fn) -> int:
-    """aten ops run by ``fn`` that no other aten op called (the CPU stand-in for kernel launches)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    count = 0
-    for event in prof.events():
-        parent = event.cpu_parent
-        while parent is not None and not parent.name.startswith("aten::"):
-            parent = parent.cpu_parent
-        count += event.name.startswith("aten::") and parent is None
-    return count
 
 
 @pytest.mark.parametrize("accumulation", [1, 3])

@@ -29,7 +29,7 @@ import torch
 
 EXACT_NUMEL = 1 << 14     # tensors up to this size: norms in float64
 PIECE_NUMEL = 1 << 16     # fp16/bf16 tensors are read in views of at most this many elements
-CHUNK_NUMEL = 1 << 21     # a chunk is measured once it holds this many gradient elements
+CHUNK_NUMEL = 1 << 19     # a chunk is measured once it holds this many gradient elements (2 MB of fp32)
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 

@@ -12,6 +12,7 @@ import torch
 
 import scaling_plugins.backends.deepspeed  # noqa: F401  (registers the policies with DeepSpeed)
 from tests.deepspeed_scripts.common import config, setup, write_and_finish
+from tests.profiling import top_level_ops
 
 ELEMENTS = 16 * 4096
 
@@ -25,18 +26,6 @@ class Squares(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.sum() * sum((p * p).sum() for p in self.params)
-
-
-def top_level_ops(fn) -> int:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    count = 0
-    for event in prof.events():
-        parent = event.cpu_parent
-        while parent is not None and not parent.name.startswith("aten::"):
-            parent = parent.cpu_parent
-        count += event.name.startswith("aten::") and parent is None
-    return count
 
 
 def ops_per_step(rank: int, stage: int, tensors: int, gas: int, scaled: bool) -> tuple[int, float]:

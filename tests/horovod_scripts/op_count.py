@@ -15,20 +15,9 @@ import horovod.torch as hvd
 import torch
 
 import scaling_plugins.backends.horovod as sph
+from tests.profiling import top_level_ops
 
 ELEMENTS = 16 * 4096
-
-
-def top_level_ops(fn) -> int:
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        fn()
-    count = 0
-    for event in prof.events():
-        parent = event.cpu_parent
-        while parent is not None and not parent.name.startswith("aten::"):
-            parent = parent.cpu_parent
-        count += event.name.startswith("aten::") and parent is None
-    return count
 
 
 def ops_per_step(tensors: int, passes: int, scaled: bool) -> tuple[int, float]:
