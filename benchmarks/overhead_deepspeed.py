@@ -1,10 +1,12 @@
 """Step-time overhead and collectives per step: DeepSpeed + AdaScale against bare DeepSpeed, same config.
 
     .venv/bin/python -m benchmarks.overhead_deepspeed [--steps 30] [--warmup 5] [--batch 64] [--blocks 3]
+        [--model mlp|many]
 
 This re-launches itself under ``deepspeed --num_gpus 2`` (CPU accelerator, gloo, one thread per rank). For
-ZeRO stage 0 and stage 2, each rank builds two engines over the same ≥ 10M-parameter MLP (the DDP benchmark's,
-``benchmarks/overhead.py``) from the same config, one bare and one whose config adds
+ZeRO stage 0 and stage 2, each rank builds two engines over the same model (``--model mlp``: the DDP
+benchmark's ≥ 10M-parameter MLP, ``benchmarks/overhead.py``; ``many``: benchmarks/many_tensors.py's
+194-tensor residual MLP) from the same config, one bare and one whose config adds
 ``"scheduler": {"type": "AdaScale", "params": {}}``. Their steps alternate, the order flipping every step,
 with a barrier before each timed step. Reported per stage: median step time of each over ``blocks`` blocks of
 ``steps`` steps (wall clock, and CPU time of the rank's process, steadier on a shared machine), the ratio of
@@ -29,7 +31,8 @@ from typing import Any, Callable, Optional
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-from benchmarks.overhead import WIDTHS, build_model, collectives, timing_parser
+from benchmarks.many_tensors import MODELS, model_and_widths
+from benchmarks.overhead import collectives, timing_parser
 
 ADASCALE = {"type": "AdaScale", "params": {}}
 
@@ -52,8 +55,13 @@ def worker(args: argparse.Namespace) -> None:
     deepspeed.init_distributed("gloo")
     rank = dist.get_rank()
     gen = torch.Generator().manual_seed(rank)
-    x = torch.randn(args.batch, WIDTHS[0], generator=gen)
-    y = torch.randn(args.batch, WIDTHS[-1], generator=gen)
+    _, width_in, width_out = model_and_widths(args.model)
+
+    def build_model() -> torch.nn.Module:
+        return model_and_widths(args.model)[0]
+
+    x = torch.randn(args.batch, width_in, generator=gen)
+    y = torch.randn(args.batch, width_out, generator=gen)
     results = {}
     for stage in (0, 2):
         base = ds_config(stage, args.batch)
@@ -111,6 +119,8 @@ def _step_fn(engine: Any, x: torch.Tensor, y: torch.Tensor) -> Callable[..., Non
 def main() -> None:
     parser = timing_parser(__doc__)
     parser.add_argument("--blocks", type=int, default=3, help="timed blocks; the median ratio is reported")
+    parser.add_argument("--model", choices=MODELS, default="mlp",
+                        help="mlp: benchmarks/overhead.py's 8-tensor MLP; many: 194-tensor residual MLP")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
@@ -125,14 +135,14 @@ def main() -> None:
         command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
                    str(free_port()), str(Path(__file__).resolve()), "--worker", "--out", str(out),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-                   "--blocks", str(args.blocks)]
+                   "--blocks", str(args.blocks), "--model", args.model]
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         proc = subprocess.run(command, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"{' '.join(command)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
         results = json.loads(out.read_text())
-    print(f"DeepSpeed 2 ranks (CPU, gloo), MLP {results['params']:,} parameters, batch {args.batch}/rank, "
+    print(f"DeepSpeed 2 ranks (CPU, gloo), {args.model} model {results['params']:,} parameters, batch {args.batch}/rank, "
           f"{args.blocks} blocks x {args.steps} interleaved steps; load average {results['load']}")
     for stage in ("zero0", "zero2"):
         result = results[stage]

@@ -1,9 +1,11 @@
 """Step-time overhead and collectives per step: Horovod + AdaScale against bare hvd.DistributedOptimizer.
 
     .venv/bin/python -m benchmarks.overhead_horovod [--steps 30] [--warmup 5] [--batch 64] [--repeats 3]
+        [--model mlp|many]
 
 Each repeat launches `horovodrun --gloo -np 2` on this script's worker mode. Both ranks (one thread each)
-build two copies of benchmarks/overhead.py's ≥ 10M-parameter MLP: one under bare
+build two copies of the model (``--model mlp``: benchmarks/overhead.py's ≥ 10M-parameter MLP; ``many``:
+benchmarks/many_tensors.py's 194-tensor residual MLP): one under bare
 ``hvd.DistributedOptimizer`` (plain SGD step), one under ``scaling_plugins.backends.horovod.
 DistributedOptimizer`` with AdaScale. Steps alternate between the two, the order flipping every round, with a
 barrier before each timed step. Reported: median step time of each and the ratio of medians, in wall time
@@ -11,7 +13,7 @@ and in the main thread's CPU time (what the backend adds runs on the main thread
 wall time on a shared machine, and excludes Horovod's background thread and waits); then, from a
 Horovod timeline recorded over a few more steps of each, the all-reduce responses (fusion buffers) per step
 and where the AdaScale norm travelled; and the CPU time of one pass over the model's gradients (a float64-
-accumulated dot product per tensor), of which the backend adds two per step (local norms in the gradient
+accumulated fused read, ``fused_norms.squared_norm_sum``), of which the backend adds two per step (local norms in the gradient
 hooks, ‖ḡ‖² after synchronize) — the floor of its overhead.
 """
 from __future__ import annotations
@@ -29,8 +31,9 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
-from benchmarks.overhead import WIDTHS, build_model, timing_parser
-from scaling_plugins.backends.local_norms import squared_norm_sum
+from benchmarks.many_tensors import MODELS, model_and_widths
+from benchmarks.overhead import timing_parser
+from scaling_plugins.backends.fused_norms import squared_norm_sum
 from tests.horovod_scripts.timeline import fusion_batches, norm_placement, tensor_role
 
 TIMELINE_STEPS = 5
@@ -43,7 +46,8 @@ def worker(args: argparse.Namespace) -> None:
 
     hvd.init()
     torch.set_num_threads(1)
-    models = {"bare": build_model(), "ours": build_model()}
+    models = {name: model_and_widths(args.model)[0] for name in ("bare", "ours")}
+    _, width_in, width_out = model_and_widths(args.model)
     named = {name: [(f"{name}.{key}", p) for key, p in model.named_parameters()] for name, model in models.items()}
     optimizers = {
         "bare": hvd.DistributedOptimizer(torch.optim.SGD(models["bare"].parameters(), lr=1e-4, momentum=0.9),
@@ -52,8 +56,8 @@ def worker(args: argparse.Namespace) -> None:
                                          named_parameters=named["ours"], policy="AdaScale"),
     }
     gen = torch.Generator().manual_seed(hvd.rank())
-    x = torch.randn(args.batch, WIDTHS[0], generator=gen)
-    y = torch.randn(args.batch, WIDTHS[-1], generator=gen)
+    x = torch.randn(args.batch, width_in, generator=gen)
+    y = torch.randn(args.batch, width_out, generator=gen)
 
     def step(name: str) -> None:
         torch.nn.functional.mse_loss(models[name](x), y).backward()
@@ -105,7 +109,7 @@ def responses_per_step(batches: list[list[str]]) -> dict[str, float]:
 
 def run_once(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = ["horovodrun", "--gloo", "-np", "2", sys.executable, __file__, "--worker", tmp,
+        cmd = ["horovodrun", "--gloo", "-np", "2", sys.executable, __file__, "--worker", tmp, "--model", args.model,
                "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                "PYTHONPATH": str(REPO), "HOROVOD_TIMELINE": "DYNAMIC"}   # recorded only between start/stop
@@ -120,6 +124,8 @@ def run_once(args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = timing_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="independent runs; the median ratio is reported")
+    parser.add_argument("--model", choices=MODELS, default="mlp",
+                        help="mlp: benchmarks/overhead.py's 8-tensor MLP; many: 194-tensor residual MLP")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:

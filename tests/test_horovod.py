@@ -133,3 +133,63 @@ def test_norm_shares_the_gradients_fusion_buffer(launch):
     assert fused.get("unused", 0) + alone.get("unused", 0) == 1    # the fallback path: one norm, fused or not
     assert not any(case == "bare" for batch in launch["batches"] for role, case in map(tensor_role, batch)
                    if role == "norm")
+
+
+# -- a data-dependent graph: a parameter with a gradient on one rank and not on the other ---------------------
+# Horovod aborts a stalled job after this many seconds, so a deadlock fails the test instead of hanging it.
+STALL_ENV = {"HOROVOD_STALL_CHECK_TIME_SECONDS": "5", "HOROVOD_STALL_SHUTDOWN_TIME_SECONDS": "30"}
+
+
+def offline_gains(ranks: list[dict], passes: int) -> list[float]:
+    """AdaScale's gain per step from the recorded local gradients alone: L = Σ_i ‖g_i‖² over every micro-batch
+    of every rank, T = ‖ḡ‖² of their average (each micro-batch gradient taken with the loss / passes)."""
+    import torch
+
+    from scaling_plugins.backends.driver import accumulation_sample
+    from scaling_plugins.policies import build_policy
+    from scaling_plugins.policies.base import StepObservation
+
+    policy = build_policy("AdaScale")
+    policy.configure(len(ranks), passes)
+    gains = []
+    for step in range(len(ranks[0]["steps"])):
+        micro = torch.tensor([g for rank in ranks for g in rank["steps"][step]["local"]], dtype=torch.float64)
+        local_sq_mean = float((micro * micro).sum()) / len(ranks)
+        mean = micro.reshape(len(ranks), passes, -1).sum(dim=1).mean(dim=0)
+        policy.step(StepObservation(accumulation_sample(local_sq_mean, float(mean @ mean), len(ranks), passes,
+                                                        "mean"), None))
+        gains.append(policy.gain)
+    return gains
+
+
+@pytest.mark.parametrize("passes", [1, 2])
+def test_branch_skipped_on_one_rank_finishes_with_the_offline_gain(tmp_path, passes):
+    """Rank 1 skips a branch on step 1 (its parameters get no gradient there): plain Horovod reduces zeros for
+    them; the norm's carrier must be the same collective on every rank, or every rank waits forever."""
+    run_command(["horovodrun", "--gloo", "-np", "2", str(VENV_BIN / "python"),
+                 str(REPO / "tests" / "horovod_scripts" / "branch.py"), str(tmp_path), str(passes)],
+                timeout=120, env=STALL_ENV)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert [step["used_branch"] for step in ranks[1]["steps"]] == [True, False, True, True]
+    first, second = ranks
+    assert [s["gain_hex"] for s in first["steps"]] == [s["gain_hex"] for s in second["steps"]]
+    for step in first["steps"]:                       # the reduced gradient is the average, zeros included
+        import torch
+        local = torch.tensor([rank["steps"][first["steps"].index(step)]["local"] for rank in ranks])
+        assert torch.allclose(torch.tensor(step["reduced"]), local.sum(dim=1).mean(dim=0), rtol=1e-5, atol=1e-7)
+    gains = [step["gain"] for step in first["steps"]]
+    assert gains == pytest.approx(offline_gains(ranks, passes), rel=1e-5)
+    assert all(1.0 <= gain <= 2.0 * passes for gain in gains)
+
+
+def test_ops_added_per_step_do_not_grow_with_the_number_of_tensors(tmp_path):
+    """torch.profiler's top-level aten ops per step, ours minus plain Horovod's: the same with 10× the tensors
+    (same elements), with and without accumulation (a per-parameter read added 3 ops per tensor and pass)."""
+    run_command(["horovodrun", "--gloo", "-np", "2", str(VENV_BIN / "python"),
+                 str(REPO / "tests" / "horovod_scripts" / "op_count.py"), str(tmp_path)], timeout=180, env=STALL_ENV)
+    results = json.loads((tmp_path / "rank0.json").read_text())
+    for passes in (1, 2):
+        few, many = results[f"16x{passes}"], results[f"160x{passes}"]
+        assert many["bare"] > few["bare"] + 100            # Horovod's own work grows with the tensors
+        assert 0 < many["added"] <= few["added"], results
+        assert 1.0 < few["gain"] <= 2.0 * passes and 1.0 < many["gain"] <= 2.0 * passes

@@ -115,6 +115,17 @@ def gradient_multiplier(engine: DeepSpeedEngine) -> float:
     return 1.0 / engine.dp_world_size if engine.gradient_average else 1.0
 
 
+def communication_dtype(engine: DeepSpeedEngine) -> Any:
+    """The dtype DeepSpeed's flat gradient all-reduce communicates in (``communication_data_type``; for bf16
+    runs bf16 by default, for fp16 runs fp16)."""
+    return engine.communication_data_type
+
+
+def data_parallel_rank(engine: DeepSpeedEngine) -> int:
+    """This rank's index in the engine's data-parallel group."""
+    return ds_comm.get_rank(group=engine.data_parallel_group)
+
+
 def loss_scale(optimizer: Any) -> float:
     """The loss scale the current backward passes used: fp16's (dynamic or static) scale, else 1."""
     return float(getattr(optimizer, "loss_scale", 1.0) or 1.0)

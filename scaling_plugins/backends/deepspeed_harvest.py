@@ -7,8 +7,12 @@ the payload rides a reduction DeepSpeed already does, and T comes from what that
 - ``FlatRider`` (ZeRO stage 0 in fp32/fp16/bf16, and DeepSpeed's BF16_Optimizer): DeepSpeed's flat gradient
   all-reduce asks the optimizer for ``get_grads_for_reduction()`` when it has one. The rider supplies it (or
   wraps the one BF16_Optimizer has) and appends the payload, in the gradients' dtype, to the list; it is
-  averaged with the gradients in the same flat buffer. Right after the reduction (before any clipping) it
-  sums ⟨g, g⟩ over the reduced gradients for T.
+  averaged with the gradients in the same flat buffer. Where that buffer is communicated in fp16/bf16
+  (``communication_data_type``, bf16 by default for bf16 runs) one element would keep 8 significant bits (and
+  fp16 overflows above 65,504): the payload then travels as small integers in a block per rank
+  (``wide_payload.WidePayload``: 28 significant bits, any exponent, exact through the sum and the 1/W scaling,
+  W·9 elements per number, no collective). Right after the reduction (before any clipping)
+  ``fused_norms.squared_norm_sum`` over the reduced gradients gives T.
 - ``NormRider`` (ZeRO stages 1, 2, 3, with or without CPU offload): the optimizer all-reduces a 1-element
   squared gradient norm per parameter group (``get_grad_norm_direct`` or its CPU-offload twin, called from
   ``scaled_global_norm`` in stages 1/2 and ``_get_norm_groups`` in stage 3). While that method runs, the
@@ -16,6 +20,11 @@ the payload rides a reduction DeepSpeed already does, and T comes from what that
   the square of the global norm that method returned (the unclipped norm DeepSpeed itself keeps).
   With ``zero_optimization.compute_grad_norm = false`` there is no norm reduction; the rider then calls
   ``scaled_global_norm`` itself once per step (one 1-element all-reduce per parameter group, logged once).
+
+Local norms. ``StepMeter`` (``fused_norms.ChunkedNormMeter``) reads each micro-batch's Σ‖g‖² with a few fused
+ops per chunk of gradients (``torch._foreach_norm``; fp16/bf16 accumulated in fp32 in pieces, never a full fp32
+copy), once per ``CHUNK_NUMEL`` elements and at the end of each backward, not per parameter. Under ZeRO-1/2/3,
+whose hooks move ``.grad`` into gradient buckets during backward, it reads each gradient in its own hook.
 
 Units. DeepSpeed divides each micro-batch loss by gradient_accumulation_steps (gas) and, in fp16, multiplies
 it by the loss scale s, so a hook sees g_i·s/gas: the payload is Σ‖hooked‖²/s², each micro-batch's gradient
@@ -34,25 +43,26 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from . import deepspeed_compat as compat
-from .local_norms import LocalNormMeter, squared_norm_sum
+from .fused_norms import LOW_PRECISION, ChunkedNormMeter, squared_norm_sum
+from .wide_payload import WidePayload
 
 log = logging.getLogger(__name__)
 
-LOW_PRECISION = (torch.float16, torch.bfloat16)
 
+class StepMeter(ChunkedNormMeter):
+    """``ChunkedNormMeter`` for DeepSpeed: starts afresh when the engine moves to a new optimizer step (a step
+    DeepSpeed skipped for fp16 overflow never consumed its sum). fp16/bf16 gradients are accumulated in fp32/fp64
+    without a copy of the gradient (``fused_norms``). ``immediate=True`` (ZeRO-1/2/3, whose hooks move ``.grad``
+    into gradient buckets during backward) reads each gradient in its own hook."""
 
-class StepMeter(LocalNormMeter):
-    """``LocalNormMeter`` for DeepSpeed: squares fp16/bf16 gradients in float32, and starts afresh when the
-    engine moves to a new optimizer step (a step DeepSpeed skipped for fp16 overflow never consumed its sum)."""
-
-    def __init__(self, parameters: Iterable[torch.nn.Parameter], current_step: Callable[[], int]) -> None:
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], current_step: Callable[[], int],
+                 immediate: bool = False) -> None:
         self._current_step = current_step
         self._window = current_step()
-        super().__init__(parameters)
+        super().__init__(parameters, immediate=immediate)
 
-    def _add(self, grad: torch.Tensor) -> None:
+    def _before_gradient(self) -> None:
         self._restart_if_new_step()
-        super()._add(grad.float() if grad.dtype in LOW_PRECISION else grad)
 
     def take(self) -> torch.Tensor:
         self._restart_if_new_step()
@@ -61,7 +71,7 @@ class StepMeter(LocalNormMeter):
     def _restart_if_new_step(self) -> None:
         step = self._current_step()
         if step != self._window:
-            self._total.zero_()
+            self.reset()
             self._window = step
 
 
@@ -79,7 +89,8 @@ class Payload:
     def __init__(self, engine: Any, needs_norms: bool, needs_loss: bool) -> None:
         self.engine = engine
         params = [p for p in engine.module.parameters() if p.requires_grad]
-        self.meter = StepMeter(params, lambda: engine.global_steps) if needs_norms else None
+        immediate = compat.is_zero_optimizer(engine.optimizer)
+        self.meter = StepMeter(params, lambda: engine.global_steps, immediate) if needs_norms else None
         self.needs_loss = needs_loss
         self._loss_window: Optional[int] = None
         self._loss_sum: Optional[torch.Tensor] = None
@@ -134,6 +145,7 @@ class FlatRider(Rider):
                  grad_multiplier: float) -> None:
         super().__init__(engine, payload, deliver, grad_multiplier)
         self._carrier: Optional[torch.Tensor] = None
+        self._wide: Optional[WidePayload] = None
         self._grads: list[torch.Tensor] = []
         self._loss_scale = 1.0
         compat.supply_gradients_for_reduction(engine, self._grads_with_payload)
@@ -146,18 +158,28 @@ class FlatRider(Rider):
             raise RuntimeError("DeepSpeed gave no gradients to reduce; nothing to measure")
         self._loss_scale = compat.loss_scale(self.engine.optimizer)
         self._grads = grads
-        self._carrier = self.payload.take(self._loss_scale).to(device=grads[-1].device, dtype=grads[-1].dtype)
+        values = self.payload.take(self._loss_scale).to(grads[-1].device)
+        carried = compat.communication_dtype(self.engine)
+        if carried in LOW_PRECISION or grads[-1].dtype in LOW_PRECISION:
+            self._wide = WidePayload(self.payload.size, compat.data_parallel_rank(self.engine),
+                                     self.engine.dp_world_size)
+            self._carrier = self._wide.encode(values).to(grads[-1].dtype)
+        else:
+            self._wide = None
+            self._carrier = values.to(grads[-1].dtype)
         return grads + [self._carrier], expert_grads
 
     def _after_reduction(self) -> None:
         if self._carrier is None:
             return
-        payload = self._carrier.to(torch.float64) / self.grad_multiplier
+        if self._wide is not None:
+            payload = self._wide.decode(self._carrier, self.grad_multiplier)
+        else:
+            payload = self._carrier.to(torch.float64) / self.grad_multiplier
         mean_sq = None
         if self.payload.meter is not None:
             world = self.engine.dp_world_size
-            grads = (g.float() if g.dtype in LOW_PRECISION else g for g in self._grads)
-            mean_sq = squared_norm_sum(grads) / (self.grad_multiplier * world * self._loss_scale) ** 2
+            mean_sq = squared_norm_sum(self._grads) / (self.grad_multiplier * world * self._loss_scale) ** 2
         self._carrier, self._grads = None, []
         self.deliver(Harvest(payload, mean_sq))
 

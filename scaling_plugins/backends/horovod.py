@@ -20,24 +20,36 @@ at ``opt.scaling``; its ``state_dict()`` carries the policy state under ``"scali
 How the numbers move (AdaScale, Johnson et al., ICML 2020: L = Σ_i ‖g_i‖², T = ‖ḡ‖², n = workers × passes),
 with no collective beyond one scalar in Horovod's own fusion buffer:
 
-- L: a tensor hook per parameter adds each backward pass's own ⟨g, g⟩ into one float64 scalar
-  (``LocalNormMeter``). Tensor hooks run before the gradient is accumulated into ``.grad``, hence before
-  Horovod's hook on the gradient accumulator, which fires after accumulation and (on the last pass) starts
-  the in-place all-reduce that overwrites ``.grad``.
-- The scalar travels as a fp32 one-element tensor with the gradients' op and pre/post-scale factors, under
-  a name fixed per optimizer (``NORM_NAME.<parameter name>``, so Horovod's response cache keeps it and two
-  optimizers never clash), in one grouped all-reduce with the last gradient of the last backward pass (the
-  gradient whose Horovod hook completes the set of trainable parameters; with Horovod's ``groups``, the
-  group that completes last). A group is negotiated and executed as one, and Horovod fuses ready responses of
-  equal dtype, op and scale factors, so the scalar shares that gradient's fusion buffer: no collective of its
-  own (``HOROVOD_TIMELINE`` shows it; tests/test_horovod.py checks it).
-- Fallback, when that cannot be (a parameter got no gradient this step, ``Compression.fp16`` or non-fp32
-  gradients — a fusion buffer holds one dtype and the scalar stays fp32 — or no Horovod hooks on one rank
-  without Elastic): the scalar is enqueued on its own right after the last gradient, by an autograd
-  end-of-backward callback, which runs after every accumulator hook. Beside fp32 gradients it usually
-  still fuses, but nothing guarantees it; beside fp16 ones it is a 4-byte response of its own.
-- T: after ``synchronize()``, one dot product per reduced gradient summed in float64 on the device;
-  ``step()`` reads L and T with one host sync.
+- L: a tensor hook per parameter records each backward pass's own gradient (a Python append, no tensor op) and
+  ``ChunkedNormMeter`` reads Σ‖g‖² of a whole chunk with a few fused ops (``torch._foreach_norm``) when the
+  chunk reaches ``fused_norms.CHUNK_NUMEL`` elements and at the end of each pass, into one float64 scalar: the
+  cost grows with gradient bytes / chunk size, not with the number of parameters. Tensor hooks run before the
+  gradient is accumulated into ``.grad``, hence before Horovod's hook on the gradient accumulator, which starts
+  the in-place all-reduce of ``.grad``. Where ``.grad`` *is* this pass's gradient (no accumulation, or the first
+  pass after ``zero_grad()``), that all-reduce waits (a ``_Pending`` handle) until the chunk holding it has been
+  read, then starts in Horovod's order; with ``Compression.fp16`` (Horovod needs the compression context at
+  once) the chunk is read right away instead. With ``groups=``, each group's gradients are read (one fused read)
+  just before the group's all-reduce.
+- The scalar travels as a fp32 one-element tensor with the gradients' op and pre/post-scale factors, under one
+  name fixed per optimizer (``NORM_NAME.<first parameter's name>``: the same on every rank, kept by Horovod's
+  response cache, never clashing between optimizers), grouped with the gradient of a *carrier*: the first
+  trainable parameter (in a sequential model the last gradient of backward). The carrier's all-reduce starts at
+  the end of the step's last backward pass, when the norm is complete. A group is negotiated and executed as
+  one, so the scalar shares the carrier's fusion buffer: no collective of its own (``HOROVOD_TIMELINE`` shows it;
+  tests/test_horovod.py checks it).
+- Data-dependent graphs (a parameter with a gradient on some ranks and not on others, as plain Horovod allows):
+  Horovod's ``synchronize()`` all-reduces zeros for a parameter without gradient under the parameter's own name,
+  so every rank still issues the same collectives. The carrier follows the same rule: if it got no gradient on
+  this rank, ``synchronize()`` starts the same group with zeros for it. So there is still no extra collective,
+  and the names agree on every rank (tests/test_horovod.py: a branch that one rank skips on one step).
+- Fallback, when the norm cannot share the carrier's buffer (``Compression.fp16`` or a non-fp32 carrier — a
+  fusion buffer holds one dtype and the scalar stays fp32 — or ``groups=`` where no group completed in backward):
+  the scalar is enqueued on its own, under the same fixed name, at the end of the last backward pass. Beside fp32
+  gradients it usually still fuses, but nothing guarantees it; beside fp16 ones it is a 4-byte response of its
+  own. With ``groups=`` the group completing last carries the norm; like plain Horovod's grouped path, that needs
+  every rank to produce the same gradients.
+- T: after ``synchronize()``, ``fused_norms.squared_norm_sum`` over the reduced gradients (a few fused ops) on
+  the device; ``step()`` reads L and T with one host sync.
 - ``gradient_predivide_factor`` is applied to the scalar exactly as to the gradients.
   ``op=hvd.Adasum`` is refused: Adasum combines gradients adaptively instead of averaging them, so the mean
   gradient whose statistics the policies read does not exist.
@@ -64,7 +76,7 @@ from . import horovod_compat as compat
 from .driver import PolicyDriver, check_loss_reduction
 from .horovod_compat import horovod_torch
 from .horovod_elastic import register_state_handler
-from .local_norms import LocalNormMeter, queue_end_of_backward, squared_norm_sum
+from .fused_norms import ChunkedNormMeter, squared_norm_sum
 
 NORM_NAME = "scaling_plugins.local_sq_norm"
 LOSS_NAME = "scaling_plugins.mean_loss"
@@ -74,6 +86,26 @@ READ_THROUGH = ("gain", "lr", "progress", "scale", "done")   # opt.<name> reads 
 
 class ScaledOptimizer(abc.ABC):
     """Marker type: ``isinstance(opt, ScaledOptimizer)`` is true for optimizers made by :func:`DistributedOptimizer`."""
+
+
+class _Pending:
+    """A Horovod handle that is not there yet: Horovod's ``synchronize()`` calls it for the reduced gradient.
+
+    Used for gradients whose all-reduce waits for the meter (their local norm is read first) and for the carrier
+    of the norm, which is enqueued at the end of backward (or in ``synchronize()``)."""
+
+    __slots__ = ("handle", "grouped")
+
+    def __init__(self) -> None:
+        self.handle: Any = None
+        self.grouped = False
+
+    def __call__(self) -> torch.Tensor:
+        if self.handle is None:
+            raise RuntimeError("scaling_plugins: a gradient all-reduce was never started (a backward pass that did "
+                               "not finish?)")
+        output = horovod_torch().synchronize(self.handle)
+        return output[0] if self.grouped else output
 
 
 class HorovodDriver(PolicyDriver):
@@ -93,78 +125,107 @@ class HorovodDriver(PolicyDriver):
         self.op = compat.reduction_op(optimizer)
         average = self.op == self.hvd.Average
         self._scale_factors = (1.0 / gradient_predivide_factor, gradient_predivide_factor) if average else (1.0, 1.0)
-        self._meter: Optional[LocalNormMeter] = None
+        self._optimizer = optimizer
+        self._meter: Optional[ChunkedNormMeter] = None
+        self._deferred: list[tuple[torch.Tensor, _Pending]] = []
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
-        self._num_params = len(params)
+        self._carrier_param = params[0]            # the same parameter on every rank
+        self._norm_name = f"{NORM_NAME}.{compat.parameter_name(optimizer, params[0])}"
+        self._grouped = compat.gradient_group_count(optimizer) > 0
         self._discard_pending()
         if self.policy.needs_gradient_norms:
-            for p in params:                   # registered before the meter's hooks, so they run first
-                p.register_hook(self._on_gradient)
-            self._meter = LocalNormMeter(params)
-            self._norm_name = f"{NORM_NAME}.{compat.parameter_name(optimizer, params[0])}"
+            self._meter = ChunkedNormMeter(params, on_flush=self._start_deferred, on_pass_end=self._end_of_backward)
 
     # -- harvesting -----------------------------------------------------------------------------------------
     def _discard_pending(self) -> None:
         """Forget a half-done step (a reload, an elastic reset): no pass seen, nothing in flight."""
         self._passes = 0
         self._passes_seen: Optional[int] = None   # passes of the step whose gradients were just synchronized
-        self._enqueued = 0              # gradients (or Horovod groups) enqueued by hooks in this backward
-        self._in_backward = False       # a gradient hook fired and the end-of-backward callback has not run
+        self._enqueued = 0              # Horovod groups enqueued by hooks in this backward (groups= only)
         self._norm: Optional[tuple[torch.Tensor, Any]] = None   # (buffer, handle; None when in a group)
+        self._carrier: Optional[_Pending] = None                # the carrier parameter's handle, once asked for
+        self._deferred = []
         self._reduced: Optional[tuple[torch.Tensor, torch.Tensor]] = None
         if self._meter is not None:
-            self._meter.take()
-
-    def _on_gradient(self, grad: torch.Tensor) -> None:
-        if grad.layout != torch.strided:
-            raise ValueError(f"policy {self.policy.name!r} measures gradient norms, which needs dense gradients; "
-                             f"got a {grad.layout} gradient (e.g. nn.Embedding(sparse=True)): use dense ones")
-        if not self._in_backward:
-            self._in_backward = True
-            queue_end_of_backward(self._end_of_backward)
+            self._meter.reset()
+            self._meter.take_passes()
 
     def _end_of_backward(self) -> None:
-        """After every accumulator hook of this backward: the fallback enqueue, if no gradient carried the norm."""
-        self._in_backward = False
+        """After every accumulator hook and the meter's last read of this backward: start the norm's all-reduce
+        once the step's last pass is done (the carrier; or the norm alone where it cannot ride)."""
         self._enqueued = 0
-        self._passes += 1
-        if self._passes == self.accumulation_steps and self._norm is None:
+        self._passes += self._meter.take_passes()
+        if self._passes >= self.accumulation_steps and self._norm is None:
             self._enqueue_norm()
 
     def _take_norm_buffer(self) -> torch.Tensor:
         return self._meter.take().to(torch.float32).reshape(1)
 
+    def _carrier_fuses(self) -> bool:
+        """Whether the norm can share the carrier gradient's fusion buffer (same dtype, no compression)."""
+        param = self._carrier_param
+        return (not compat.compresses(self._optimizer) and param.dtype == torch.float32
+                and (param.grad is None or param.grad.layout == torch.strided))
+
     def _enqueue_norm(self) -> None:
-        """This rank's Σ‖g‖² as a fp32 one-element all-reduce of its own, with the gradients' op and factors."""
+        """This rank's Σ‖g‖² as a fp32 all-reduce with the gradients' op and factors, under a name fixed per
+        optimizer (the same on every rank): grouped with the carrier parameter's gradient where it fuses, else on
+        its own."""
         buffer = self._take_norm_buffer()
         prescale, postscale = self._scale_factors
-        handle = self.hvd.allreduce_async_(buffer, name=self._norm_name, op=self.op, prescale_factor=prescale,
-                                           postscale_factor=postscale, process_set=self.process_set)
-        self._norm = (buffer, handle)
+        if self._grouped or not self._carrier_fuses():
+            handle = self.hvd.allreduce_async_(buffer, name=self._norm_name, op=self.op, prescale_factor=prescale,
+                                               postscale_factor=postscale, process_set=self.process_set)
+            self._norm = (buffer, handle)
+            return
+        param = self._carrier_param
+        if param.grad is None:          # no gradient on this rank this step: zeros, as Horovod reduces them
+            param.grad = torch.zeros_like(param)
+        handle = self.hvd.grouped_allreduce_async_(
+            [param.grad, buffer], name=self._norm_name, op=self.op, prescale_factor=prescale,
+            postscale_factor=postscale, process_set=self.process_set)
+        self._norm = (buffer, None)
+        if self._carrier is None:
+            self._carrier = _Pending()
+        self._carrier.handle, self._carrier.grouped = handle, True
 
-    def _carries_norm(self, optimizer: Any, grads: list[torch.Tensor], enqueued_of: int) -> bool:
-        """Whether this hook's all-reduce is the last of the backward and can carry the fp32 norm with it."""
-        if self._meter is None or self._norm is not None or not self._in_backward:
-            return False
-        self._enqueued += 1
-        return (self._enqueued == enqueued_of and not compat.compresses(optimizer)
-                and all(g.dtype == torch.float32 and g.layout == torch.strided for g in grads))
+    def _start_deferred(self) -> None:
+        """After the meter read them: start the all-reduces that waited for it (Horovod's own, in hook order)."""
+        deferred, self._deferred = self._deferred, []
+        for param, pending in deferred:
+            pending.handle, _ = self._optimizer._horovod_allreduce_grad_async(param)
 
     def allreduce_gradient(self, optimizer: Any, p: torch.Tensor) -> tuple[Any, Any]:
-        """Horovod's all-reduce of one gradient; the last one of the backward takes the norm into its group."""
-        if not self._carries_norm(optimizer, [p.grad], self._num_params):
+        """Horovod's all-reduce of one gradient, once its local norm is read; the carrier parameter's waits for
+        the end of backward and takes the norm into its group."""
+        if self._meter is None or self._grouped:
             return optimizer._horovod_allreduce_grad_async(p)
-        buffer = self._take_norm_buffer()
-        prescale, postscale = self._scale_factors
-        handle = self.hvd.grouped_allreduce_async_(
-            [p.grad, buffer], name=f"{NORM_NAME}.{compat.parameter_name(optimizer, p)}", op=self.op,
-            prescale_factor=prescale, postscale_factor=postscale, process_set=self.process_set)
-        self._norm = (buffer, None)
-        return (lambda: self.hvd.synchronize(handle)[0]), None   # Horovod calls a callable handle for the result
+        if p is self._carrier_param and self._carrier_fuses():
+            if self._carrier is None:
+                self._carrier = _Pending()
+            if self._norm is None and not self._meter.in_pass:   # asked from synchronize(): start it now
+                self._enqueue_norm()
+            return self._carrier, None
+        if self._meter.holds(p):
+            if compat.compresses(optimizer):             # Horovod needs the compression context now
+                self._meter.flush()
+                return optimizer._horovod_allreduce_grad_async(p)
+            pending = _Pending()
+            self._deferred.append((p, pending))
+            return pending, None
+        return optimizer._horovod_allreduce_grad_async(p)
 
     def grouped_allreduce(self, optimizer: Any, params: tuple) -> tuple[Any, tuple]:
-        """Horovod's all-reduce of one gradient group (``groups=``); the group completing last takes the norm."""
-        if not self._carries_norm(optimizer, [p.grad for p in params], compat.gradient_group_count(optimizer)):
+        """Horovod's all-reduce of one gradient group (``groups=``), after one read of the group's local norms;
+        the group completing last takes the norm."""
+        if self._meter is None:
+            return optimizer._horovod_grouped_allreduce_grad_async(params)
+        if any(self._meter.holds(p) for p in params):
+            self._meter.flush()
+        self._enqueued += 1
+        last = self._enqueued == compat.gradient_group_count(optimizer) and self._meter.in_pass
+        if (not last or self._norm is not None or compat.compresses(optimizer)
+                or not all(p.grad.dtype == torch.float32 and p.grad.layout == torch.strided for p in params)):
             return optimizer._horovod_grouped_allreduce_grad_async(params)
         buffer = self._take_norm_buffer()
         handle = self.hvd.grouped_allreduce_async_(       # Horovod's grouped path applies no scale factors
@@ -174,8 +235,11 @@ class HorovodDriver(PolicyDriver):
         return handle, (None,) * len(params)
 
     def before_synchronize(self) -> None:
-        """Enqueue the norm now if backward did not (fewer passes than announced, or no Horovod hooks)."""
-        if self._meter is not None and self._norm is None and self._passes > 0:
+        """Start what backward did not (fewer passes than announced, no Horovod hooks, a carrier left waiting)."""
+        if self._meter is None:
+            return
+        self._meter.flush()
+        if self._norm is None and (self._passes > 0 or self._carrier is not None):
             self._enqueue_norm()
 
     def after_synchronize(self, optimizer: torch.optim.Optimizer) -> None:
@@ -185,11 +249,16 @@ class HorovodDriver(PolicyDriver):
         buffer, handle = self._norm
         if handle is not None:
             self.hvd.synchronize(handle)
+        elif self._carrier is not None and self._carrier.handle is not None and not self._carrier_consumed():
+            self._carrier()             # no Horovod hooks (one process): nobody else waits for the carrier
         grads = [p.grad for group in optimizer.param_groups for p in group["params"]
                  if p.requires_grad and p.grad is not None]
         self._reduced = (buffer[0].to(torch.float64), squared_norm_sum(grads))
-        self._norm = None
+        self._norm, self._carrier = None, None
         self._passes_seen, self._passes = self._passes, 0
+
+    def _carrier_consumed(self) -> bool:
+        return compat.has_gradient_hooks(self._optimizer)
 
     # -- per step -------------------------------------------------------------------------------------------
     def observe_step(self, loss: Optional[torch.Tensor | float]) -> None:

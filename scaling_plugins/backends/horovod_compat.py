@@ -56,6 +56,12 @@ def gradient_group_count(optimizer: Any) -> int:
     return len(optimizer._group_counts)
 
 
+def has_gradient_hooks(optimizer: Any) -> bool:
+    """Whether Horovod registered its gradient hooks (it does not for one process without Elastic): then its
+    ``synchronize()`` asks for every trainable parameter's all-reduce."""
+    return bool(optimizer._requires_update)
+
+
 def reduction_op(optimizer: Any) -> Any:
     """The reduction op (``hvd.Average`` or ``hvd.Sum``) the optimizer reduces gradients with."""
     return optimizer.op

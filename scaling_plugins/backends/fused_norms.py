@@ -1,0 +1,180 @@
+"""Squared gradient norms read with a fixed number of fused ops per chunk of gradients, not per parameter.
+
+``squared_norm_sum(tensors)`` = Σ_t ⟨t, t⟩ as one float64 scalar, from at most three ``torch._foreach_norm``
+calls, one ``stack`` and one ``dot`` per call, whatever the number of tensors:
+
+- tensors of at most ``EXACT_NUMEL`` elements: norms taken in float64 (``dtype=torch.float64``; on CPU that casts
+  each small tensor, never more than ``EXACT_NUMEL`` elements at a time), so small cases are exact to float64;
+- larger fp32/fp64 tensors: norms in their own dtype (one read, as fast as ``torch.dot``; relative error of the
+  square about 2⁻²³, the same as the fp32 dot product it replaces);
+- larger fp16/bf16 tensors: read as views of at most ``PIECE_NUMEL`` elements, norms accumulated and returned in
+  float32 (``dtype=torch.float32``): fp32 range and precision, and on CPU (where that cast materialises) no copy
+  larger than one piece — never a full fp32 copy of a gradient.
+
+The squares of the norms are summed in float64: Σ_t ‖t‖² = ‖(‖t₁‖, …, ‖t_k‖)‖².
+
+``ChunkedNormMeter`` measures each backward pass's own local Σ‖g‖² (AdaScale's L, Johnson et al., ICML 2020)
+with that function, in chunks: its tensor hook only records each gradient (a Python append, no tensor op), and a
+chunk is measured when it reaches ``CHUNK_NUMEL`` elements or the pass ends, so a backward pass costs
+⌈elements / CHUNK_NUMEL⌉ fused measurements, not one per parameter, and holds at most one chunk of gradients that
+autograd would otherwise have freed (no gradient-sized extra buffer).
+"""
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Callable, Iterable, Optional, Union
+
+import torch
+
+EXACT_NUMEL = 1 << 14     # tensors up to this size: norms in float64
+PIECE_NUMEL = 1 << 16     # fp16/bf16 tensors are read in views of at most this many elements
+CHUNK_NUMEL = 1 << 19     # a chunk is measured once it holds this many gradient elements (2 MB of fp32)
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def queue_end_of_backward(callback: Callable[[], None]) -> None:
+    """Run ``callback`` once the current backward pass has finished (after every accumulator hook); call it from
+    inside the backward (a tensor hook). Uses torch autograd's engine callback queue."""
+    torch.autograd.Variable._execution_engine.queue_callback(callback)
+
+
+def squared_norm_sum(tensors: Iterable[torch.Tensor], device: Optional[torch.device] = None) -> torch.Tensor:
+    """Σ_t ⟨t, t⟩ over ``tensors`` as a float64 scalar tensor (0 for none), with a fixed number of fused ops."""
+    exact, wide, narrow = [], [], []
+    for tensor in tensors:
+        if tensor.numel() <= EXACT_NUMEL:
+            exact.append(tensor)
+        elif tensor.dtype in LOW_PRECISION:
+            narrow.extend(tensor.reshape(-1).split(PIECE_NUMEL))
+        else:
+            wide.append(tensor)
+    norms: list[torch.Tensor] = []
+    if exact:
+        norms.extend(torch._foreach_norm(exact, 2, dtype=torch.float64))
+    if wide:
+        norms.extend(torch._foreach_norm(wide, 2))
+    if narrow:
+        norms.extend(torch._foreach_norm(narrow, 2, dtype=torch.float32))
+    if not norms:
+        return torch.zeros((), dtype=torch.float64, device=device)
+    stacked = torch.stack(norms).to(torch.float64)
+    return torch.dot(stacked, stacked)
+
+
+def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
+    """⟨t, t⟩ of one tensor: a dot product in its own dtype for fp32/fp64 (as exact as float32 allows),
+    ``squared_norm_sum`` for fp16/bf16 (fp32 accumulation, no full fp32 copy)."""
+    if tensor.dtype in LOW_PRECISION:
+        return squared_norm_sum([tensor])
+    flat = tensor.reshape(-1)
+    return torch.dot(flat, flat)
+
+
+Pending = Union[int, torch.Tensor]   # a parameter's index (its .grad holds this pass's gradient) or the gradient
+
+
+class ChunkedNormMeter:
+    """Σ over backward passes and parameters of each pass's own ‖g‖², as a float64 device scalar; and the count of
+    backward passes that reached the parameters.
+
+    The tensor hook runs before autograd accumulates the gradient into ``.grad``. When ``.grad`` is None autograd
+    will make this gradient the ``.grad`` (no copy), so the meter records the parameter and reads ``.grad`` when it
+    measures; otherwise autograd adds the gradient into ``.grad`` in place and the meter keeps the gradient itself
+    (until its chunk is measured). A parameter recorded by reference must not be reduced in place before it is
+    measured: ``holds(p)`` tells, ``flush()`` measures now. Every pass ends with a flush, so nothing recorded
+    outlives its backward pass. ``immediate=True`` measures each gradient in its hook instead (one ``squared_norm``
+    per parameter), for engines that move ``.grad`` during backward (ZeRO-1/2/3's gradient buckets).
+
+    on_flush: called after each measurement (e.g. to start reductions that waited for it);
+    on_pass_end: called at the end of each backward pass, after its last measurement.
+    """
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter], immediate: bool = False,
+                 on_flush: Optional[Callable[[], None]] = None,
+                 on_pass_end: Optional[Callable[[], None]] = None) -> None:
+        params = [p for p in parameters if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters to measure")
+        self._params = [weakref.ref(p) for p in params]   # weak: the hooks on the parameters refer to the meter
+        self._index = {id(p): i for i, p in enumerate(params)}
+        self._total = torch.zeros((), dtype=torch.float64, device=params[0].device)
+        self._immediate = immediate
+        self._on_flush = on_flush
+        self._on_pass_end = on_pass_end
+        self._pending: list[Pending] = []
+        self._by_reference: set[int] = set()
+        self._pending_numel = 0
+        self._in_pass = False
+        self._passes = 0
+        for index, param in enumerate(params):
+            param.register_hook(functools.partial(self._on_gradient, index))
+
+    # -- inside backward --------------------------------------------------------------------------------------
+    def _on_gradient(self, index: int, grad: torch.Tensor) -> None:
+        if grad.layout != torch.strided:
+            raise ValueError(f"measuring gradient norms needs dense gradients; got a {grad.layout} gradient "
+                             "(e.g. nn.Embedding(sparse=True)): use dense ones")
+        if not self._in_pass:
+            self._in_pass = True
+            queue_end_of_backward(self._end_pass)
+        self._before_gradient()
+        if self._immediate:
+            self._total += squared_norm(grad)
+            return
+        numel = grad.numel()
+        if self._pending and self._pending_numel + numel > CHUNK_NUMEL:
+            self.flush()        # before recording this one: its .grad is not set until this hook returns
+        if self._params[index]().grad is None:
+            self._pending.append(index)
+            self._by_reference.add(index)
+        else:
+            self._pending.append(grad)
+        self._pending_numel += numel
+
+    def _before_gradient(self) -> None:
+        """What subclasses do first in every hook (nothing here)."""
+
+    def _end_pass(self) -> None:
+        self._in_pass = False
+        self.flush()
+        self._passes += 1
+        if self._on_pass_end is not None:
+            self._on_pass_end()
+
+    # -- reading ------------------------------------------------------------------------------------------------
+    @property
+    def in_pass(self) -> bool:
+        """Whether a backward pass is running that this meter has seen a gradient of."""
+        return self._in_pass
+
+    def holds(self, param: torch.Tensor) -> bool:
+        """Whether ``param.grad`` is recorded by reference and not measured yet (do not reduce it in place yet)."""
+        return self._index.get(id(param)) in self._by_reference
+
+    def flush(self) -> None:
+        """Measure every recorded gradient now (one ``squared_norm_sum``), then call ``on_flush``."""
+        if self._pending:
+            tensors = [self._params[item]().grad if isinstance(item, int) else item for item in self._pending]
+            self._total += squared_norm_sum(tensors)
+            self._pending, self._pending_numel = [], 0
+            self._by_reference.clear()
+        if self._on_flush is not None:
+            self._on_flush()
+
+    def take(self) -> torch.Tensor:
+        """The sum so far (a new tensor), then reset to 0 for the next optimizer step."""
+        self.flush()
+        value = self._total.clone()
+        self._total.zero_()
+        return value
+
+    def reset(self) -> None:
+        """Drop everything recorded or summed (a step that will not be used)."""
+        self._pending, self._pending_numel = [], 0
+        self._by_reference.clear()
+        self._total.zero_()
+
+    def take_passes(self) -> int:
+        passes, self._passes = self._passes, 0
+        return passes
