@@ -4,7 +4,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -70,14 +72,42 @@ def launch_from(cluster, host: str, cmd: list[str], tmp_path: Path, env: dict | 
 
 def run_on_each_host(cluster, cmd: list[str], env: dict[str, str], timeout: float = 300) -> tuple[list[int], str]:
     """``cmd`` started at once on every host (as torchrun's multi-node recipe does), in the repository; their
-    exit codes and their output together. Every process is killed if it outlives ``timeout``."""
-    procs = [cluster.popen(host, cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for host in HOSTS]
+    exit codes and their output together. What is still running after ``timeout`` seconds is stopped
+    (:func:`stop_gently`) and reported with exit code None, its output so far kept, so a hang shows where it stood."""
+    procs = [cluster.popen(host, cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True) for host in HOSTS]
+    outputs: list[list[str]] = [[] for _ in procs]
+    readers = [threading.Thread(target=lambda p=proc, o=out: o.extend(p.stdout), daemon=True)
+               for proc, out in zip(procs, outputs)]
+    for reader in readers:
+        reader.start()
+    deadline = time.monotonic() + timeout
     try:
-        outputs = [proc.communicate(timeout=timeout)[0] for proc in procs]
-    finally:
         for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return [proc.returncode for proc in procs], "".join(outputs)
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        codes = [proc.poll() for proc in procs]
+        stop_gently(procs)
+        for reader in readers:
+            reader.join(timeout=10)
+    text = "".join("".join(out) + ("" if code is not None else f"\n[killed after {timeout:.0f} s]\n")
+                   for out, code in zip(outputs, codes))
+    return codes, text
+
+
+def stop_gently(procs: list[subprocess.Popen], grace: float = 15) -> None:
+    """SIGTERM to each running process's group first: launchers such as torchrun start their workers in
+    sessions of their own and stop them only on a signal they can catch; SIGKILL after ``grace`` seconds."""
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in running:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -14,11 +14,21 @@ LOCAL = {"NPROC_PER_NODE": "2"}
 @pytest.mark.slow
 def test_torchrun_wrapper(tmp_path):
     outcome = run_launch(["launch/torchrun.sh", *TRAIN], LOCAL, tmp_path)
-    assert outcome["commands"][0].startswith("torchrun --nnodes 1 --node_rank 0 --nproc_per_node 2 "
+    assert outcome["commands"][0].startswith("torchrun --nnodes 1 --nproc_per_node 2 --node_rank 0 "
                                              "--master_addr 127.0.0.1 --master_port ")
     assert_two_ranks_trained_together(outcome)
     assert outcome["results"][0]["rank_from"] == "RANK"
     assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_wrapper_with_restarts_gives_every_round_a_fresh_store(tmp_path):
+    """--max-restarts: a c10d rendezvous and no shared agent store, so the workers print no stale-store warning
+    (the detection itself: test_a_restartable_torchrun_sharing_its_store_is_recognised)."""
+    outcome = run_launch(["launch/torchrun.sh", *TRAIN], {**LOCAL, "TORCHRUN_ARGS": "--max-restarts 1"}, tmp_path)
+    assert outcome["commands"][0].startswith("torchrun --nnodes 1 --nproc_per_node 2 --rdzv-backend c10d ")
+    assert_two_ranks_trained_together(outcome)
+    assert "pytorch/pytorch#135712" not in outcome["output"]
 
 
 @pytest.mark.slow
@@ -90,6 +100,18 @@ def test_placement_reads_every_launchers_variables(env, expected):
 
     where = placement(env)
     assert (where.rank, where.world_size, where.local_rank, where.source) == expected
+
+
+@pytest.mark.parametrize("env, stale", [
+    ({"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "3"}, True),
+    ({"TORCHELASTIC_USE_AGENT_STORE": "True", "TORCHELASTIC_MAX_RESTARTS": "0"}, False),
+    ({"TORCHELASTIC_USE_AGENT_STORE": "False", "TORCHELASTIC_MAX_RESTARTS": "3"}, False),
+    ({}, False),
+])
+def test_a_restartable_torchrun_sharing_its_store_is_recognised(env, stale):
+    from scaling_plugins.app.launch_env import restarts_share_a_stale_store
+
+    assert restarts_share_a_stale_store(env) is stale
 
 
 def test_placement_rejects_a_rank_outside_the_world():

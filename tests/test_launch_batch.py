@@ -61,8 +61,18 @@ def test_slurm_torchrun_on_each_node_gets_its_node_rank(tmp_path):
     env = {**slurm_env("cn[01-03]", "4(x3)"), "SCALING_PLUGINS_ON_NODE": "1", "SLURM_NODEID": "2",
            "NPROC_PER_NODE": "4", "DRY_RUN": "1"}
     outcome = run_launch(["bash", "launch/torchrun.sh", *TRAIN], env, tmp_path, free=False)
-    assert outcome["commands"][0].startswith("torchrun --nnodes 3 --node_rank 2 --nproc_per_node 4 "
+    assert outcome["commands"][0].startswith("torchrun --nnodes 3 --nproc_per_node 4 --node_rank 2 "
                                              "--master_addr cn01 --master_port 24242 launch/examples/train.py")
+
+
+def test_slurm_torchrun_with_restarts_takes_a_c10d_rendezvous_at_the_first_node(tmp_path):
+    """A static rendezvous restarts one node's workers alone; c10d restarts every node's together."""
+    env = {**slurm_env("cn[01-03]", "4(x3)"), "SCALING_PLUGINS_ON_NODE": "1", "SLURM_NODEID": "2",
+           "NPROC_PER_NODE": "4", "DRY_RUN": "1", "TORCHRUN_ARGS": "--max-restarts 2"}
+    outcome = run_launch(["bash", "launch/torchrun.sh", *TRAIN], env, tmp_path, free=False)
+    assert outcome["commands"][0].startswith("torchrun --nnodes 3 --nproc_per_node 4 --rdzv-backend c10d "
+                                             "--rdzv-endpoint cn01:24242 --rdzv-id 4242 --max-restarts 2 "
+                                             "launch/examples/train.py")
 
 
 @pytest.mark.parametrize("launcher", ["deepspeed", "mpirun", "torchrun"])

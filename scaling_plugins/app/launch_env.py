@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 from dataclasses import dataclass
 from typing import Mapping, Optional
 
@@ -50,19 +51,37 @@ def placement(environ: Optional[Mapping[str, str]] = None) -> Placement:
     return Placement(0, 1, 0, "single process")
 
 
+STALE_STORE_WARNING = (
+    "torchrun --max-restarts > 0 shares its agent's TCPStore with the workers (torch's default), and that store "
+    "keeps the previous round's keys: a restarted round can read a dead rank's address and fail with 'Connection "
+    "refused' on every restart (pytorch/pytorch#135712). Launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+    "(launch/torchrun.sh does) so that every round gets a fresh store.")
+
+
+def restarts_share_a_stale_store(environ: Optional[Mapping[str, str]] = None) -> bool:
+    """Whether this worker was started by a torchrun that may restart it (``--max-restarts`` > 0) while sharing
+    its agent's TCPStore with the workers: that store lives across restart rounds with the old round's keys."""
+    env = os.environ if environ is None else environ
+    return env.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and int(env.get("TORCHELASTIC_MAX_RESTARTS", "0")) > 0
+
+
 def init_process_group(backend: str = "gloo", timeout: Optional[float] = None) -> Placement:
     """Join (or create) the default torch.distributed group for this process's placement; returns it.
 
     Exports RANK/WORLD_SIZE/LOCAL_RANK and a default MASTER_ADDR/MASTER_PORT so that engines which read the
     environment themselves (DeepSpeed) see the same job. ``timeout`` (seconds; torch's default, 30 minutes,
     when None) bounds every collective: a rank whose peer is lost (a host down, a link cut) raises after that
-    long instead of waiting for ever.
+    long instead of waiting for ever. Under a restartable torchrun that shares its store across rounds, rank 0
+    prints :data:`STALE_STORE_WARNING` (the fix is an environment variable for torchrun, out of this process's
+    reach).
     """
     import datetime
 
     import torch.distributed as dist
 
     where = placement()
+    if where.rank == 0 and restarts_share_a_stale_store():
+        print(f"scaling-plugins: warning: {STALE_STORE_WARNING}", file=sys.stderr, flush=True)
     os.environ.update(RANK=str(where.rank), WORLD_SIZE=str(where.world_size), LOCAL_RANK=str(where.local_rank))
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
