@@ -1,5 +1,6 @@
-"""The benchmarks' many-tensor model: a residual MLP of 48 blocks (Linear + LayerNorm) and a head, 194 parameter
-tensors and 3.2M parameters (issue 14's second model), beside benchmarks/overhead.py's 8-tensor MLP.
+"""The benchmarks' models: ``mlp``, a 10.5M-parameter MLP of 8 parameter tensors (1024-2048-2048-2048-16), and
+``many``, a residual MLP of 48 blocks (Linear + LayerNorm) and a head: 194 parameter tensors and 3.2M parameters
+(the shape of real models, which have hundreds of tensors).
 
 ``model_and_widths(name)`` gives (model, input width, output width) for ``--model mlp`` or ``--model many``.
 """
@@ -7,10 +8,18 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.overhead import WIDTHS, build_model
-
+WIDTHS = (1024, 2048, 2048, 2048, 16)
 BLOCKS, WIDTH, OUT = 48, 256, 16
 MODELS = ("mlp", "many")
+
+
+def build_model() -> torch.nn.Module:
+    """The 8-tensor MLP."""
+    torch.manual_seed(0)
+    layers: list[torch.nn.Module] = []
+    for width_in, width_out in zip(WIDTHS, WIDTHS[1:]):
+        layers += [torch.nn.Linear(width_in, width_out), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1])
 
 
 class Block(torch.nn.Module):

@@ -1,12 +1,18 @@
-"""Step-time overhead and collectives per step: DDP + AdaScale against bare DDP, side by side in one run.
+"""Step-time overhead and collectives per step: DDP + AdaScale against bare DDP (and fairscale's AdaScale), side
+by side in one run.
 
-    .venv/bin/python -m benchmarks.overhead [--steps 30] [--warmup 5] [--batch 64] [--repeats 3]
+    .venv/bin/python -m benchmarks.overhead [--model mlp|many] [--steps 30] [--warmup 5] [--batch 64]
+        [--repeats 3] [--fairscale DIR]
 
-Two ranks (spawned, gloo, one thread each) build two DDP copies of the same ≥ 10M-parameter MLP: one bare
-(DDP's built-in all-reduce hook, plain SGD step) and one driven by AdaScale. Steps alternate between the
-two, the order flipping every round, with a barrier before each timed step, so machine noise hits both
-alike. Reported: median step time of each, the ratio of medians, and collectives per step counted from
-the torch profiler's ``gloo:*`` events for both (the same counter for both paths).
+Two ranks (spawned, gloo, one thread each) build a DDP copy of the same model per variant (``--model mlp``: the
+10.5M-parameter, 8-tensor MLP; ``many``: the 194-tensor residual MLP, benchmarks/many_tensors.py): ``bare`` (DDP's
+built-in all-reduce, plain SGD step), ``ours`` (``scaling_plugins.backends.ddp.attach(..., "AdaScale")``) and, with
+``--fairscale DIR`` (a folder where ``fairscale`` is importable, e.g. ``pip install --no-deps --target DIR
+fairscale==0.4.13``; never a project dependency), ``fairscale`` (``fairscale.optim.AdaScale`` around the same
+SGD). Steps rotate between the variants, the order shifting every round, with a barrier before each timed step,
+so machine noise hits all alike. Reported per run: median wall and CPU (this thread's) step time of each and the
+ratios to bare; collectives per step from the torch profiler's ``gloo:*`` events (the same counter for all).
+The summary is the median over runs of the per-run ratios.
 """
 from __future__ import annotations
 
@@ -14,30 +20,25 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from benchmarks.many_tensors import MODELS, model_and_widths
 from scaling_plugins.backends.ddp import attach
 
-WIDTHS = (1024, 2048, 2048, 2048, 16)
+CLOCKS = ("wall", "cpu")
 
 
-def build_model() -> torch.nn.Module:
-    torch.manual_seed(0)
-    layers: list[torch.nn.Module] = []
-    for width_in, width_out in zip(WIDTHS, WIDTHS[1:]):
-        layers += [torch.nn.Linear(width_in, width_out), torch.nn.ReLU()]
-    return torch.nn.Sequential(*layers[:-1])
-
-
-def collectives(step) -> dict[str, int]:
+def collectives(step: Callable[[], None]) -> dict[str, int]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
     return dict(Counter(e.name for e in prof.events() if e.name.startswith("gloo:")))
@@ -45,6 +46,8 @@ def collectives(step) -> dict[str, int]:
 
 def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if args.fairscale:
+        sys.path.insert(0, args.fairscale)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world)
     result = measure(rank, args)   # the models are freed before the group goes (torch 2.13/gloo may abort otherwise)
@@ -54,44 +57,54 @@ def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: s
     dist.destroy_process_group()
 
 
+def variant(name: str, model: torch.nn.Module, world: int) -> tuple[DDP, Callable[[], None], Callable[[], dict]]:
+    """A DDP copy of ``model`` for one variant: (ddp model, its optimizer step, its metrics)."""
+    ddp = DDP(model)
+    sgd = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
+    if name == "bare":
+        return ddp, sgd.step, dict
+    if name == "ours":
+        ctl = attach(ddp, sgd, "AdaScale")
+        return ddp, ctl.step, lambda: {"gain": ctl.gain}
+    from fairscale.optim import AdaScale as FairscaleAdaScale
+
+    optimizer = FairscaleAdaScale(sgd, world_size=world)
+    return ddp, optimizer.step, lambda: {"gain": optimizer.gain()}
+
+
 def measure(rank: int, args: argparse.Namespace) -> dict:
-    """Both variants' step times and collectives on this rank."""
-    bare = DDP(build_model())
-    ours = DDP(build_model())
-    bare_opt = torch.optim.SGD(bare.parameters(), lr=1e-4, momentum=0.9)
-    ours_opt = torch.optim.SGD(ours.parameters(), lr=1e-4, momentum=0.9)
-    ctl = attach(ours, ours_opt, "AdaScale")
+    """Every variant's step times and collectives on this rank."""
+    names = ["bare", "ours"] + (["fairscale"] if args.fairscale else [])
+    _, width_in, width_out = model_and_widths(args.model)
+    variants = {name: variant(name, model_and_widths(args.model)[0], dist.get_world_size()) for name in names}
     gen = torch.Generator().manual_seed(rank)
-    x = torch.randn(args.batch, WIDTHS[0], generator=gen)
-    y = torch.randn(args.batch, WIDTHS[-1], generator=gen)
+    x = torch.randn(args.batch, width_in, generator=gen)
+    y = torch.randn(args.batch, width_out, generator=gen)
 
-    def bare_step() -> None:
-        torch.nn.functional.mse_loss(bare(x), y).backward()
-        bare_opt.step()
-        bare_opt.zero_grad()
+    def step(name: str) -> None:
+        ddp, optimizer_step, _ = variants[name]
+        torch.nn.functional.mse_loss(ddp(x), y).backward()
+        optimizer_step()
+        ddp.zero_grad()
 
-    def ours_step() -> None:
-        torch.nn.functional.mse_loss(ours(x), y).backward()
-        ctl.step()
-        ours_opt.zero_grad()
-
-    def timed(step) -> float:
+    def timed(name: str) -> tuple[float, float]:
         dist.barrier()
-        start = time.perf_counter()
-        step()
-        return time.perf_counter() - start
+        wall, cpu = time.perf_counter(), time.thread_time()
+        step(name)
+        return time.perf_counter() - wall, time.thread_time() - cpu
 
     for _ in range(args.warmup):
-        bare_step()
-        ours_step()
-    counts = {"bare": collectives(bare_step), "ours": collectives(ours_step)}
-    times: dict[str, list[float]] = {"bare": [], "ours": []}
+        for name in names:
+            step(name)
+    counts = {name: collectives(lambda: step(name)) for name in names}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for i in range(args.steps):
-        order = [("bare", bare_step), ("ours", ours_step)]
-        for name, step in order if i % 2 == 0 else order[::-1]:
-            times[name].append(timed(step))
-    return {"params": sum(p.numel() for p in bare.parameters()), "times": times, "collectives": counts,
-            "gain": ctl.gain}
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            times[name].append(timed(name))
+    params = sum(p.numel() for p in variants["bare"][0].parameters())
+    tensors = sum(1 for _ in variants["bare"][0].parameters())
+    return {"params": params, "tensors": tensors, "times": times, "collectives": counts,
+            "metrics": {name: variants[name][2]() for name in names}}
 
 
 def run_once(args: argparse.Namespace) -> dict:
@@ -115,18 +128,29 @@ def timing_parser(description: str) -> argparse.ArgumentParser:
 def main() -> None:
     parser = timing_parser(__doc__)
     parser.add_argument("--repeats", type=int, default=3, help="independent runs; the median ratio is reported")
+    parser.add_argument("--model", choices=MODELS, default="mlp",
+                        help="mlp: the 8-tensor 10.5M-parameter MLP; many: the 194-tensor residual MLP")
+    parser.add_argument("--fairscale", metavar="DIR",
+                        help="a folder where fairscale is importable: adds fairscale's AdaScale to the same run")
     args = parser.parse_args()
-    ratios = []
+    ratios: dict[tuple[str, str], list[float]] = {}
     for repeat in range(args.repeats):
         result = run_once(args)
-        bare = statistics.median(result["times"]["bare"])
-        ours = statistics.median(result["times"]["ours"])
-        ratios.append(ours / bare)
-        print(f"run {repeat + 1}: params={result['params']:,} bare={bare * 1e3:.1f} ms ours={ours * 1e3:.1f} ms "
-              f"ratio={ours / bare:.4f} collectives bare={result['collectives']['bare']} "
-              f"ours={result['collectives']['ours']}", flush=True)
-    print(f"DDP + AdaScale / bare DDP step time: median ratio {statistics.median(ratios):.4f} "
-          f"over {args.repeats} runs (overhead {100 * (statistics.median(ratios) - 1):+.2f}%)")
+        line = [f"run {repeat + 1}: {result['params']:,} params in {result['tensors']} tensors"]
+        for index, clock in enumerate(CLOCKS):
+            medians = {name: statistics.median(t[index] for t in times) for name, times in result["times"].items()}
+            parts = [f"{name}={ms * 1e3:.1f} ms" for name, ms in medians.items()]
+            for name in medians:
+                if name != "bare":
+                    ratios.setdefault((name, clock), []).append(medians[name] / medians["bare"])
+                    parts.append(f"{name}/bare={medians[name] / medians['bare']:.4f}")
+            line.append(f"{clock}: " + " ".join(parts))
+        line.append(f"collectives {result['collectives']} gains {result['metrics']}")
+        print(" | ".join(line), flush=True)
+    for (name, clock), values in ratios.items():
+        ratio = statistics.median(values)
+        print(f"{name} / bare DDP step time ({clock}): median ratio {ratio:.4f} over {args.repeats} runs "
+              f"(per run: {', '.join(f'{v:.4f}' for v in values)})")
 
 
 if __name__ == "__main__":

@@ -378,6 +378,35 @@ def zero_lr(rank: int) -> None:
     ctl.step()
 
 
+def sparse_embedding(rank: int) -> None:
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 2, sparse=True), torch.nn.Linear(2, 1))
+    attach(DDP(model), torch.optim.SGD(model.parameters(), lr=0.1), "AdaScale")
+
+
+def ddp_mixed_precision(rank: int) -> None:
+    from torch.nn.parallel.distributed import _MixedPrecision
+
+    model = torch.nn.Linear(2, 1)
+    ddp = DDP(model, mixed_precision=_MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16))
+    attach(ddp, torch.optim.SGD(model.parameters(), lr=0.1), "AdaScale")
+
+
+def hook_registered_first(rank: int) -> None:
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
+
+    _, ddp, opt = _model_and_optimizer()
+    ddp.register_comm_hook(None, fp16_compress_hook)
+    attach(ddp, opt, "AdaScale")
+
+
+def powersgd(rank: int) -> None:
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook
+
+    _, ddp, opt = _model_and_optimizer()
+    state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=1)
+    attach(ddp, opt, "AdaScale", comm_hook=powerSGD_hook.powerSGD_hook, comm_hook_state=state)
+
+
 RANK_CASES = [  # (id, case, {rank: fragment of the error or of the logged warning})
     ("accumulation 2 on one rank, 4 on the other", accumulation_differs,
      {0: "accumulation_steps (ranks grouped by equal value: [[0], [1]]; this rank has 2)",
@@ -400,6 +429,16 @@ RANK_CASES = [  # (id, case, {rank: fragment of the error or of the logged warni
     ("attach twice", attach_twice, {0: "ValueError: this optimizer already follows policy 'LinearScaling'"}),
     ("lr = 0", zero_lr, {0: "WARNING a param group has lr 0: policy 'LinearScaling' multiplies it, so that "
                             "group does not train"}),
+    ("a sparse embedding", sparse_embedding,
+     {0: "ValueError: module(s) ['0'] make sparse gradients (sparse=True), which DDP's communication hooks cannot "
+         "carry the statistics in: build them with sparse=False"}),
+    ("DDP's own mixed_precision", ddp_mixed_precision,
+     {0: "ValueError: DistributedDataParallel(mixed_precision=...) registers DDP's own communication hook"}),
+    ("a communication hook registered before attach", hook_registered_first,
+     {0: "ValueError: this DDP model already has a communication hook and DDP allows one: pass yours to "
+         "attach(..., comm_hook=hook, comm_hook_state=state)"}),
+    ("PowerSGD", powersgd, {0: "ValueError: PowerSGD cannot carry AdaScale's statistics: its reduced gradient is a "
+                               "low-rank approximation"}),
 ]
 
 
@@ -501,6 +540,11 @@ ENGINE_CASES = [  # (id, launcher, case, {rank: fragment})
                                        "gradient_accumulation_steps is 2"}),
     ("DeepSpeed: different scheduler params on each rank", "deepspeed", "params_differ",
      {0: "the ranks disagree on their policy settings: params (ranks grouped by equal value: [[0], [1]]"}),
+    ("DeepSpeed: a sparse embedding", "deepspeed", "sparse_embedding",
+     {0: "ValueError: module(s) ['0'] make sparse gradients (sparse=True), which DeepSpeed reduces apart from the "
+         "buffers the statistics ride: build them with sparse=False"}),
+    ("DeepSpeed: extra_backward (SAM)", "deepspeed", "extra_backward",
+     {0: "ValueError: extra_backward() is not supported under DeepSpeed"}),
 ]
 LAUNCH = {
     "horovod": lambda out: [str(VENV_BIN / "horovodrun"), "--gloo", "-np", "2", str(VENV_BIN / "python"),

@@ -59,15 +59,17 @@ def test_golden_first_step_gain_and_applied_lr(run, case):
 
 @pytest.mark.slow
 def test_loss_scale_is_divided_out(run):
+    """ZeRO-0 under torch_autocast fp16 (DeepSpeed's torch GradScaler, growing its scale mid-run) and ZeRO-2 with
+    a loss scale of 1024: every step's σ², μ² are in true units (not × scale²) and the gain is the golden one."""
     stage, (rank0, _) = run
-    result = rank0["loss_scaled"]
-    if stage == 0:
-        assert result is None                              # fp32 ZeRO-0 has no loss scale to override
-        return
-    assert result["loss_scale"] == 1024.0
-    assert result["gain"] == pytest.approx(4 / 3, rel=1e-6)
-    assert result["moments"] == pytest.approx(GOLDEN_MOMENTS["orthogonal"], rel=1e-6)   # true units, not × 1024²
-    assert result["applied_lr"] == pytest.approx([BASE_LR * 4 / 3] * 2, rel=1e-6)
+    steps = rank0["loss_scaled"]
+    assert [step["loss_scale"] for step in steps] == ([65536.0, 65536.0, 131072.0, 131072.0] if stage == 0
+                                                      else [1024.0] * 4)
+    for step in steps:       # the same data every step: the smoothed moments stay the first step's
+        weight = step["weight"]
+        assert step["gain"] == pytest.approx(4 / 3, rel=1e-6)
+        assert step["moments"] == pytest.approx([m * weight ** 2 for m in GOLDEN_MOMENTS["orthogonal"]], rel=1e-6)
+        assert step["applied_lr"] == pytest.approx([BASE_LR * 4 / 3 * weight] * 2, rel=1e-3)
 
 
 @pytest.mark.slow

@@ -182,6 +182,24 @@ def test_branch_skipped_on_one_rank_finishes_with_the_offline_gain(tmp_path, pas
     assert all(1.0 <= gain <= 2.0 * passes for gain in gains)
 
 
+def test_sparse_gradients_sam_and_a_gradient_penalty_give_the_offline_gain(tmp_path):
+    """sparse_as_dense=True with nn.Embedding(sparse=True) (the local norm read from the coalesced values), SAM's
+    first pass under opt.extra_backward(), and torch.autograd.grad for a gradient penalty (neither measured nor
+    counted): every step's gain is the one recomputed from the step's own gradients, on both ranks."""
+    from tests.loop_checks import raw_gain
+
+    run_command(["horovodrun", "--gloo", "-np", "2", str(VENV_BIN / "python"),
+                 str(REPO / "tests" / "horovod_scripts" / "training_loops.py"), str(tmp_path)],
+                timeout=180, env=STALL_ENV)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for loop in ("sparse", "sam", "penalty"):
+        for first, second in zip(ranks[0][loop], ranks[1][loop]):
+            assert first["gain"] == second["gain"] and first["applied_sq"] == second["applied_sq"]
+            offline = raw_gain(first["local_sq"] + second["local_sq"], first["applied_sq"], 2, 2)
+            assert first["gain"] == pytest.approx(offline, rel=1e-5), loop
+            assert 1.0 < first["gain"] < 2.0, loop
+
+
 def test_ops_added_per_step_do_not_grow_with_the_number_of_tensors(tmp_path):
     """torch.profiler's top-level aten ops per step, ours minus plain Horovod's: the same with 10× the tensors
     (same elements), with and without accumulation (a per-parameter read added 3 ops per tensor and pass)."""

@@ -7,15 +7,24 @@
     ctl.step()                                      # this step's learning rate from the fresh gain, then optimizer.step()
     optimizer.zero_grad()
 
-How the numbers move, with no extra collective:
-- A tensor hook per parameter adds each micro-batch's own ⟨g, g⟩ into one float64 scalar (``LocalNormMeter``).
-- A DDP communication hook replaces DDP's default "divide by world size, all-reduce" with the same thing,
-  except that the last bucket carries that scalar as one extra element. DDP launches buckets in order, so
-  when the last bucket is launched every parameter's hook of this backward has run.
-- The reduced buckets give T = ‖ḡ‖² (one dot product per bucket, summed in bucket order so every rank adds
-  the same numbers in the same order and gets the same gain bit for bit).
+How the numbers move, with no extra collective (``ddp_hooks`` has the details):
+- A tensor hook per parameter records each backward pass's own gradient (a Python append, no tensor op);
+  ``fused_norms.ChunkedNormMeter`` reads Σ‖g‖² of each chunk of them with a few fused ops into one float64
+  scalar, so the work grows with gradient bytes, not with the number of parameters. Only the parameters DDP
+  reduces are measured (not those in ``_ddp_params_and_buffers_to_ignore``).
+- A DDP communication hook (``ddp_hooks.norm_carrying_wrapper``) reduces each bucket as DDP's default hook does
+  (or as the ``comm_hook`` given to :func:`attach`, e.g. ``fp16_compress_hook``) and carries that scalar in the
+  last bucket. T = ‖ḡ‖² comes from the reduced buckets, one fused read per bucket, summed in bucket order so
+  every rank gets the same gain bit for bit.
 - ``step()`` reads L and T with one host sync, feeds the policy, sets each param group's learning rate to
   ``policy.learning_rate(initial lr of that group)`` and steps the optimizer.
+
+Accumulation: under ``no_sync()`` for all but the last micro-batch (PyTorch's recipe), or without it (DDP then
+reduces every micro-batch; the local sums of every reduction add up and T is read from the last one). Only
+backward passes that accumulate into ``.grad`` count: ``torch.autograd.grad`` with respect to the parameters (a
+gradient penalty) is neither counted nor measured, and a pass run under ``with ctl.extra_backward():`` (SAM's
+first backward, which only finds the perturbation) is left out explicitly; the step's last reduction must be of
+the step's own gradients.
 
 Loss convention: by default each micro-batch's loss is divided by ``accumulation_steps`` (PyTorch's
 accumulation recipe, and what DeepSpeed does internally), so the accumulated gradient is the mean over all
@@ -34,15 +43,16 @@ Policies that use the training loss (``needs_loss``) take it as ``ctl.step(loss)
 with one 1-element all-reduce per step (the only collective this backend adds, and only for those policies).
 """
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
 
 from ..policies.registry import PolicySpec
-from .driver import PolicyDriver, torch_all_gather_rows, torch_all_reduce_mean
+from .driver import PolicyDriver, sparse_gradient_modules, torch_all_gather_rows, torch_all_reduce_mean
+from .ddp_hooks import CommHook, LocalNormCarrier, check_inner_hook, norm_carrying_wrapper
+from .fused_norms import BackwardCounter, ChunkedNormMeter
 from .grad_scaler import check_grad_scaler, unscale_and_find_overflow
-from .local_norms import BackwardCounter, LocalNormMeter
 
 
 class DDPDriver(PolicyDriver):
@@ -53,9 +63,12 @@ class DDPDriver(PolicyDriver):
 
     def __init__(self, ddp_model: torch.nn.parallel.DistributedDataParallel, optimizer: torch.optim.Optimizer,
                  policy: PolicySpec = "AdaScale", accumulation_steps: int = 1, loss_reduction: str = "mean",
-                 grad_scaler: Optional[torch.amp.GradScaler] = None) -> None:
+                 grad_scaler: Optional[torch.amp.GradScaler] = None, comm_hook: Optional[CommHook] = None,
+                 comm_hook_state: Any = None) -> None:
         if not isinstance(ddp_model, torch.nn.parallel.DistributedDataParallel):
             raise ValueError(f"attach() needs a DistributedDataParallel model, got {type(ddp_model).__name__}")
+        check_supported_model(ddp_model)
+        check_inner_hook(comm_hook, comm_hook_state)
         if grad_scaler is not None:
             check_grad_scaler(grad_scaler)
         self.grad_scaler = grad_scaler
@@ -66,17 +79,25 @@ class DDPDriver(PolicyDriver):
         self.model = ddp_model
         self.process_group = ddp_model.process_group
         self.agree_across_ranks()
-        self._hook: Optional[_HookState] = None
+        params = reduced_parameters(ddp_model)
+        self._carrier: Optional[LocalNormCarrier] = None
+        self._reduced: Optional[tuple[float, float]] = None
         if self.policy.needs_gradient_norms:
-            self._counter: BackwardCounter = LocalNormMeter(ddp_model.module.parameters())
-            self._hook = _HookState(self._counter, self.process_group, self.world_size)
-            ddp_model.register_comm_hook(self._hook, _allreduce_with_local_norm)
+            self._counter: BackwardCounter = ChunkedNormMeter(params)
+            self._carrier = LocalNormCarrier(self._counter, self.process_group, comm_hook_state,
+                                             wide=comm_hook is not None,
+                                             flush_each_bucket=ddp_model.gradient_as_bucket_view)
+            register_comm_hook(ddp_model, self._carrier, norm_carrying_wrapper(comm_hook))
         else:
-            self._counter = BackwardCounter(ddp_model.module.parameters())
+            self._counter = BackwardCounter(params)
+            if comm_hook is not None:
+                register_comm_hook(ddp_model, comm_hook_state, comm_hook)
 
     def step(self, loss: Optional[torch.Tensor | float] = None) -> None:
         """Feed this step's statistics (and loss) to the policy, set the learning rate, step the optimizer
         (through the grad scaler when there is one: an overflow step is skipped and the policy stays)."""
+        # read before anything changes .grad in place (the scaler's unscale; .grad may be DDP's bucket itself)
+        self._reduced = self._carrier.take() if self._carrier is not None else None
         if self.grad_scaler is None:
             self.advance(loss)
             self.optimizer.step()
@@ -90,8 +111,11 @@ class DDPDriver(PolicyDriver):
         self.grad_scaler.step(self.optimizer)
         self.grad_scaler.update()
 
+    def backward_counter(self) -> BackwardCounter:
+        return self._counter
+
     def reduced_norms(self) -> Optional[tuple[float, float]]:
-        reduced = self._hook.take()
+        reduced, self._reduced = self._reduced, None
         if reduced is None or self._loss_scale == 1.0:
             return reduced
         square = self._loss_scale ** 2   # harvested from s·g: back to true units
@@ -99,7 +123,7 @@ class DDPDriver(PolicyDriver):
 
     def backward_passes(self) -> int:
         passes = self._counter.take_passes()
-        if passes and self._hook is not None and self._hook.reduced_local is None:
+        if passes and self._carrier is not None and self._reduced is None:
             raise RuntimeError(f"{passes} backward pass(es) ran but DDP reduced no gradients in this step: either "
                                "every micro-step ran under no_sync() (run the last one outside it), or a parameter "
                                "DDP expects a gradient for got none on this rank (requires_grad changed after the "
@@ -114,69 +138,55 @@ class DDPDriver(PolicyDriver):
         return torch_all_reduce_mean(value, self.process_group)
 
 
-class _HookState:
-    """What the communication hook keeps between buckets and steps. It holds no reference to the DDP model,
-    so model → reducer → hook state is no reference cycle and the model is freed as usual."""
-
-    def __init__(self, meter: LocalNormMeter, process_group: dist.ProcessGroup, world_size: int) -> None:
-        self.meter = meter
-        self.process_group = process_group
-        self.world_size = world_size
-        self.reduced_sq: dict[int, torch.Tensor] = {}
-        self.reduced_local: Optional[torch.Tensor] = None
-        self._payload: Optional[torch.Tensor] = None
-
-    def last_bucket_payload(self, buffer: torch.Tensor) -> torch.Tensor:
-        """A persistent buffer of the last bucket's size + 1 (reallocated only when DDP rebuilds its buckets),
-        so carrying the scalar costs no allocation and no extra pass over the gradients."""
-        payload = self._payload
-        if payload is None or payload.numel() != buffer.numel() + 1 or payload.dtype != buffer.dtype:
-            payload = self._payload = buffer.new_empty(buffer.numel() + 1)
-        return payload
-
-    def take(self) -> Optional[tuple[float, float]]:
-        """(mean over ranks of Σ‖g_i‖², ‖reduced gradient‖²) of the step, with one host sync, or None when
-        nothing was reduced; then reset. Bucket norms are summed in bucket order, so every rank adds the same
-        numbers in the same order."""
-        if self.reduced_local is None:
-            return None
-        reduced_sq = torch.stack([self.reduced_sq[i] for i in sorted(self.reduced_sq)]).sum()
-        local_mean, mean_sq = torch.stack([self.reduced_local, reduced_sq]).tolist()
-        self.reduced_local = None
-        self.reduced_sq.clear()
-        return local_mean, mean_sq
+def reduced_parameters(ddp_model: torch.nn.parallel.DistributedDataParallel) -> list[torch.nn.Parameter]:
+    """The trainable parameters DDP's reducer reduces, by its own rule: each module's own parameter whose
+    ``"{module name}.{parameter name}"`` is not in ``_ddp_params_and_buffers_to_ignore`` (so a parameter of the
+    root module is ignored only as ``".name"``), each parameter once."""
+    ignored = ddp_model.parameters_to_ignore
+    params: dict[int, torch.nn.Parameter] = {}
+    for module_name, module in ddp_model.module.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if param.requires_grad and f"{module_name}.{name}" not in ignored:
+                params.setdefault(id(param), param)
+    return list(params.values())
 
 
-def _allreduce_with_local_norm(state: _HookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-    """DDP's default averaging all-reduce; the last bucket also carries this rank's Σ‖g_i‖²."""
-    buffer = bucket.buffer()
-    last = bucket.is_last()
-    if last:
-        payload = state.last_bucket_payload(buffer)
-        torch.div(buffer, state.world_size, out=payload[:-1])   # the division DDP does anyway, into the payload
-        payload[-1] = state.meter.take().to(buffer.dtype) / state.world_size
-    else:
-        payload = buffer.div_(state.world_size)
-    work = dist.all_reduce(payload, group=state.process_group, async_op=True)
-    index = bucket.index()
+def check_supported_model(ddp_model: torch.nn.parallel.DistributedDataParallel) -> None:
+    """``ValueError`` for DDP set-ups whose reduction the statistics cannot ride: sparse gradients and DDP's own
+    (experimental) ``mixed_precision``, which takes DDP's only communication-hook slot."""
+    sparse = sparse_gradient_modules(ddp_model.module)
+    if sparse:
+        raise ValueError(f"module(s) {sparse} make sparse gradients (sparse=True), which DDP's communication hooks "
+                         "cannot carry the statistics in: build them with sparse=False (dense gradients, reduced "
+                         "and measured like every other), or use Horovod with sparse_as_dense=True")
+    if getattr(ddp_model, "mixed_precision", None) is not None:
+        raise ValueError("DistributedDataParallel(mixed_precision=...) registers DDP's own communication hook, and "
+                         "DDP allows one: use torch.autocast with fp32 parameters (gradients reduced in fp32), or "
+                         "bf16 parameters (model.bfloat16(); the statistics are read in fp32), or "
+                         "attach(..., comm_hook=bf16_compress_hook) to communicate in bf16")
 
-    def unpack(fut: torch.futures.Future) -> torch.Tensor:
-        reduced = fut.value()[0]
-        grads = reduced[:-1] if last else reduced
-        state.reduced_sq[index] = torch.dot(grads, grads).to(torch.float64)
-        if last:
-            state.reduced_local = reduced[-1].to(torch.float64)
-        return grads
 
-    return work.get_future().then(unpack)
+def register_comm_hook(ddp_model: torch.nn.parallel.DistributedDataParallel, state: Any, hook: CommHook) -> None:
+    """``ddp_model.register_comm_hook``, with a clear error when the model already has one."""
+    try:
+        ddp_model.register_comm_hook(state, hook)
+    except RuntimeError as err:
+        if "only be called once" not in str(err):
+            raise
+        raise ValueError("this DDP model already has a communication hook and DDP allows one: pass yours to "
+                         "attach(..., comm_hook=hook, comm_hook_state=state) instead of registering it") from None
 
 
 def attach(ddp_model: torch.nn.parallel.DistributedDataParallel, optimizer: torch.optim.Optimizer,
-           policy: PolicySpec = "AdaScale", accumulation_steps: int = 1,
-           loss_reduction: str = "mean", grad_scaler: Optional[torch.amp.GradScaler] = None) -> DDPDriver:
+           policy: PolicySpec = "AdaScale", accumulation_steps: int = 1, loss_reduction: str = "mean",
+           grad_scaler: Optional[torch.amp.GradScaler] = None, comm_hook: Optional[CommHook] = None,
+           comm_hook_state: Any = None) -> DDPDriver:
     """Drive ``optimizer``'s learning rate by ``policy`` (a name, ``{"type", "params"}`` or a Policy); with
-    ``grad_scaler`` the steps go through that ``torch.amp.GradScaler`` (module docstring).
+    ``grad_scaler`` the steps go through that ``torch.amp.GradScaler`` (module docstring); with ``comm_hook``
+    (e.g. ``default_hooks.fp16_compress_hook`` or ``bf16_compress_hook``, and its ``comm_hook_state``) DDP reduces
+    through that hook, with the statistics carried around it (``ddp_hooks.norm_carrying_wrapper``).
 
     Call before the first backward pass (it registers DDP's communication hook, which DDP allows once).
     """
-    return DDPDriver(ddp_model, optimizer, policy, accumulation_steps, loss_reduction, grad_scaler)
+    return DDPDriver(ddp_model, optimizer, policy, accumulation_steps, loss_reduction, grad_scaler, comm_hook,
+                     comm_hook_state)

@@ -43,7 +43,8 @@ Telemetry. When the config enables a DeepSpeed monitor (csv, TensorBoard, W&B, C
 writes ``scaling_plugins/<field>`` events (lr, gain, sigma_sq, mu_sq, noise_scale, progress, skipped_update,
 loss) beside DeepSpeed's own, against the same sample count.
 
-Not supported (refused at ``deepspeed.initialize``): pipeline parallelism, MoE layers, model parallelism.
+Not supported (refused at ``deepspeed.initialize``): pipeline parallelism, MoE layers, model parallelism,
+sparse gradients (``nn.Embedding(sparse=True)``); ``extra_backward()`` (two-pass optimizers such as SAM) is refused.
 fp16 paths follow DeepSpeed's loss scale but cannot run on CPU, so they are untested here.
 """
 from __future__ import annotations
@@ -64,7 +65,7 @@ from ..policies import POLICIES, build_policy, policy_class
 from ..policies.registry import PolicySpec
 from ..telemetry import monitor_events, record_from
 from .deepspeed_harvest import Harvest, Payload, build_rider
-from .driver import PolicyDriver, torch_all_gather_rows, torch_all_reduce_mean
+from .driver import PolicyDriver, sparse_gradient_modules, torch_all_gather_rows, torch_all_reduce_mean
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,12 @@ class DeepSpeedDriver(PolicyDriver):
         unsupported = compat.unsupported_feature(self.engine)
         if unsupported is not None:
             raise ValueError(unsupported)
+        sparse = sparse_gradient_modules(self.engine.module)
+        if sparse:
+            raise ValueError(f"module(s) {sparse} make sparse gradients (sparse=True), which DeepSpeed reduces apart "
+                             "from the buffers the statistics ride: build them with sparse=False")
         super().__init__(self.engine.optimizer, policy, int(self.engine.dp_world_size),
-                         int(self.engine.gradient_accumulation_steps()))
+                         int(self.engine.gradient_accumulation_steps()), device=self.engine.device)
         self.agree_across_ranks()
         self.last_batch_iteration = -1
         self.last_loss: Optional[float] = None
@@ -156,6 +161,12 @@ class DeepSpeedDriver(PolicyDriver):
             self.payload.add_loss(loss)
             self._backward_loss = loss.detach()
 
+    def extra_backward(self) -> Any:
+        """Refused: DeepSpeed reduces the gradients of every ``engine.backward`` into the step's, so a pass outside
+        the step's statistics (SAM's first backward) has no place in its loop."""
+        raise ValueError("extra_backward() is not supported under DeepSpeed: every engine.backward(loss) joins the "
+                         "step's gradient reduction. Two-pass optimizers (SAM) are supported under DDP and Horovod")
+
     def backward_passes(self) -> int:
         """``engine.backward`` calls since the engine moved to this optimizer step (an fp16-overflow step that
         DeepSpeed skipped does not count into the next)."""
@@ -176,7 +187,7 @@ class DeepSpeedDriver(PolicyDriver):
                             "is not used", self.policy.name)
                 self._warned_step_loss = True
             return
-        given = torch.as_tensor(loss).detach().reshape(()).to(torch.float64)
+        given = torch.as_tensor(loss, dtype=torch.float64, device=self.device).detach().reshape(())
         seen = None if self._backward_loss is None else self._backward_loss.reshape(()).to(torch.float64)
         if (seen is None or not torch.equal(given, seen)) and not self._warned_step_loss:
             log.warning("the loss passed to engine.step(lr_kwargs=...) (%s) is not the one last given to "

@@ -126,9 +126,13 @@ def data_parallel_rank(engine: DeepSpeedEngine) -> int:
     return ds_comm.get_rank(group=engine.data_parallel_group)
 
 
-def loss_scale(optimizer: Any) -> float:
-    """The loss scale the current backward passes used: fp16's (dynamic or static) scale, else 1."""
-    return float(getattr(optimizer, "loss_scale", 1.0) or 1.0)
+def loss_scale(engine: DeepSpeedEngine) -> float:
+    """The loss scale the current backward passes used: the torch GradScaler of ZeRO-0 under ``torch_autocast``
+    fp16 (read before its update), fp16's (dynamic or static) scale, else 1."""
+    scaler = engine.torch_autocast_z0_gradscaler
+    if scaler is not None:
+        return float(scaler.get_scale())
+    return float(getattr(engine.optimizer, "loss_scale", 1.0) or 1.0)
 
 
 def call_before(owner: Any, name: str, hook: Callable[..., None]) -> None:

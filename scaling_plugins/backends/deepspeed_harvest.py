@@ -26,8 +26,8 @@ ops per chunk of gradients (``torch._foreach_norm``; fp16/bf16 accumulated in fp
 copy), once per ``CHUNK_NUMEL`` elements and at the end of each backward, not per parameter. Under ZeRO-1/2/3,
 whose hooks move ``.grad`` into gradient buckets during backward, it reads each gradient in its own hook.
 
-Units. DeepSpeed divides each micro-batch loss by gradient_accumulation_steps (gas) and, in fp16, multiplies
-it by the loss scale s, so a hook sees g_i·s/gas: the payload is Σ‖hooked‖²/s², each micro-batch's gradient
+Units. DeepSpeed divides each micro-batch loss by gradient_accumulation_steps (gas) and, in fp16 (its own loss
+scaler, or the torch GradScaler it runs for ZeRO-0 under ``torch_autocast`` fp16), multiplies it by the loss scale s, so a hook sees g_i·s/gas: the payload is Σ‖hooked‖²/s², each micro-batch's gradient
 in the "mean" loss convention of ``driver.accumulation_sample`` (which multiplies the gas² back). The reduced gradient is
 c·Σ_ranks(s·mean_i g_i) with c = 1/W when DeepSpeed averages gradients (the default) and 1 when it sums, so
 T = ‖reduced‖²/(c·W·s)². The loss scale is read when the payload is taken, before DeepSpeed updates it.
@@ -156,7 +156,7 @@ class FlatRider(Rider):
         grads = list(grads)
         if not grads:
             raise RuntimeError("DeepSpeed gave no gradients to reduce; nothing to measure")
-        self._loss_scale = compat.loss_scale(self.engine.optimizer)
+        self._loss_scale = compat.loss_scale(self.engine)
         self._grads = grads
         values = self.payload.take(self._loss_scale).to(grads[-1].device)
         carried = compat.communication_dtype(self.engine)
@@ -199,7 +199,7 @@ class NormRider(Rider):
                         "all-reduce(s) per step)", self.extra_collectives)
 
     def _norm_with_payload(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        loss_scale = compat.loss_scale(self.engine.optimizer)
+        loss_scale = compat.loss_scale(self.engine)
         local = self.payload.take(loss_scale)
         reduced: list[torch.Tensor] = []
 

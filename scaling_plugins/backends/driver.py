@@ -18,11 +18,12 @@ starts from the same base rates instead of the first driver's scaled ones.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import weakref
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar, ContextManager, Optional
 
 import torch
 
@@ -30,6 +31,7 @@ from ..policies import build_policy
 from ..policies.base import StepObservation
 from ..policies.registry import PolicySpec
 from ..stats import GradientSample
+from .fused_norms import BackwardCounter
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,21 @@ def check_accumulation_steps(accumulation_steps: Any) -> None:
     if not (isinstance(accumulation_steps, int) and not isinstance(accumulation_steps, bool)
             and accumulation_steps >= 1):
         raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+
+
+def optimizer_device(optimizer: torch.optim.Optimizer) -> torch.device:
+    """The device of the optimizer's parameters: every tensor a driver hands to a collective is made there (an
+    NCCL process group takes only its GPU's tensors)."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            return param.device
+    raise ValueError("the optimizer has no parameters")
+
+
+def sparse_gradient_modules(module: torch.nn.Module) -> list[str]:
+    """Names of the submodules that produce sparse gradients (``nn.Embedding``/``EmbeddingBag`` with sparse=True)."""
+    return [name for name, sub in module.named_modules()
+            if isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and sub.sparse]
 
 
 def accumulation_sample(local_sq_mean: float, mean_sq_norm: float, world_size: int, accumulation_steps: int,
@@ -118,6 +135,9 @@ def torch_all_reduce_mean(value: torch.Tensor, group: Any = None) -> float:
 class PolicyDriver:
     """Steps one policy once per optimizer step and sets every param group's learning rate from it.
 
+    Every tensor the driver hands to a collective lives on ``self.device``: the optimizer parameters' device
+    unless the engine names its own.
+
     Subclasses (one per engine) provide :meth:`reduced_norms`, :meth:`all_reduce_mean`, :meth:`all_gather_rows`
     and, where they count them, :meth:`backward_passes`; they call :meth:`agree_across_ranks` once their
     collectives work, and say in ``backward_hint`` and ``loss_hint`` how their users hand over gradients and
@@ -138,13 +158,15 @@ class PolicyDriver:
     accumulation_name: ClassVar[str] = "accumulation_steps"   # what the engine's users call it
 
     def __init__(self, optimizer: torch.optim.Optimizer, policy: PolicySpec, world_size: int,
-                 accumulation_steps: int = 1, loss_reduction: str = "mean") -> None:
+                 accumulation_steps: int = 1, loss_reduction: str = "mean",
+                 device: Optional[torch.device] = None) -> None:
         check_accumulation_steps(accumulation_steps)
         check_loss_reduction(loss_reduction)
         if optimizer in _DRIVEN:
             raise ValueError(f"this optimizer already follows policy {_DRIVEN[optimizer]!r}: attach a policy once "
                              "per optimizer (a second attach would drive the same learning rates twice)")
         self.optimizer = optimizer
+        self.device = optimizer_device(optimizer) if device is None else device
         self.accumulation_steps = accumulation_steps
         self.loss_reduction = loss_reduction
         self.world_size = world_size
@@ -173,11 +195,23 @@ class PolicyDriver:
         """Backward passes seen since the last step (then reset), or None where the backend does not count."""
         return None
 
+    def backward_counter(self) -> Optional[BackwardCounter]:
+        """What counts (and measures) this driver's backward passes, or None where the backend does not count."""
+        return None
+
+    def extra_backward(self) -> ContextManager[None]:
+        """``with ctl.extra_backward(): loss.backward()`` — a backward pass that is not one of the step's own
+        micro-batches (SAM's first pass, which only finds the perturbation; any pass whose gradients the step
+        does not apply): it is neither counted against the accumulation nor measured into the statistics.
+        ``torch.autograd.grad`` needs no such marking (it accumulates nothing into ``.grad``)."""
+        counter = self.backward_counter()
+        return counter.paused() if counter is not None else contextlib.nullcontext()
+
     def reduced_loss(self, loss: Optional[torch.Tensor | float]) -> float:
         """This step's training loss, averaged over ranks (one 1-element all-reduce)."""
         if loss is None:
             raise ValueError(f"policy {self.policy.name!r} uses the training loss: {self.loss_hint}")
-        value = torch.as_tensor(loss, dtype=torch.float64).detach()
+        value = torch.as_tensor(loss, dtype=torch.float64, device=self.device).detach()
         if value.numel() != 1:
             raise ValueError(f"the loss given to the step must be one number (the batch's mean loss), got a tensor "
                              f"of shape {tuple(value.shape)}: reduce it first, e.g. loss.mean()")
@@ -189,7 +223,8 @@ class PolicyDriver:
         agree, the optimizer counts as driven (a second attach on it is refused)."""
         mine = {"policy": self.policy.name, "params": self.policy.params, "scale": float(self.scale),
                 "accumulation_steps": self.accumulation_steps, "loss_reduction": self.loss_reduction}
-        row = torch.tensor([setting_fingerprint(mine[key]) for key in AGREED_SETTINGS], dtype=torch.int64)
+        row = torch.tensor([setting_fingerprint(mine[key]) for key in AGREED_SETTINGS], dtype=torch.int64,
+                           device=self.device)
         differing = disagreements(self.all_gather_rows(row))
         if differing:
             parts = [f"{key} (ranks grouped by equal value: {groups}; this rank has {mine[key]!r})"

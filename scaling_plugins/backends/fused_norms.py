@@ -21,9 +21,10 @@ autograd would otherwise have freed (no gradient-sized extra buffer).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
 
@@ -40,9 +41,12 @@ def queue_end_of_backward(callback: Callable[[], None]) -> None:
 
 
 def squared_norm_sum(tensors: Iterable[torch.Tensor], device: Optional[torch.device] = None) -> torch.Tensor:
-    """Σ_t ⟨t, t⟩ over ``tensors`` as a float64 scalar tensor (0 for none), with a fixed number of fused ops."""
+    """Σ_t ⟨t, t⟩ over ``tensors`` as a float64 scalar tensor (0 for none), with a fixed number of fused ops; a
+    sparse COO tensor counts with its coalesced values."""
     exact, wide, narrow = [], [], []
     for tensor in tensors:
+        if tensor.layout != torch.strided:   # a sparse gradient: its coalesced values (a repeated index summed)
+            tensor = tensor.coalesce().values()
         if tensor.numel() <= EXACT_NUMEL:
             exact.append(tensor)
         elif tensor.dtype in LOW_PRECISION:
@@ -74,9 +78,81 @@ def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
 Pending = Union[int, torch.Tensor]   # a parameter's index (its .grad holds this pass's gradient) or the gradient
 
 
-class ChunkedNormMeter:
-    """Σ over backward passes and parameters of each pass's own ‖g‖², as a float64 device scalar; and the count of
-    backward passes that reached the parameters.
+class BackwardCounter:
+    """Counts the backward passes that produce the step's gradients of these parameters: the passes that
+    accumulate into ``.grad``.
+
+    A tensor hook on each parameter sees each pass's own gradient (before autograd adds it into ``.grad``); a
+    post-accumulate-grad hook marks the pass as one that reached ``.grad``. ``torch.autograd.grad`` with respect to
+    the parameters (a gradient penalty) fires the tensor hooks but accumulates nothing, so it is not counted; a
+    pass run under :meth:`paused` (e.g. SAM's first backward, whose gradient only finds the perturbation) is not
+    seen at all. Subclasses measure what the counted passes saw (:class:`ChunkedNormMeter`).
+    """
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        params = [p for p in parameters if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters to measure")
+        self._params = [weakref.ref(p) for p in params]   # weak: the hooks on the parameters refer to the meter
+        self._device = params[0].device
+        self._in_pass = False
+        self._accumulated = False
+        self._paused = False
+        self._passes = 0
+        for index, param in enumerate(params):
+            param.register_hook(functools.partial(self._on_gradient, index))
+            param.register_post_accumulate_grad_hook(self._on_accumulated)
+
+    # -- inside backward --------------------------------------------------------------------------------------
+    def _on_gradient(self, index: int, grad: torch.Tensor) -> None:
+        if self._paused:
+            return
+        if not self._in_pass:
+            self._in_pass = True
+            queue_end_of_backward(self._end_pass)
+        self._record(index, grad)
+
+    def _on_accumulated(self, param: torch.Tensor) -> None:
+        if self._in_pass:
+            self._accumulated = True
+
+    def _record(self, index: int, grad: torch.Tensor) -> None:
+        """What each gradient of a pass adds besides being seen (nothing here)."""
+
+    def _end_pass(self) -> None:
+        counted, self._in_pass, self._accumulated = self._accumulated, False, False
+        if counted:
+            self._passes += 1
+        self._close_pass(counted)
+
+    def _close_pass(self, counted: bool) -> None:
+        """What happens to a pass's records when it ends (``counted``: it accumulated into ``.grad``)."""
+
+    # -- outside backward ---------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Backward passes run inside are neither counted nor measured."""
+        if self._in_pass:
+            raise RuntimeError("a backward pass is running: pause before calling backward, not inside it")
+        self._paused = True
+        try:
+            yield
+        finally:
+            self._paused = False
+
+    @property
+    def in_pass(self) -> bool:
+        """Whether a backward pass is running that this counter has seen a gradient of."""
+        return self._in_pass
+
+    def take_passes(self) -> int:
+        passes, self._passes = self._passes, 0
+        return passes
+
+
+class ChunkedNormMeter(BackwardCounter):
+    """Σ over the counted backward passes (:class:`BackwardCounter`) and the parameters of each pass's own ‖g‖², as
+    a float64 device scalar.
 
     The tensor hook runs before autograd accumulates the gradient into ``.grad``. When ``.grad`` is None autograd
     will make this gradient the ``.grad`` (no copy), so the meter records the parameter and reads ``.grad`` when it
@@ -84,7 +160,11 @@ class ChunkedNormMeter:
     (until its chunk is measured). A parameter recorded by reference must not be reduced in place before it is
     measured: ``holds(p)`` tells, ``flush()`` measures now. Every pass ends with a flush, so nothing recorded
     outlives its backward pass. ``immediate=True`` measures each gradient in its hook instead (one ``squared_norm``
-    per parameter), for engines that move ``.grad`` during backward (ZeRO-1/2/3's gradient buckets).
+    per parameter), for engines that move ``.grad`` during backward (ZeRO-1/2/3's gradient buckets). A sparse
+    gradient (``nn.Embedding(sparse=True)``) is measured in its hook: ‖g‖² of its coalesced values.
+
+    What a pass measured joins the step's sum once the pass has accumulated into ``.grad``; a pass that did not
+    (``torch.autograd.grad``) is dropped when it ends.
 
     on_flush: called after each measurement (e.g. to start reductions that waited for it);
     on_pass_end: called at the end of each backward pass, after its last measurement.
@@ -93,34 +173,25 @@ class ChunkedNormMeter:
     def __init__(self, parameters: Iterable[torch.nn.Parameter], immediate: bool = False,
                  on_flush: Optional[Callable[[], None]] = None,
                  on_pass_end: Optional[Callable[[], None]] = None) -> None:
-        params = [p for p in parameters if p.requires_grad]
-        if not params:
-            raise ValueError("no trainable parameters to measure")
-        self._params = [weakref.ref(p) for p in params]   # weak: the hooks on the parameters refer to the meter
-        self._index = {id(p): i for i, p in enumerate(params)}
-        self._total = torch.zeros((), dtype=torch.float64, device=params[0].device)
+        super().__init__(parameters)
+        self._index = {id(ref()): i for i, ref in enumerate(self._params)}
+        self._total = torch.zeros((), dtype=torch.float64, device=self._device)
+        self._pass_total = torch.zeros((), dtype=torch.float64, device=self._device)
         self._immediate = immediate
         self._on_flush = on_flush
         self._on_pass_end = on_pass_end
         self._pending: list[Pending] = []
         self._by_reference: set[int] = set()
         self._pending_numel = 0
-        self._in_pass = False
-        self._passes = 0
-        for index, param in enumerate(params):
-            param.register_hook(functools.partial(self._on_gradient, index))
 
     # -- inside backward --------------------------------------------------------------------------------------
-    def _on_gradient(self, index: int, grad: torch.Tensor) -> None:
-        if grad.layout != torch.strided:
-            raise ValueError(f"measuring gradient norms needs dense gradients; got a {grad.layout} gradient "
-                             "(e.g. nn.Embedding(sparse=True)): use dense ones")
-        if not self._in_pass:
-            self._in_pass = True
-            queue_end_of_backward(self._end_pass)
+    def _record(self, index: int, grad: torch.Tensor) -> None:
         self._before_gradient()
+        if grad.layout != torch.strided:
+            self._pass_total += squared_norm_sum([grad], self._device)
+            return
         if self._immediate:
-            self._total += squared_norm(grad)
+            self._pass_total += squared_norm(grad)
             return
         numel = grad.numel()
         if self._pending and self._pending_numel + numel > CHUNK_NUMEL:
@@ -135,36 +206,37 @@ class ChunkedNormMeter:
     def _before_gradient(self) -> None:
         """What subclasses do first in every hook (nothing here)."""
 
-    def _end_pass(self) -> None:
-        self._in_pass = False
+    def _close_pass(self, counted: bool) -> None:
         self.flush()
-        self._passes += 1
+        if counted:
+            self._total += self._pass_total
+        self._pass_total.zero_()
         if self._on_pass_end is not None:
             self._on_pass_end()
 
     # -- reading ------------------------------------------------------------------------------------------------
-    @property
-    def in_pass(self) -> bool:
-        """Whether a backward pass is running that this meter has seen a gradient of."""
-        return self._in_pass
-
     def holds(self, param: torch.Tensor) -> bool:
         """Whether ``param.grad`` is recorded by reference and not measured yet (do not reduce it in place yet)."""
         return self._index.get(id(param)) in self._by_reference
 
     def flush(self) -> None:
-        """Measure every recorded gradient now (one ``squared_norm_sum``), then call ``on_flush``."""
+        """Measure every recorded gradient now (one ``squared_norm_sum``), then call ``on_flush``. A gradient
+        recorded by reference in a pass that accumulated nothing has no ``.grad`` and is skipped."""
         if self._pending:
             tensors = [self._params[item]().grad if isinstance(item, int) else item for item in self._pending]
-            self._total += squared_norm_sum(tensors)
+            self._pass_total += squared_norm_sum([t for t in tensors if t is not None], self._device)
             self._pending, self._pending_numel = [], 0
             self._by_reference.clear()
         if self._on_flush is not None:
             self._on_flush()
 
     def take(self) -> torch.Tensor:
-        """The sum so far (a new tensor), then reset to 0 for the next optimizer step."""
+        """The sum so far (a new tensor), then reset to 0 for the next optimizer step. Inside a pass that has
+        accumulated (a reduction hook that runs during backward) that pass's gradients so far count too."""
         self.flush()
+        if self._accumulated:
+            self._total += self._pass_total
+            self._pass_total.zero_()
         value = self._total.clone()
         self._total.zero_()
         return value
@@ -174,7 +246,5 @@ class ChunkedNormMeter:
         self._pending, self._pending_numel = [], 0
         self._by_reference.clear()
         self._total.zero_()
+        self._pass_total.zero_()
 
-    def take_passes(self) -> int:
-        passes, self._passes = self._passes, 0
-        return passes

@@ -81,7 +81,7 @@ from .fused_norms import ChunkedNormMeter, squared_norm_sum
 NORM_NAME = "scaling_plugins.local_sq_norm"
 LOSS_NAME = "scaling_plugins.mean_loss"
 STATE_KEY = "scaling_plugins"
-READ_THROUGH = ("gain", "lr", "progress", "scale", "done")   # opt.<name> reads opt.scaling.<name>
+READ_THROUGH = ("gain", "lr", "progress", "scale", "done", "extra_backward")   # opt.<name> reads opt.scaling.<name>
 
 
 class ScaledOptimizer(abc.ABC):
@@ -276,6 +276,9 @@ class HorovodDriver(PolicyDriver):
             reduced_local /= world
             reduced_sq /= world * world
         return reduced_local, reduced_sq
+
+    def backward_counter(self) -> Optional[ChunkedNormMeter]:
+        return self._meter
 
     def backward_passes(self) -> Optional[int]:
         """Passes counted by the end-of-backward callback (policies that measure norms; None otherwise)."""

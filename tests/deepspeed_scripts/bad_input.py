@@ -33,9 +33,22 @@ def params_differ(rank: int) -> None:
     engine_for(rank, 1, {"type": "AdaScale", "params": {"total_num_steps": 100 + rank}})
 
 
+def sparse_embedding(rank: int) -> None:
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 2, sparse=True), torch.nn.Linear(2, 1))
+    deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                         config=config(0, scheduler={"type": "AdaScale", "params": {}}))
+
+
+def extra_backward(rank: int) -> None:
+    engine = engine_for(rank, 1, {"type": "AdaScale", "params": {}})
+    with engine.lr_scheduler.extra_backward():
+        engine.backward(engine(torch.ones(1, 2)).sum())
+
+
 def main() -> None:
     rank, args = setup()
-    results = {case.__name__: error_of(lambda: case(rank)) for case in (boundary_every_micro_batch, params_differ)}
+    cases = (boundary_every_micro_batch, params_differ, sparse_embedding, extra_backward)
+    results = {case.__name__: error_of(lambda: case(rank)) for case in cases}
     write_and_finish(args.out, rank, results)
 
 

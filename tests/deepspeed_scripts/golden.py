@@ -47,20 +47,35 @@ def golden(rank: int, stage: int) -> dict:
     return results
 
 
-def loss_scaled(rank: int, stage: int) -> dict | None:
-    """The golden orthogonal case with a loss scale of 1024 (ZeRO's override_loss_scale: the fp16 mechanism,
-    which cannot run on CPU, without fp16): the statistics divide the scale out. ZeRO-0 fp32 has no loss scale."""
-    if stage == 0:
-        return None
+def loss_scaled(rank: int, stage: int) -> dict:
+    """The golden orthogonal case under a loss scale: ZeRO-0 with ``torch_autocast`` fp16, whose torch GradScaler
+    scales the loss by 65536, then 131072 after 2 growth steps (so the smoothed moments would be reweighted if they
+    were in scaled units; the loss, summed in fp32, is weighted by 1/4 so that no fp16 gradient overflows); ZeRO-1/2/3 with a scale of
+    1024 (``override_loss_scale``: the fp16 mechanism, which cannot run on CPU, without fp16). The statistics must
+    come out in true units every step."""
     torch.manual_seed(0)
-    engine, scheduler = engine_for(torch.nn.Linear(2, 2), config(stage, scheduler=ADASCALE))
-    engine.optimizer.override_loss_scale(1024.0)
-    bias_before = engine.module.bias.detach().clone()
-    engine.backward(engine(torch.tensor([GOLDEN["orthogonal"][rank]])).sum())
-    engine.step()
-    metrics = scheduler.metrics()
-    return {"gain": scheduler.gain, "applied_lr": (bias_before - engine.module.bias.detach()).tolist(),
-            "loss_scale": engine.optimizer.loss_scale, "moments": [metrics["sigma_sq"], metrics["mu_sq"]]}
+    if stage == 0:
+        weight = 0.25
+        autocast = {"torch_autocast": {"enabled": True, "dtype": "torch.float16"}}
+        engine, scheduler = engine_for(torch.nn.Linear(2, 2), config(stage, scheduler=ADASCALE, **autocast))
+        scaler = engine.torch_autocast_z0_gradscaler
+        scaler.set_growth_interval(2)
+        read_scale = scaler.get_scale
+    else:
+        weight = 1.0
+        engine, scheduler = engine_for(torch.nn.Linear(2, 2), config(stage, scheduler=ADASCALE))
+        engine.optimizer.override_loss_scale(1024.0)
+        read_scale = lambda: engine.optimizer.loss_scale   # noqa: E731
+    steps = []
+    for _ in range(4):
+        scale = read_scale()
+        bias_before = engine.module.bias.detach().clone()
+        engine.backward(engine(torch.tensor([GOLDEN["orthogonal"][rank]])).float().sum() * weight)
+        engine.step()
+        metrics = scheduler.metrics()
+        steps.append({"gain": scheduler.gain, "applied_lr": (bias_before - engine.module.bias.detach()).tolist(),
+                      "loss_scale": scale, "weight": weight, "moments": [metrics["sigma_sq"], metrics["mu_sq"]]})
+    return steps
 
 
 def one_hot_accumulation(rank: int, stage: int) -> dict:

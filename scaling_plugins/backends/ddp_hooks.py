@@ -1,0 +1,176 @@
+"""The DDP communication hook that carries each rank's local Σ‖g_i‖² in the last gradient bucket, alone or
+around another hook (fp16/bf16 compression), and reads T = ‖ḡ‖² from the reduced buckets.
+
+    ddp_model.register_comm_hook(carrier, norm_carrying_wrapper(inner_hook))   # what ``ddp.attach`` does
+
+Per bucket (AdaScale, Johnson et al., ICML 2020: L = Σ_i ‖g_i‖², T = ‖ḡ‖²):
+
+- The last bucket DDP launches (``bucket.is_last()``; every parameter's gradient of this backward exists by then)
+  is reduced as a *payload*: the bucket's gradients followed by this rank's local sum, taken from the
+  ``ChunkedNormMeter`` at that moment. With fp32/fp64 gradients and no inner hook the sum is one element, and
+  the copy into the payload is fused into the division by the world size that DDP does anyway. Where the reduction
+  may run in fp16/bf16 (bf16/fp16 gradients, or an inner hook, which may compress) one element would keep 8
+  significant bits (and fp16 overflows above 65,504), so the sum travels as small integers in a block per rank
+  (``wide_payload.WidePayload``: 28 significant bits at any magnitude, W·9 elements, exact through the sum and
+  the 1/W averaging). No extra collective either way.
+- The reduced buckets give T: at the optimizer step, one fused read of all of them (fp32 accumulation for
+  fp16/bf16), in bucket order, so every rank adds the same numbers in the same order. The completion callbacks
+  themselves do no tensor work (they may run on the communication thread).
+- A step whose micro-batches are all reduced (accumulation without ``no_sync()``) reduces several times: the local
+  sums of all its reductions add up (each carries the passes since the previous one), and T is the last
+  reduction's, which holds the whole accumulated gradient.
+- With ``gradient_as_bucket_view=True`` a bucket is reduced in place in ``.grad``, so the meter reads what it
+  recorded before each bucket leaves.
+
+An inner hook (``comm_hook=`` of ``ddp.attach``) gets the last bucket with the payload as its buffer; it must
+return the *average* over ranks of what it was given, element by element, as torch's ``allreduce_hook``,
+``fp16_compress_hook`` and ``bf16_compress_hook`` do. PowerSGD is refused: its reduced gradient is a low-rank
+approximation, so the squared norm of what it returns is not ‖ḡ‖², and measuring ‖ḡ‖² exactly would need the
+uncompressed gradients reduced, which is the collective PowerSGD exists to avoid.
+
+(No ``from __future__ import annotations``: DDP checks the hook's annotations.)
+"""
+import functools
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
+
+from .fused_norms import LOW_PRECISION, ChunkedNormMeter, squared_norm_sum
+from .wide_payload import WidePayload
+
+CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
+POWERSGD_HOOKS = (powersgd.powerSGD_hook, powersgd.batched_powerSGD_hook)
+
+
+def check_inner_hook(hook: Optional[CommHook], state: Any) -> None:
+    """``ValueError`` for a hook whose result is not the averaged gradient (PowerSGD)."""
+    if hook in POWERSGD_HOOKS or isinstance(state, powersgd.PowerSGDState):
+        raise ValueError("PowerSGD cannot carry AdaScale's statistics: its reduced gradient is a low-rank "
+                         "approximation, so ‖ḡ‖² cannot be read from it without reducing the uncompressed gradients "
+                         "(an extra collective of the full size). Use comm_hook=fp16_compress_hook or "
+                         "bf16_compress_hook to save bandwidth, or a rule policy (LinearScaling, SqrtScaling, "
+                         "LEGW), which needs no gradient statistics")
+    if hook is not None and not callable(hook):
+        raise ValueError(f"comm_hook must be a DDP communication hook (state, bucket) -> Future, got {hook!r}")
+
+
+class LocalNormCarrier:
+    """The hook's state: the meter it takes the local sum from, what the reductions of the current step produced,
+    and the inner hook's own state. Holds no reference to the DDP model (model → reducer → hook state is no cycle).
+
+    The hook itself only records references to what was reduced (no tensor op in the reduction's completion
+    callback, which may run on the communication thread); :meth:`take`, at the optimizer step, reads them.
+    """
+
+    def __init__(self, meter: ChunkedNormMeter, process_group: dist.ProcessGroup, inner_state: Any = None,
+                 wide: bool = False, flush_each_bucket: bool = False) -> None:
+        self.meter = meter
+        self.process_group = process_group
+        self.world_size = dist.get_world_size(process_group)
+        self.rank = dist.get_rank(process_group)
+        self.inner_state = inner_state
+        self.wide = wide
+        self.flush_each_bucket = flush_each_bucket
+        self.reduced: dict[int, torch.Tensor] = {}     # each bucket's reduced gradients (the last reduction's)
+        self._carried: list[torch.Tensor] = []         # the reduced local sums of each reduction of the step
+        self._payload: Optional[torch.Tensor] = None
+        self._grads_view = self._carried_view = torch.empty(0)
+        self._carrier = WidePayload(1, self.rank, self.world_size)
+
+    def carried_numel(self, dtype: torch.dtype) -> int:
+        """Elements the local sum takes in the payload."""
+        return self._carrier.numel if self.wide or dtype in LOW_PRECISION else 1
+
+    def payload(self, buffer: torch.Tensor, divide: bool) -> torch.Tensor:
+        """The last bucket's gradients (divided by the world size when ``divide``) followed by this rank's local
+        sum, in a buffer kept between steps (reallocated only when DDP rebuilds its buckets)."""
+        numel = buffer.numel()
+        extra = self.carried_numel(buffer.dtype)
+        payload = self._payload
+        if payload is None or payload.numel() != numel + extra or payload.dtype != buffer.dtype:
+            payload = self._payload = buffer.new_empty(numel + extra)
+            self._grads_view, self._carried_view = payload[:numel], payload[numel:]
+        elif self._carried and self._carried[-1] is self._carried_view:
+            self._carried[-1] = self._carried_view.clone()     # an earlier reduction of this step: keep its sums
+        if divide:
+            torch.div(buffer, self.world_size, out=self._grads_view)
+        else:
+            self._grads_view.copy_(buffer)
+        local = self.meter.take()
+        carried = local if extra == 1 else self._carrier.encode(local)
+        self._carried_view.copy_(carried / self.world_size if divide else carried)
+        return payload
+
+    def unpack(self, index: int, last: bool, future: torch.futures.Future) -> torch.Tensor:
+        """The reduced bucket's gradients (what DDP copies into ``.grad``), recorded for :meth:`take`."""
+        value = future.value()
+        reduced = value[0] if isinstance(value, list) else value
+        if last:
+            if reduced.data_ptr() != self._payload.data_ptr():   # an inner hook that returned a new tensor
+                self._payload.copy_(reduced)
+            reduced = self._grads_view
+            self._carried.append(self._carried_view)
+        self.reduced[index] = reduced
+        return reduced
+
+    def take(self) -> Optional[tuple[float, float]]:
+        """(mean over ranks of Σ‖g_i‖², ‖reduced gradient‖²) of the step with one host sync, or None when nothing
+        was reduced; then reset. Call it before anything changes the reduced gradients in place (a loss scaler's
+        unscale). The buckets' squared norms are summed in bucket order, so every rank gets the same number."""
+        if not self._carried:
+            return None
+        mean_sq = squared_norm_sum([self.reduced[i] for i in sorted(self.reduced)], self._payload.device)
+        local = torch.stack([self._local_mean(carried) for carried in self._carried]).sum()
+        local_mean, mean_sq = torch.stack([local, mean_sq]).tolist()
+        self._carried.clear()
+        self.reduced.clear()
+        return local_mean, mean_sq
+
+    def _local_mean(self, carried: torch.Tensor) -> torch.Tensor:
+        """The mean over ranks of the local sums one reduction carried."""
+        if carried.numel() == 1:
+            return carried.to(torch.float64).reshape(())
+        return self._carrier.decode(carried, 1.0 / self.world_size).reshape(()) / self.world_size   # decodes Σ
+
+
+class _PayloadBucket:
+    """The last bucket as an inner hook sees it: ``buffer()`` is the payload (gradients + local sum); everything
+    else is the real bucket's."""
+
+    def __init__(self, bucket: dist.GradBucket, payload: torch.Tensor) -> None:
+        self._bucket = bucket
+        self._payload = payload
+
+    def buffer(self) -> torch.Tensor:
+        return self._payload
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._bucket, name)
+
+
+def _average(state: LocalNormCarrier, tensor: torch.Tensor) -> torch.futures.Future:
+    """All-reduce an already divided tensor (DDP's default hook, whose division was done while copying)."""
+    return dist.all_reduce(tensor, group=state.process_group, async_op=True).get_future()
+
+
+def norm_carrying_wrapper(hook: Optional[CommHook] = None) -> CommHook:
+    """A DDP communication hook that reduces each bucket with ``hook`` (DDP's default averaging all-reduce when
+    None) and carries this rank's local Σ‖g_i‖² in the last bucket (module docstring). Its state is a
+    :class:`LocalNormCarrier`, whose ``inner_state`` is what ``hook`` gets as its own state."""
+
+    def carry_local_norm(state: LocalNormCarrier, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+        if state.flush_each_bucket:
+            state.meter.flush()
+        buffer, last = bucket.buffer(), bucket.is_last()
+        if hook is None:
+            tensor = state.payload(buffer, divide=True) if last else buffer.div_(state.world_size)
+            future = _average(state, tensor)
+        elif last:
+            future = hook(state.inner_state, _PayloadBucket(bucket, state.payload(buffer, divide=False)))
+        else:
+            future = hook(state.inner_state, bucket)
+        return future.then(functools.partial(state.unpack, bucket.index(), last))
+
+    return carry_local_norm
