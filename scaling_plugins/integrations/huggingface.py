@@ -38,7 +38,6 @@ boundary and DeepSpeed steps on each, which the backend's backward-pass count re
 from __future__ import annotations
 
 import logging
-import sys
 from typing import Any, Optional
 
 try:
@@ -50,6 +49,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
 
 from ..backends import deepspeed as _registers_the_policies  # noqa: F401  (DeepSpeed resolves policy names)
 from ..backends.driver import PolicyDriver
+from ..call_stack import calling_instance
 from ..policies import POLICIES
 from ..policies.progress import BaseScaleProgress
 from ..telemetry import monitor_events, record_from
@@ -100,17 +100,6 @@ def check_budget_unit(driver: PolicyDriver, args: TrainingArguments, state: Trai
         "training when it is done")
 
 
-def calling_handler() -> Optional[CallbackHandler]:
-    """The Trainer's ``CallbackHandler`` that is dispatching the current event (found on the call stack)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, CallbackHandler):
-            return candidate
-        frame = frame.f_back
-    return None
-
-
 class ScalingCallback(TrainerCallback):
     """Stops the Trainer when the policy is done and adds the policy's numbers to the Trainer's logs (module
     docstring). Pass it in ``Trainer(callbacks=[ScalingCallback()])``; ``driver`` is the policy's scheduler
@@ -126,7 +115,7 @@ class ScalingCallback(TrainerCallback):
         self._run_before_reporters()
 
     def _run_before_reporters(self) -> None:
-        handler = calling_handler()
+        handler = calling_instance(CallbackHandler)   # the handler dispatching on_train_begin to this callback
         if handler is None:
             log.warning("ScalingCallback: the Trainer's CallbackHandler is not on the call stack; the scaling "
                         "fields reach only the callbacks after this one")
