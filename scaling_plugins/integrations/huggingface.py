@@ -121,7 +121,9 @@ class ScalingCallback(TrainerCallback):
                         "fields reach only the callbacks after this one")
             return
         callbacks = handler.callbacks
-        callbacks.remove(self)   # from index k to index j < k: call_event's loop still visits each callback once
+        # Moved earlier, call_event's loop still visits each callback once; moved later, it calls this again,
+        # which finds it in place.
+        callbacks.remove(self)
         flow = next((i for i, cb in enumerate(callbacks) if isinstance(cb, DefaultFlowCallback)), -1)
         callbacks.insert(flow + 1, self)
 
