@@ -111,13 +111,29 @@ def test_importing_the_library_and_a_backend_pulls_no_application_dependency(bac
     nothing heavy may be added by the library."""
     code = ("import sys, importlib\n"
             f"importlib.import_module({ENGINE_MODULES[backend]!r})\n"
-            "heavy = ('matplotlib', 'sklearn', 'tqdm', 'scaling_plugins.app')\n"
+            "heavy = ('matplotlib', 'sklearn', 'tqdm', 'transformers', 'accelerate', 'scaling_plugins.app')\n"
             "before = {m for m in heavy if m in sys.modules}\n"
             f"import scaling_plugins, scaling_plugins.backends.{backend}\n"
             "added = sorted(m for m in heavy if m in sys.modules and m not in before)\n"
             "print(added); sys.exit(1 if added else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_hugging_face_integration_is_imported_only_when_asked_for():
+    """``scaling_plugins.integrations`` imports nothing; without transformers, the integration module says how to
+    install the extra."""
+    code = ("import sys\n"
+            "import scaling_plugins, scaling_plugins.integrations\n"
+            "assert 'transformers' not in sys.modules and 'accelerate' not in sys.modules, 'imported eagerly'\n"
+            "sys.modules['transformers'] = None\n"
+            "try:\n"
+            "    import scaling_plugins.integrations.huggingface\n"
+            "except ImportError as err:\n"
+            "    print(err)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "pip install 'scaling_plugins[hf]'" in proc.stdout
 
 
 def test_an_unsupported_deepspeed_version_is_refused_by_name():

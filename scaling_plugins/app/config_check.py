@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
+from ..backends.deepspeed_params import resolve_scheduler_params
 from ..config import allowed_keys
 from ..policies import POLICIES
 from ..policies.base import Policy
@@ -121,14 +122,21 @@ def check_entry(entry: Any, path: str, deepspeed: bool = False) -> list[Problem]
         problems.append(Problem(f"{path}.params.last_batch_iteration", params["last_batch_iteration"],
                                 "only -1 is allowed: resume with engine.load_checkpoint, which restores the "
                                 "policy's state"))
-    return problems + check_params(POLICIES[name], _policy_params(entry, deepspeed), f"{path}.params")
+    try:
+        params = _policy_params(entry, deepspeed)
+    except ValueError as err:
+        return problems + [Problem(f"{path}.params", dict(entry["params"]), str(err))]
+    return problems + check_params(POLICIES[name], params, f"{path}.params")
 
 
 def _policy_params(entry: Mapping[str, Any], deepspeed: bool) -> Any:
-    """The keywords the policy is built from: the entry's params, less DeepSpeed's own last_batch_iteration."""
+    """The keywords the policy is built from: the entry's params, less DeepSpeed's own last_batch_iteration; in a
+    DeepSpeed config with HF's flat schedule keys and "auto" read as the DeepSpeed backend reads them
+    (``scaling_plugins.backends.deepspeed_params``; ``ValueError`` where it refuses them)."""
     params = entry.get("params") or {}
-    if deepspeed and isinstance(params, Mapping) and "last_batch_iteration" in params:
+    if deepspeed and isinstance(params, Mapping):
         params = {key: value for key, value in params.items() if key != "last_batch_iteration"}
+        return resolve_scheduler_params(entry["type"], params)
     return params
 
 

@@ -15,10 +15,12 @@ every default; names as DeepSpeed's own schedulers use them)::
 ``"type"`` is any name in ``scaling_plugins.POLICIES`` (AdaScale, AdaScaleAdam, AutoWU, LEGW, LinearScaling,
 SqrtScaling, and any policy registered later: names are looked up when DeepSpeed asks for them), ``"params"`` are
 that policy's constructor keywords plus DeepSpeed's ``last_batch_iteration`` (only -1: a run resumes from
-``engine.load_checkpoint``, which restores the policy's whole state). Schedules inside are multipliers of the
-optimizer's lr (``scaling_plugins.schedules``; DeepSpeed's WarmupLR/WarmupDecayLR/WarmupCosineLR are there by
-name). No optimizer wrapper is needed: the config's own optimizer is used as is. In code, use
-:func:`initialize` (``deepspeed.initialize`` with ``policy=``).
+``engine.load_checkpoint``, which restores the policy's whole state). HF's flat schedule keys
+(``warmup_min_lr``, ...) and "auto" are read as ``deepspeed_params`` documents, so HF's ds_config templates work
+with only their ``"type"`` changed. Schedules inside are multipliers of the optimizer's lr
+(``scaling_plugins.schedules``; DeepSpeed's WarmupLR/WarmupDecayLR/WarmupCosineLR are there by name). No
+optimizer wrapper is needed: the config's own optimizer is used as is. In code, use :func:`initialize`
+(``deepspeed.initialize`` with ``policy=``).
 
 How it works. DeepSpeed steps its scheduler after ``optimizer.step()``, too late for this step's learning rate,
 so the scheduler object only writes telemetry; the policy runs in a step pre-hook on DeepSpeed's basic
@@ -65,6 +67,7 @@ from ..policies import POLICIES, build_policy, policy_class
 from ..policies.registry import PolicySpec
 from ..telemetry import monitor_events, record_from
 from .deepspeed_harvest import Harvest, Payload, build_rider
+from .deepspeed_params import resolve_scheduler_params
 from .driver import PolicyDriver, sparse_gradient_modules, torch_all_gather_rows, torch_all_reduce_mean
 
 log = logging.getLogger(__name__)
@@ -246,6 +249,8 @@ def scheduler_class(name: str) -> type[DeepSpeedDriver]:
     policy_class(name)  # unknown names raise ValueError listing the valid ones
     if name not in _SCHEDULER_CLASSES:
         def __init__(self: DeepSpeedDriver, optimizer: Any, last_batch_iteration: int = -1, **params: Any) -> None:
+            group = optimizer.param_groups[0]
+            params = resolve_scheduler_params(name, params, group.get("initial_lr", group["lr"]))
             DeepSpeedDriver.__init__(self, optimizer, {"type": name, "params": params}, last_batch_iteration)
 
         _SCHEDULER_CLASSES[name] = type(f"{name}Scheduler", (DeepSpeedDriver,), {

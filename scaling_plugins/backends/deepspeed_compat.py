@@ -28,6 +28,8 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     raise ImportError("scaling_plugins.backends.deepspeed needs DeepSpeed: "
                       "pip install 'scaling_plugins[deepspeed]'") from err
 
+from ..call_stack import calling_instance  # noqa: E402
+
 SUPPORTED_VERSIONS = ("0.19.",)     # version prefixes; verified on 0.19.8
 
 
@@ -83,12 +85,9 @@ def asked_by_scheduler_config() -> bool:
 
 def engine_under_construction() -> DeepSpeedEngine:
     """The DeepSpeedEngine whose ``deepspeed.initialize`` is building a scheduler now (found on the call stack)."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        candidate = frame.f_locals.get("self")
-        if isinstance(candidate, DeepSpeedEngine):
-            return candidate
-        frame = frame.f_back
+    engine = calling_instance(DeepSpeedEngine)
+    if engine is not None:
+        return engine
     raise RuntimeError("a scaling_plugins scheduler is built by deepspeed.initialize (a \"scheduler\" config entry "
                        "or scaling_plugins.backends.deepspeed.initialize(..., policy=...)), not directly")
 

@@ -150,7 +150,8 @@ class PolicyDriver:
     - every step, where the backend counts backward passes: a step with none is an error; a count other
       than ``accumulation_steps`` logs a warning (once), and ``PERSISTENT_MISMATCH`` such steps in a row
       are an error (one short step, such as an epoch's last partial accumulation, is allowed);
-    - a param group with lr 0 is logged once (the policy multiplies it, so that group does not train).
+    - a param group with lr 0 is logged once (the policy multiplies it, so that group does not train);
+    - a step taken after the policy is done (its budget reached) is logged once.
     """
 
     backward_hint: ClassVar[str] = "call loss.backward() before the optimizer step"
@@ -175,6 +176,7 @@ class PolicyDriver:
         self._mismatched_steps = 0
         self._warned_passes = False
         self._warned_zero_lr = False
+        self._warned_done = False
         self.apply_learning_rate()
 
     # -- what each engine provides --------------------------------------------------------------------------
@@ -237,6 +239,7 @@ class PolicyDriver:
     def advance(self, loss: Optional[torch.Tensor | float] = None) -> None:
         """Fold this optimizer step's statistics (and loss) into the policy and set this step's learning rates."""
         self._check_backward_passes(self.backward_passes())
+        self._warn_past_budget()
         gradients = self._gradient_sample() if self.policy.needs_gradient_norms else None
         mean_loss = self.reduced_loss(loss) if self.policy.needs_loss else None
         self.policy.step(StepObservation(gradients=gradients, loss=mean_loss))
@@ -267,6 +270,16 @@ class PolicyDriver:
         if not self._warned_passes:
             log.warning("%s; an error if it happens %d steps in a row", message, PERSISTENT_MISMATCH)
             self._warned_passes = True
+
+    def _warn_past_budget(self) -> None:
+        """One warning when a step is taken after the policy is done (its schedule has ended, so the learning rate
+        is whatever the schedule gives past its end, often 0)."""
+        if self.policy.done and not self._warned_done:
+            log.warning("policy %r is done (budget total_num_steps=%s reached, progress %.6g) but training goes on: "
+                        "stop the loop when .done is true (the Hugging Face Trainer: "
+                        "scaling_plugins.integrations.huggingface.ScalingCallback)", self.policy.name,
+                        getattr(self.policy, "total_num_steps", None), self.policy.progress)
+            self._warned_done = True
 
     def _gradient_sample(self) -> GradientSample:
         reduced = self.reduced_norms()

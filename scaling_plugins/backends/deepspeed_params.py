@@ -1,0 +1,137 @@
+"""A DeepSpeed ``"scheduler"`` entry's params as the Hugging Face Trainer, Accelerate or plain DeepSpeed hand them.
+
+Two things can reach a policy's scheduler that its constructor does not take; :func:`resolve_scheduler_params`
+turns both into the policy's own keywords (``scaling_plugins.config`` then checks them as usual).
+
+**HF's flat schedule keys.** HF's ds_config templates (DeepSpeed's WarmupLR and WarmupDecayLR) carry
+``warmup_min_lr``, ``warmup_max_lr``, ``warmup_num_steps`` (and ``warmup_type``) directly in
+``scheduler.params``, next to ``total_num_steps``; the Trainer and Accelerate fill "auto" only there (Accelerate
+refuses "auto" in a nested entry such as ``schedule.params``). For a policy that runs a base ``schedule`` and
+has no warmup of its own (AdaScale, AdaScaleAdam) these keys are that schedule's parameters:
+
+- without a ``schedule``, the schedule is DeepSpeed's ``WarmupDecayLR`` when ``total_num_steps`` has a value
+  (linear decay to ``warmup_min_lr`` at the budget's end), else ``WarmupLR`` (warmup, then constant): the
+  scheduler whose template has those keys, so a template whose ``"type"`` alone was changed keeps its curve;
+- with a ``schedule`` named (``"WarmupCosineLR"`` or ``{"type": ..., "params": {...}}``) the flat keys fill
+  its parameters; a key given both ways must have one value;
+- ``total_num_steps`` stays the policy's budget (base-scale steps) and is also the schedule's
+  ``total_num_steps`` when the schedule takes one and does not set its own.
+
+Policies with keys of their own take them as they are (AutoWU takes all four; LinearScaling, SqrtScaling and
+LEGW take ``warmup_num_steps`` and ``total_num_steps``) and refuse the rest by name.
+
+**"auto" nobody filled.** Under the Trainer or Accelerate every "auto" is filled (or refused) before DeepSpeed
+builds the scheduler, so one that arrives here comes from plain DeepSpeed. It then gets the value the Trainer
+fills with its default ``TrainingArguments``, so one ds_config runs the same under both:
+
+    warmup_min_lr    → 0
+    warmup_max_lr    → the optimizer's lr
+    warmup_num_steps → 1 (the default warmup_steps=0, which HF raises to 1 for DeepSpeed >= 0.19.6)
+    total_num_steps  → no budget: the policy is never done and the training loop decides when to stop
+                       (the Trainer's own value, max_steps, exists only under the Trainer)
+
+and one warning lists the values used. "auto" for any other key, or inside a nested entry, is a ``ValueError``
+naming the key.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Optional
+
+from ..config import allowed_keys
+from ..policies import policy_class
+from ..schedules import SCHEDULES
+
+log = logging.getLogger(__name__)
+
+AUTO = "auto"
+BUDGET = "total_num_steps"
+SCHEDULE_KEYS = ("warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type")
+OPTIMIZER_LR = object()   # stands for the optimizer's lr in PLAIN_DEEPSPEED_AUTO
+PLAIN_DEEPSPEED_AUTO: dict[str, Any] = {"warmup_min_lr": 0.0, "warmup_max_lr": OPTIMIZER_LR,
+                                        "warmup_num_steps": 1, BUDGET: None}
+
+
+def resolve_scheduler_params(policy: str, params: Mapping[str, Any],
+                             optimizer_lr: Optional[float] = None) -> dict[str, Any]:
+    """The keywords policy ``policy`` is built from, given a ``"scheduler"`` entry's ``params`` (module
+    docstring): "auto" resolved as plain DeepSpeed reads it, HF's flat schedule keys moved into the schedule.
+    ``optimizer_lr`` is what ``warmup_max_lr: "auto"`` becomes (None: the key is dropped, and the schedules,
+    which are multipliers of the optimizer's lr, read that as the optimizer's lr)."""
+    takes = allowed_keys(policy_class(policy))
+    resolved = _resolve_auto(params, optimizer_lr)
+    if "schedule" in takes and "warmup_num_steps" not in takes:
+        resolved = _flat_keys_into_schedule(policy, resolved)
+    return resolved
+
+
+def _resolve_auto(params: Mapping[str, Any], optimizer_lr: Optional[float]) -> dict[str, Any]:
+    """``params`` with every top-level "auto" replaced by ``PLAIN_DEEPSPEED_AUTO`` (None: the key dropped);
+    ``ValueError`` for "auto" under another key or nested deeper."""
+    resolved, used = {}, {}
+    for key, value in params.items():
+        if value != AUTO:
+            _refuse_nested_auto(value, f"scheduler.params.{key}")
+            resolved[key] = value
+            continue
+        if key not in PLAIN_DEEPSPEED_AUTO:
+            raise ValueError(f"scheduler.params.{key} = 'auto': only {sorted(PLAIN_DEEPSPEED_AUTO)} may be \"auto\" "
+                             "(the keys the Hugging Face Trainer and Accelerate fill); give a value")
+        value = PLAIN_DEEPSPEED_AUTO[key]
+        used[key] = value = optimizer_lr if value is OPTIMIZER_LR else value
+        if value is not None:
+            resolved[key] = value
+    if used:
+        described = ", ".join(f"{key}={_describe(key, value)}" for key, value in used.items())
+        log.warning("scheduler.params: \"auto\" that neither the Hugging Face Trainer nor Accelerate filled (plain "
+                    "DeepSpeed) is read as the Trainer's defaults: %s", described)
+    return resolved
+
+
+def _describe(key: str, value: Any) -> str:
+    if key == BUDGET:
+        return "none (no budget: the policy is never done)"
+    return "the optimizer's lr" if value is None else repr(value)
+
+
+def _refuse_nested_auto(value: Any, path: str) -> None:
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if item == AUTO:
+                raise ValueError(f"{path}.{key} = 'auto': \"auto\" is allowed only directly in scheduler.params "
+                                 f"(for {sorted(PLAIN_DEEPSPEED_AUTO)}); Accelerate refuses it in a nested entry. "
+                                 f"Give a value, or move the key up into scheduler.params")
+            _refuse_nested_auto(item, f"{path}.{key}")
+
+
+def _flat_keys_into_schedule(policy: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with HF's flat schedule keys moved into ``params["schedule"]`` (module docstring)."""
+    flat = {key: params.pop(key) for key in SCHEDULE_KEYS if key in params}
+    if not flat:
+        return params
+    schedule = params.get("schedule")
+    if schedule is None:
+        schedule = "WarmupDecayLR" if params.get(BUDGET) is not None else "WarmupLR"
+        log.info("scheduler.params: %s with no schedule: the base schedule is %s", sorted(flat), schedule)
+    if isinstance(schedule, str):
+        schedule = {"type": schedule}
+    if not isinstance(schedule, Mapping):
+        raise ValueError(f"scheduler.params has {sorted(flat)}, parameters of a base schedule, but schedule is "
+                         f"{schedule!r}, which takes none: name a schedule (e.g. \"WarmupLR\") or drop them")
+    name = schedule.get("type")
+    if name not in SCHEDULES:
+        raise ValueError(f"scheduler.params.schedule.type = {name!r} is not a known schedule; valid: {sorted(SCHEDULES)}")
+    own = {**{k: v for k, v in schedule.items() if k not in ("type", "params")}, **(schedule.get("params") or {})}
+    schedule_takes = allowed_keys(SCHEDULES[name])
+    if params.get(BUDGET) is not None and BUDGET in schedule_takes and BUDGET not in own:
+        flat[BUDGET] = params[BUDGET]
+    for key, value in flat.items():
+        if key not in schedule_takes:
+            raise ValueError(f"scheduler.params.{key} = {value!r}: neither {policy} nor its schedule {name!r} takes "
+                             f"it; {name} takes {schedule_takes}")
+        if key in own and own[key] != value:
+            raise ValueError(f"scheduler.params.{key} = {value!r} and scheduler.params.schedule's {key} = "
+                             f"{own[key]!r} differ: give it once")
+    params["schedule"] = {"type": name, "params": {**own, **flat}}
+    return params
