@@ -7,30 +7,24 @@ the single remaining worker; that worker writes every step's record to OUT_DIR/r
 """
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 from pathlib import Path
 
 import horovod.torch as hvd
-import torch
 
-import scaling_plugins.backends.horovod as sph
+from tests.horovod_scripts.elastic_common import model_and_optimizer, step_record, train_step, write_records
 
 SHRINK_AT = 4
 SMALL_STEPS = 4
 STEP_LIMIT = 200          # fail instead of looping forever if the shrink never comes
-PASSES = 2
 
 
 def main() -> None:
     out_dir = Path(sys.argv[1])
     hvd.init()
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    opt = sph.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-                                   named_parameters=model.named_parameters(), backward_passes_per_step=PASSES)
+    model, opt = model_and_optimizer()
     state = hvd.elastic.TorchState(model=model, optimizer=opt, step=0, small_steps=0)
     records = []
 
@@ -39,19 +33,10 @@ def main() -> None:
         while state.small_steps < SMALL_STEPS:
             if state.step >= STEP_LIMIT:
                 raise RuntimeError(f"no shrink to 1 worker after {STEP_LIMIT} steps")
-            generator = torch.Generator().manual_seed(1000 * state.step + hvd.rank())
-            for _ in range(PASSES):
-                x = torch.randn(8, 8, generator=generator)
-                y = x.sum(dim=1, keepdim=True) + torch.randn(8, 1, generator=generator)
-                loss = torch.nn.functional.mse_loss(model(x), y)
-                (loss / PASSES).backward()
-            opt.step()
-            opt.zero_grad()
+            loss = train_step(model, opt, state.step)
             state.step += 1
             state.small_steps += hvd.size() == 1
-            records.append({"step": state.step, "size": hvd.size(), "scale": opt.scale, "gain": opt.gain,
-                            "progress": opt.progress, "lr": opt.lr, "loss": loss.item(),
-                            "policy_world_size": opt.scaling.policy.world_size})
+            records.append(step_record(opt, state.step, loss=loss))
             if state.step == SHRINK_AT and hvd.rank() == 0:
                 Path(os.environ["SCALING_PLUGINS_HOSTS_FILE"]).write_text("localhost:1\n")
             if state.step >= SHRINK_AT and hvd.size() > 1:
@@ -59,8 +44,7 @@ def main() -> None:
             state.commit()
 
     train(state)
-    if hvd.rank() == 0:
-        (out_dir / "records.json").write_text(json.dumps(records, indent=1))
+    write_records(out_dir, records)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ OUT_DIR/records.json.
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -23,14 +22,12 @@ import time
 from pathlib import Path
 
 import horovod.torch as hvd
-import torch
 
-import scaling_plugins.backends.horovod as sph
+from tests.horovod_scripts.elastic_common import model_and_optimizer, step_record, train_step, write_records
 
 REMOVE_AT = 3
 PHASE = 3
 STEP_LIMIT = 300          # fail instead of looping forever if a change never comes
-PASSES = 2
 BOTH_HOSTS, FIRST_HOST = "sp-n1:2\nsp-n2:2\n", "sp-n1:2\n"
 WAITING_FOR = {0: None, 1: 2, 2: 4, 3: 2, 4: 4}   # the size each phase waits for
 
@@ -40,10 +37,7 @@ def main() -> None:
     hosts_file = Path(os.environ["SCALING_PLUGINS_HOSTS_FILE"])
     killed = out_dir / "killed"
     hvd.init()
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    opt = sph.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9),
-                                   named_parameters=model.named_parameters(), backward_passes_per_step=PASSES)
+    model, opt = model_and_optimizer()
     state = hvd.elastic.TorchState(model=model, optimizer=opt, step=0, phase=0, phase_steps=0, size=0)
     records = []
 
@@ -56,19 +50,11 @@ def main() -> None:
         while not (state.phase == 4 and state.size == 4 and state.phase_steps >= PHASE):
             if state.step >= STEP_LIMIT:
                 raise RuntimeError(f"the plan stalled in phase {state.phase} after {STEP_LIMIT} steps")
-            generator = torch.Generator().manual_seed(1000 * state.step + hvd.rank())
-            for _ in range(PASSES):
-                x = torch.randn(8, 8, generator=generator)
-                y = x.sum(dim=1, keepdim=True) + torch.randn(8, 1, generator=generator)
-                (torch.nn.functional.mse_loss(model(x), y) / PASSES).backward()
-            opt.step()
-            opt.zero_grad()
+            train_step(model, opt, state.step)
             state.step += 1
             state.phase_steps = state.phase_steps + 1 if hvd.size() == state.size else 1   # steps at this size
             state.size = hvd.size()
-            records.append({"step": state.step, "size": hvd.size(), "scale": opt.scale, "gain": opt.gain,
-                            "progress": opt.progress, "lr": opt.lr, "phase": state.phase,
-                            "policy_world_size": opt.scaling.policy.world_size})
+            records.append(step_record(opt, state.step, phase=state.phase))
             if hvd.rank() == 0:
                 print(f"elastic: step {state.step} size {hvd.size()} phase {state.phase} gain {opt.gain:.3f} "
                       f"tau {opt.progress:.3f}", file=sys.stderr, flush=True)
@@ -92,8 +78,7 @@ def main() -> None:
             state.commit()
 
     train(state)
-    if hvd.rank() == 0:
-        (out_dir / "records.json").write_text(json.dumps(records, indent=1))
+    write_records(out_dir, records)
 
 
 if __name__ == "__main__":
