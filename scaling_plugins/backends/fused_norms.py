@@ -159,7 +159,9 @@ class ChunkedNormMeter(BackwardCounter):
     measures; otherwise autograd adds the gradient into ``.grad`` in place and the meter keeps the gradient itself
     (until its chunk is measured). A parameter recorded by reference must not be reduced in place before it is
     measured: ``holds(p)`` tells, ``flush()`` measures now. Every pass ends with a flush, so nothing recorded
-    outlives its backward pass. ``immediate=True`` measures each gradient in its hook instead (one ``squared_norm``
+    outlives its backward pass. A gradient of at least ``CHUNK_NUMEL`` elements would be a chunk of its own, so
+    it is measured in its hook, while it is still in the cache (one op either way; read later, after the engine
+    has copied it into its buckets, it costs a second trip through memory). ``immediate=True`` measures each gradient in its hook instead (one ``squared_norm``
     per parameter), for engines that move ``.grad`` during backward (ZeRO-1/2/3's gradient buckets). A sparse
     gradient (``nn.Embedding(sparse=True)``) is measured in its hook: ‖g‖² of its coalesced values.
 
@@ -190,10 +192,10 @@ class ChunkedNormMeter(BackwardCounter):
         if grad.layout != torch.strided:
             self._pass_total += squared_norm_sum([grad], self._device)
             return
-        if self._immediate:
+        numel = grad.numel()
+        if self._immediate or numel >= CHUNK_NUMEL:      # a chunk of its own anyway: read it while it is hot
             self._pass_total += squared_norm(grad)
             return
-        numel = grad.numel()
         if self._pending and self._pending_numel + numel > CHUNK_NUMEL:
             self.flush()        # before recording this one: its .grad is not set until this hook returns
         if self._params[index]().grad is None:
