@@ -18,7 +18,7 @@ from scaling_plugins.batch_size import BatchLimits, noise_scale_accumulation
 
 WORLD, MICRO_BATCH, STEPS, RESUME_AT, BASE_LR = 2, 2, 30, 13, 0.2
 PARAMS = {"max_batch": 24, "max_accumulation_steps": 8, "change_interval": 3, "noise_scale_factor": 2.0,
-          "smoothing": 0.5}
+          "noise_scale_smoothing": 0.5}
 SPEC = {"type": "AdaptiveBatch", "params": {**PARAMS, "micro_batch": MICRO_BATCH}}   # DeepSpeed: PARAMS alone
 LIMITS = BatchLimits(max_batch=PARAMS["max_batch"], max_accumulation_steps=PARAMS["max_accumulation_steps"])
 
@@ -62,7 +62,7 @@ def train_steps(loop: Loop, rank: int, count: int, seen: int = 0) -> tuple[list[
         seen += WORLD * accumulation * MICRO_BATCH
         metrics = loop.metrics()
         records.append({"accumulation": accumulation, "engine_accumulation": loop.engine_accumulation(),
-                        **{key: metrics[key] for key in ("lr", "gain", "scale", "progress", "noise_scale",
+                        **{key: metrics[key] for key in ("lr", "gain", "scale", "progress", "batch_noise_scale",
                                                          "batch_size", "accumulation_steps")}})
     return records, seen
 
@@ -93,9 +93,9 @@ def check_adaptive_run(ranks: list[dict[str, Any]]) -> None:
         if step % PARAMS["change_interval"]:
             assert following["accumulation"] == record["accumulation"], f"the batch changed after step {step}"
         else:
-            expected = noise_scale_accumulation(record["noise_scale"], PARAMS["noise_scale_factor"],
+            expected = noise_scale_accumulation(record["batch_noise_scale"], PARAMS["noise_scale_factor"],
                                                 WORLD * MICRO_BATCH, low, high)
-            assert following["accumulation"] == expected, (step, record["noise_scale"])
+            assert following["accumulation"] == expected, (step, record["batch_noise_scale"])
     assert run[RESUME_AT]["accumulation"] > accumulations[0]    # the checkpoint holds a grown batch
     assert first["resumed"] == run[RESUME_AT:]
     assert math.isfinite(first["final_loss"])

@@ -32,6 +32,7 @@ def exact_sample(sigma_sq: float, mu_sq: float, scale: float, count: int) -> Gra
     ({"min_batch": 0}, "params: min_batch = 0: must be an integer >= 1 (samples per optimizer step) or null"),
     ({"change_interval": 0}, "params: change_interval = 0: must be an integer >= 1 (optimizer steps)"),
     ({"noise_scale_factor": 0.0}, "params: noise_scale_factor = 0.0: must be > 0"),
+    ({"noise_scale_smoothing": 1.0}, "params: noise_scale_smoothing = 1.0: must lie in [0, 1)"),
     ({"micro_batch": 0}, "params: micro_batch = 0: must be an integer >= 1 or null"),
     ({"base_batch": -1}, "params: base_batch = -1: must be > 0 or null"),
 ])
@@ -98,8 +99,8 @@ def drive(policy: AdaptiveBatch, world: int, noise: list[tuple[float, float]]) -
 
 
 def test_the_batch_follows_k_times_the_noise_scale_at_decision_steps_only():
-    policy = adaptive(micro_batch=4, smoothing=0.0, change_interval=5, noise_scale_factor=2.0,
-                      max_accumulation_steps=12)
+    policy = adaptive(micro_batch=4, smoothing=0.0, noise_scale_smoothing=0.0, change_interval=5,
+                      noise_scale_factor=2.0, max_accumulation_steps=12)
     policy.configure(2, 1)
     noise = [(1.0, 1.0 / b) for b in [0.5] * 5 + [6.0] * 5 + [20.0] * 5 + [1000.0] * 5 + [3.0] * 5]
     records = drive(policy, 2, noise)
@@ -108,7 +109,7 @@ def test_the_batch_follows_k_times_the_noise_scale_at_decision_steps_only():
     for step, (record, (sigma_sq, mu_sq)) in enumerate(zip(records, noise), start=1):
         accumulation = record["accumulation_steps"]
         assert record["batch_size"] == 2 * accumulation * 4 and record["scale"] == 2 * accumulation
-        assert record["noise_scale"] == pytest.approx(4 * sigma_sq / mu_sq)         # B_simple in samples
+        assert record["noise_scale"] == record["batch_noise_scale"] == pytest.approx(4 * sigma_sq / mu_sq)
         assert record["gain"] == pytest.approx(adascale_gain(sigma_sq, mu_sq, 2 * accumulation))
         progress += record["gain"]
         assert record["progress"] == pytest.approx(progress)                         # τ carries on
@@ -121,13 +122,13 @@ def test_the_batch_follows_k_times_the_noise_scale_at_decision_steps_only():
 
 
 def test_a_resume_brings_the_batch_back_and_follows_another_number_of_workers():
-    policy = adaptive(micro_batch=2, smoothing=0.0, change_interval=2, max_accumulation_steps=16)
+    policy = adaptive(micro_batch=2, noise_scale_smoothing=0.0, change_interval=2, max_accumulation_steps=16)
     policy.configure(2, 1)
     drive(policy, 2, [(1.0, 0.25)] * 4)                 # B_simple = 8 samples: A = round(2·8/4) = 4
     assert policy.accumulation_steps == 4
     state = policy.state_dict()
     for world, accumulation in ((2, 4), (4, 2), (16, 1)):   # the same 8 gradients per step, within 1..16
-        resumed = adaptive(micro_batch=2, smoothing=0.0, change_interval=2, max_accumulation_steps=16)
+        resumed = adaptive(micro_batch=2, noise_scale_smoothing=0.0, change_interval=2, max_accumulation_steps=16)
         resumed.configure(world, 1)
         resumed.load_state_dict(state)
         resumed.configure(world, 1)                      # the backend: the new job's shape, then the request
@@ -135,11 +136,25 @@ def test_a_resume_brings_the_batch_back_and_follows_another_number_of_workers():
     assert resumed.metrics()["accumulation_steps"] == 4   # the last step taken was at A = 4 on 2 workers
 
 
+def test_the_controller_smooths_the_noise_scale_on_its_own_and_the_gain_keeps_adascales_smoothing():
+    """B_simple jumps from 1 to 9 base batches: the controller's EMA (θ = noise_scale_smoothing) follows it within
+    a few dozen steps, AdaScale's (θ = 1 − S/1000 for the gain) over hundreds; each a bias-corrected EMA of the
+    step's σ̂², μ̂²."""
+    policy = adaptive(noise_scale_smoothing=0.9, change_interval=1000)
+    policy.configure(2, 2)
+    noise = [(1.0, 1.0)] * 20 + [(9.0, 1.0)] * 30
+    record = drive(policy, 2, noise)[-1]
+    weights = [0.1 * 0.9 ** age for age in range(len(noise))]
+    expected = sum(w * sigma_sq for w, (sigma_sq, _) in zip(weights, reversed(noise))) / sum(weights)
+    assert record["batch_noise_scale"] == pytest.approx(expected) and expected > 8.6
+    assert record["noise_scale"] < 6.0 and policy.statistics.smoothing == pytest.approx(1 - 4 / 1000)
+
+
 def test_without_micro_batch_batches_are_counted_in_micro_batches():
-    policy = adaptive(smoothing=0.0, change_interval=1)
+    policy = adaptive(noise_scale_smoothing=0.0, change_interval=1)
     policy.configure(4, 1)
     record = drive(policy, 4, [(1.0, 0.1)])[0]           # B_simple = 10 base batches = 10 micro-batches
-    assert record["batch_size"] is None and record["noise_scale"] == pytest.approx(10.0)
+    assert record["batch_size"] is None and record["batch_noise_scale"] == pytest.approx(10.0)
     assert policy.accumulation_steps == 5                # round(2·10/4)
 
 

@@ -45,7 +45,7 @@ SUMMARY_NUMBERS = ("scale", "final_val_loss", "steps", "samples", "wall_s", "mea
 SUMMARY_OPTIONAL_NUMBERS = ("final_val_accuracy", "final_progress")                         # numbers or null
 SPEC_OPTIONAL_NUMBERS = ("budget",)
 STEP_NUMBERS = ("step", "samples", "loss", "lr", "gain", "sigma_sq", "mu_sq", "noise_scale", "progress", "batch_size",
-                "accumulation_steps")
+                "accumulation_steps", "batch_noise_scale")
 EVAL_NUMBERS = ("step", "samples", "val_loss", "val_accuracy")
 
 

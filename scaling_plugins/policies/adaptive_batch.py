@@ -43,11 +43,13 @@ from typing import Any, Optional
 
 from ..batch_size import BatchLimits, noise_scale_accumulation
 from ..schedules import ScheduleSpec
+from ..stats import GradientStatistics
 from .adascale import AdaScale
 from .base import StepObservation
 from .registry import register
 
 DEFAULT_NOISE_SCALE_FACTOR = 2.0
+DEFAULT_NOISE_SCALE_SMOOTHING = 0.95
 DEFAULT_CHANGE_INTERVAL = 10
 
 
@@ -70,7 +72,8 @@ class AdaptiveBatch(AdaScale):
 
     def __init__(self, min_batch: Optional[int] = None, max_batch: Optional[int] = None,
                  max_accumulation_steps: int = 16, change_interval: int = DEFAULT_CHANGE_INTERVAL,
-                 noise_scale_factor: float = DEFAULT_NOISE_SCALE_FACTOR, micro_batch: Optional[int] = None,
+                 noise_scale_factor: float = DEFAULT_NOISE_SCALE_FACTOR,
+                 noise_scale_smoothing: float = DEFAULT_NOISE_SCALE_SMOOTHING, micro_batch: Optional[int] = None,
                  base_batch: Optional[float] = None, smoothing: Optional[float] = None,
                  schedule: ScheduleSpec = None, total_num_steps: Optional[float] = None) -> None:
         self.limits = BatchLimits(min_batch, max_batch, max_accumulation_steps)
@@ -78,6 +81,8 @@ class AdaptiveBatch(AdaScale):
             raise ValueError(f"change_interval = {change_interval!r}: must be an integer >= 1 (optimizer steps)")
         if not noise_scale_factor > 0:
             raise ValueError(f"noise_scale_factor = {noise_scale_factor!r}: must be > 0")
+        if not 0 <= noise_scale_smoothing < 1:
+            raise ValueError(f"noise_scale_smoothing = {noise_scale_smoothing!r}: must lie in [0, 1)")
         if micro_batch is not None and not (isinstance(micro_batch, int) and micro_batch >= 1):
             raise ValueError(f"micro_batch = {micro_batch!r}: must be an integer >= 1 or null")
         if base_batch is not None and not base_batch > 0:
@@ -89,6 +94,7 @@ class AdaptiveBatch(AdaScale):
         self.micro_batch = micro_batch
         self._base_batch = base_batch
         self.base_batch = base_batch or micro_batch or 1.0
+        self.noise = GradientStatistics(1.0, noise_scale_smoothing)   # σ², μ² as the controller smooths them
         self._requested_gradients: Optional[int] = None   # W·A chosen at the last decision
         self._stepped: Optional[tuple[int, int, float]] = None   # (A, W, S) of the step just taken
 
@@ -117,6 +123,7 @@ class AdaptiveBatch(AdaScale):
             raise ValueError(f"the smallest batch, {low * per_step} samples, is below base_batch = {self.base_batch:g}: "
                              "the scale S = batch / base_batch must be >= 1 (raise min_batch)")
         super().configure(world_size, accumulation_steps)
+        self.noise.rescale(self.scale)
 
     def shape_scale(self) -> float:
         return self.num_gradients * (self.micro_batch or 1) / self.base_batch
@@ -124,13 +131,14 @@ class AdaptiveBatch(AdaScale):
     def step(self, observation: StepObservation) -> None:
         self._stepped = (self.accumulation_steps, self.world_size, self.scale)
         super().step(observation)
+        self.noise.update(observation.gradients)   # AdaScale's step refused a missing sample; n >= 2 (configure)
         if self.steps % self.change_interval == 0:
             self._decide()
 
     def _decide(self) -> None:
         """A for the next steps from k·B_simple (``batch_size.noise_scale_accumulation``); nothing before σ², μ²
         have an estimate."""
-        noise = self.statistics.noise_scale(self.base_batch)
+        noise = self.noise.noise_scale(self.base_batch)
         if noise is None:
             return
         low, high = self.accumulation_range(self.world_size)
@@ -149,16 +157,21 @@ class AdaptiveBatch(AdaScale):
         return min(max(round(self._requested_gradients / self.world_size), low), high)
 
     def metrics(self) -> dict[str, Any]:
+        """AdaScale's, with ``accumulation_steps``, ``batch_size`` and ``scale`` of the step just taken, and
+        ``batch_noise_scale``: B_simple in samples as the controller smooths it (the one its choices follow)."""
         accumulation, world, scale = self._stepped or (self.accumulation_steps, self.world_size, self.scale)
         batch = accumulation * world * self.micro_batch if self.micro_batch is not None else None
-        return {**super().metrics(), "accumulation_steps": accumulation, "batch_size": batch, "scale": scale}
+        return {**super().metrics(), "accumulation_steps": accumulation, "batch_size": batch, "scale": scale,
+                "batch_noise_scale": self.noise.noise_scale(self.base_batch)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {**super().state_dict(), "requested_gradients": self._requested_gradients,
+        return {**super().state_dict(), "noise": self.noise.state_dict(),
+                "requested_gradients": self._requested_gradients,
                 "stepped": None if self._stepped is None else list(self._stepped)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
+        self.noise.load_state_dict(state["noise"])
         requested, stepped = state["requested_gradients"], state["stepped"]
         self._requested_gradients = None if requested is None else int(requested)
         self._stepped = None if stepped is None else (int(stepped[0]), int(stepped[1]), float(stepped[2]))
