@@ -1,11 +1,13 @@
 """AdaptiveBatch in the application: the demo's plan, the built-in trainer reading the accumulation before each step,
-the figures and the table, and the adaptive quality study (its grid, and its CI slice run for real)."""
+the figures and the table, check-config on a DeepSpeed config, and the adaptive quality study (its grid, and its CI
+slice run for real)."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
+from scaling_plugins.app.config_check import Shape, check_document
 from scaling_plugins.app.demo import plan
 from scaling_plugins.app.plots import load_run, render
 from scaling_plugins.app.quality import ADAPTIVE, Base, grid_cells
@@ -74,3 +76,17 @@ def test_the_quick_adaptive_study_reports_steps_samples_and_wall_time_against_fi
     assert "vs the best fixed S (AdaScale S = 8)" in report and "- optimizer steps: " in report
     data = (out / "adaptive_digits.png").read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 20_000
+
+
+def test_check_config_reads_the_micro_batch_of_a_deepspeed_config(tmp_path):
+    config = {"train_micro_batch_size_per_gpu": 8, "gradient_accumulation_steps": 2,
+              "scheduler": {"type": "AdaptiveBatch", "params": {"min_batch": 32, "max_batch": 256}}}
+    assert check_document(config, Shape(workers=2)) == ([], ["DeepSpeed config: checked its scheduler entry "
+                                                              "'AdaptiveBatch'"])
+    (problem,), _ = check_document(config, Shape(workers=3))
+    assert str(problem).endswith("fails at attach with 3 worker(s) × 2 accumulation step(s): min_batch = 32 is not a "
+                                 "multiple of micro_batch × workers = 8 × 3 = 24: allowed are 24, 48, 72, ...")
+    config["scheduler"]["params"]["micro_batch"] = 4
+    (problem,), _ = check_document(config, Shape(workers=2))
+    assert str(problem).endswith("micro_batch = 4 but the engine's micro-batch is 8 (train_micro_batch_size_per_gpu): "
+                                 "leave micro_batch out or make them equal")

@@ -14,17 +14,21 @@ batch changes, S follows the new batch, σ² and μ² (in units of the base batc
 The choice uses only those smoothed, all-reduced σ², μ², the step count and the run's shape, so every rank makes
 the same one.
 
-Defaults, and why:
+Defaults, and why (measured: benchmarks/RESULTS.md, "Adaptive batch size", 3 seeds on 2 ranks):
 - ``noise_scale_factor`` k = 2: in McCandlish et al.'s model a batch of k·B_noise costs (1 + 1/k)× the minimum
-  optimizer steps and (1 + k)× the minimum samples. k = 1 (the "critical batch", 2× on both) saves no steps over
-  a fixed batch near the run's median noise scale, since it spends the early, low-noise part of training at
-  small batches; k = 2 takes 1.5× the minimum steps for 3× the minimum samples, which on the built-in workloads
-  (benchmarks/RESULTS.md, "Adaptive batch size") gives fewer steps than AdaScale at S = 8 and fewer samples than
-  at S = 32. Raise k to trade samples for steps (more parallel hardware), lower it to save samples.
-- ``change_interval`` = 10 optimizer steps: the smoothed σ², μ² move little between steps (θ = 1 − S/1000 by
-  default: an average over hundreds of steps), so re-deciding more often only adds jitter.
-- ``max_accumulation_steps`` = 16: the batch can grow 16× over one micro-batch per worker; each step then takes
-  up to 16× as long in wall time.
+  optimizer steps and (1 + k)× the minimum samples. k = 1 (the critical batch, 2× both) spends as many steps as a
+  fixed batch near the run's typical noise scale (2% fewer than AdaScale at S = 8 on digits, 20% on charlm);
+  k = 2 (1.5× the minimum steps, 3× the minimum samples) takes 19% and 35% fewer steps than S = 8 with 4% and 43%
+  fewer samples than S = 32; k = 4 saves a few more steps for more samples. Raise k to trade samples for steps
+  (more hardware per step), lower it to save samples.
+- ``noise_scale_smoothing`` θ = 0.95 (a bias-corrected EMA over about 20 steps), the controller's own: AdaScale's
+  θ = 1 − S/1000 (kept for the gain) is ≈ 0.998 at the small starting batches, an average over hundreds of steps
+  that lags a growing noise scale (seed 0, k = 2: 248 steps on charlm with it, 208 with θ = 0.95; θ = 0.99 gives
+  264 on charlm and 463 on digits against 208 and 331).
+- ``change_interval`` = 10 optimizer steps: with that smoothing B_simple moves little in 10 steps, so deciding
+  more often only adds jitter, and less often lags the growth.
+- ``max_accumulation_steps`` = 16: the batch may grow 16× over one micro-batch per worker (each step then takes
+  up to 16× as long).
 - ``min_batch`` None: one micro-batch per worker, and at least 2 gradients per step (σ² is a variance; on one
   worker that means A ≥ 2). ``max_batch`` None: limited by ``max_accumulation_steps`` only.
 - ``micro_batch`` None: DeepSpeed fills it from ``train_micro_batch_size_per_gpu``; under DDP and Horovod give it
@@ -32,7 +36,8 @@ Defaults, and why:
   ``base_batch`` B0 None: the micro-batch (AdaScale's default S = workers × accumulation). With neither,
   batches are counted in micro-batches.
 
-The step's telemetry adds ``accumulation_steps`` and ``batch_size`` (of the step just taken) and ``scale`` (its S).
+The step's telemetry adds ``accumulation_steps``, ``batch_size`` and ``scale`` (of the step just taken) and
+``batch_noise_scale`` (the B_simple the controller follows).
 Scope: the training loop must read the accumulation each step (``ctl.accumulation_steps`` under DDP and Horovod,
 whose ``backward_passes_per_step`` follows too; under DeepSpeed ``engine.set_train_batch_size`` does it). The
 Hugging Face Trainer fixes its own accumulation, so the policy is refused there.
@@ -62,6 +67,7 @@ class AdaptiveBatch(AdaScale):
         max_accumulation_steps: the most micro-batches per worker in one optimizer step (default 16).
         change_interval: optimizer steps between decisions (default 10).
         noise_scale_factor: k, the target batch is k·B_simple (default 2).
+        noise_scale_smoothing: θ of the controller's bias-corrected EMA of σ², μ² (default 0.95).
         micro_batch: m, samples per micro-batch on each worker (DeepSpeed: its train_micro_batch_size_per_gpu).
         base_batch: B0 in samples, the batch the base learning rate was tuned at (default: m); S = W·A·m/B0.
         smoothing, schedule, total_num_steps: as AdaScale's.
