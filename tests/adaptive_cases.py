@@ -10,7 +10,7 @@ the resumed steps must be the uninterrupted ones exactly.
 from __future__ import annotations
 
 import math
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -42,6 +42,15 @@ class Loop(Protocol):
         """The engine's own accumulation setting after the step (Horovod's backward_passes_per_step, DeepSpeed's
         gradient_accumulation_steps, DDP's ctl.accumulation_steps)."""
 
+    def state(self) -> Any:
+        """A checkpoint of model, optimizer and policy, the backend's way."""
+
+    def load(self, state: Any) -> None:
+        """Restore a checkpoint taken by :meth:`state` (into a fresh loop)."""
+
+    def final_loss(self) -> float:
+        """The model's loss at x = 0 (½‖w‖²)."""
+
 
 def micro_batch(seen: int, rank: int, micro: int) -> torch.Tensor:
     """The inputs of micro-batch ``micro`` of ``rank`` in the step that starts after ``seen`` samples: a pure
@@ -65,6 +74,19 @@ def train_steps(loop: Loop, rank: int, count: int, seen: int = 0) -> tuple[list[
                         **{key: metrics[key] for key in ("lr", "gain", "scale", "progress", "batch_noise_scale",
                                                          "batch_size", "accumulation_steps")}})
     return records, seen
+
+
+def run_with_resume(new_loop: Callable[[], Loop], rank: int) -> dict[str, Any]:
+    """``STEPS`` steps of a fresh loop with a checkpoint after ``RESUME_AT``, then the rest again from that
+    checkpoint in another fresh loop: ``{"uninterrupted": [...], "resumed": [...], "final_loss": ...}``."""
+    loop = new_loop()
+    first, seen = train_steps(loop, rank, RESUME_AT)
+    state = loop.state()
+    rest, _ = train_steps(loop, rank, STEPS - RESUME_AT, seen)
+    resumed = new_loop()
+    resumed.load(state)
+    again, _ = train_steps(resumed, rank, STEPS - RESUME_AT, seen)
+    return {"uninterrupted": first + rest, "resumed": again, "final_loss": loop.final_loss()}
 
 
 def check_adaptive_run(ranks: list[dict[str, Any]]) -> None:

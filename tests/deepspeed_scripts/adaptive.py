@@ -13,19 +13,20 @@ import deepspeed
 import torch
 
 import scaling_plugins.backends.deepspeed  # noqa: F401  (registers the policy names with DeepSpeed)
-from tests.adaptive_cases import BASE_LR, MICRO_BATCH, PARAMS, RESUME_AT, STEPS, WORLD, train_steps
+from tests.adaptive_cases import BASE_LR, MICRO_BATCH, PARAMS, WORLD, run_with_resume
 from tests.deepspeed_scripts.common import config, setup, write_and_finish
 from tests.policy_cases import Quadratic
 
 
 class DeepSpeedLoop:
-    def __init__(self, stage: int) -> None:
+    def __init__(self, stage: int, checkpoint: Path) -> None:
         model = Quadratic()
         cfg = config(stage, optimizer={"type": "SGD", "params": {"lr": BASE_LR}},
                      scheduler={"type": "AdaptiveBatch", "params": PARAMS},
                      train_micro_batch_size_per_gpu=MICRO_BATCH)
         self.engine, _, _, self.scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(),
                                                                  config=cfg)
+        self.checkpoint = checkpoint
         self.samples = 0
 
     def accumulation(self) -> int:
@@ -49,23 +50,23 @@ class DeepSpeedLoop:
         assert self.scheduler.accumulation_steps == accumulation
         return accumulation
 
+    def state(self) -> str:
+        self.engine.save_checkpoint(str(self.checkpoint))
+        return str(self.checkpoint)
 
-def run(stage: int, rank: int, out: Path) -> dict:
-    loop = DeepSpeedLoop(stage)
-    first, seen = train_steps(loop, rank, RESUME_AT)
-    loop.engine.save_checkpoint(str(out / f"checkpoint-zero{stage}"))
-    rest, _ = train_steps(loop, rank, STEPS - RESUME_AT, seen)
-    final_loss = loop.engine.module(torch.zeros(1, 20)).item()
-    resumed = DeepSpeedLoop(stage)
-    resumed.engine.load_checkpoint(str(out / f"checkpoint-zero{stage}"))
-    resumed.samples = resumed.engine.global_samples
-    again, _ = train_steps(resumed, rank, STEPS - RESUME_AT, seen)
-    return {"uninterrupted": first + rest, "resumed": again, "final_loss": final_loss}
+    def load(self, state: str) -> None:
+        self.engine.load_checkpoint(state)
+        self.samples = self.engine.global_samples
+
+    def final_loss(self) -> float:
+        return self.engine.module(torch.zeros(1, 20)).item()
 
 
 def main() -> None:
     rank, args = setup()
-    results = {f"zero{stage}": run(stage, rank, Path(args.out)) for stage in (0, 2)}
+    results = {f"zero{stage}": run_with_resume(lambda: DeepSpeedLoop(stage, Path(args.out, f"checkpoint-zero{stage}")),
+                                                rank)
+               for stage in (0, 2)}
     write_and_finish(args.out, rank, results)
 
 

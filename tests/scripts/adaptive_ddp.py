@@ -6,17 +6,13 @@ and gloo, destroying the group while a DDP model is alive can abort the interpre
 """
 import contextlib
 import copy
-import gc
-import json
-import sys
-from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scaling_plugins.backends.ddp import DDPDriver, attach
-from tests.adaptive_cases import BASE_LR, RESUME_AT, SPEC, STEPS, train_steps
+from tests.adaptive_cases import BASE_LR, SPEC, run_with_resume
+from tests.distributed import torchrun_main
 from tests.policy_cases import Quadratic
 
 
@@ -57,28 +53,13 @@ class DDPLoop:
         self.optimizer.load_state_dict(state["optimizer"])
         self.ctl.load_state_dict(state["scaling"])
 
-
-def train(rank: int) -> dict:
-    loop = DDPLoop()
-    first, seen = train_steps(loop, rank, RESUME_AT)
-    state, resume_seen = loop.state(), seen
-    rest, _ = train_steps(loop, rank, STEPS - RESUME_AT, seen)
-    final_loss = loop.model.module(torch.zeros(1, 20)).item()
-    resumed = DDPLoop()
-    resumed.load(state)
-    again, _ = train_steps(resumed, rank, STEPS - RESUME_AT, resume_seen)
-    return {"uninterrupted": first + rest, "resumed": again, "final_loss": final_loss}
+    def final_loss(self) -> float:
+        return self.model.module(torch.zeros(1, 20)).item()
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    result = train(rank)
-    gc.collect()
-    Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
+def train(rank: int, world: int) -> dict:
+    return run_with_resume(DDPLoop, rank)
 
 
 if __name__ == "__main__":
-    main()
+    torchrun_main(train)
