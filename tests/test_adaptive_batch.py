@@ -21,8 +21,8 @@ def adaptive(**params) -> AdaptiveBatch:
 
 def exact_sample(sigma_sq: float, mu_sq: float, scale: float, count: int) -> GradientSample:
     """The reduced numbers whose estimate at ``scale`` is exactly (σ², μ²): L/n = μ² + σ²·n/S, T = μ² + σ²/S."""
-    return GradientSample(local_sq_sum=count * (mu_sq + sigma_sq * count / scale), mean_sq_norm=mu_sq + sigma_sq / scale,
-                          count=count)
+    return GradientSample(local_sq_sum=count * (mu_sq + sigma_sq * count / scale),
+                          mean_sq_norm=mu_sq + sigma_sq / scale, count=count)
 
 
 @pytest.mark.parametrize("params, message", [

@@ -57,8 +57,9 @@ def plan(workload: str, backend: str, policies: Sequence[str], workers: int, sca
     runs = [RunSpec(name=f"{REFERENCE}-S1", policy="AdaScale", workers=1, accumulation=1, **common)] if reference else []
     for policy in policies:
         accumulation, limits = run_shape(policy, workers, scale)
-        runs.append(RunSpec(name=f"{policy.lower()}-S{scale}", policy=policy, workers=workers, accumulation=accumulation,
-                            policy_params={**demo_params(policy, budget, scale), **limits}, **common))
+        runs.append(RunSpec(name=f"{policy.lower()}-S{scale}", policy=policy, workers=workers,
+                            accumulation=accumulation, policy_params={**demo_params(policy, budget, scale), **limits},
+                            **common))
     return runs
 
 

@@ -264,11 +264,15 @@ def adaptive_lines(rows: Sequence[Row], workload: str) -> list[str]:
                   f"(AdaScale S = {best.scale}): {100 * delta:+.1f}% val loss "
                   f"({'within' if delta <= ADASCALE_TOLERANCE else 'NOT within'} 1%; seed sd "
                   f"{100 * row.loss[1] / row.loss[0]:.1f}% and {100 * best.loss[1] / best.loss[0]:.1f}% of the means)",
-                  f"- samples: {row.samples:.0f} vs {largest.samples:.0f} at S = {largest.scale} "
-                  f"({'fewer' if row.samples < largest.samples else 'NOT fewer'}, {row.samples / largest.samples:.2f}×)",
-                  f"- optimizer steps: {row.steps:.0f} vs {smallest.steps:.0f} at S = {smallest.scale} "
-                  f"({'fewer' if row.steps < smallest.steps else 'NOT fewer'}, {row.steps / smallest.steps:.2f}×)"]
+                  _fewer_line("samples", row.samples, largest.samples, largest.scale),
+                  _fewer_line("optimizer steps", row.steps, smallest.steps, smallest.scale)]
     return lines
+
+
+def _fewer_line(what: str, mine: float, theirs: float, scale: int) -> str:
+    """``- samples: 12923 vs 22784 at S = 32 (fewer, 0.57×)``."""
+    return (f"- {what}: {mine:.0f} vs {theirs:.0f} at S = {scale} "
+            f"({'fewer' if mine < theirs else 'NOT fewer'}, {mine / theirs:.2f}×)")
 
 
 def adaptive_figures(results: Sequence[Result], out: Path) -> list[Path]:

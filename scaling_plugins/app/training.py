@@ -170,7 +170,8 @@ def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progr
         bar.close()
     summary = {"final_val_loss": final.loss, "final_val_accuracy": final.accuracy, "steps": step, "samples": samples,
                "wall_s": wall, "mean_gain": sum(gains) / len(gains), "scale": spec.scale,
-               "scale_range": [min(scales), max(scales)], "final_progress": base_progress, "resumed_from": counters["step"] if resumed is not None else None}
+               "scale_range": [min(scales), max(scales)], "final_progress": base_progress,
+               "resumed_from": counters["step"] if resumed is not None else None}
     if rank == 0:
         (run_dir / RUN_FILE).write_text(json.dumps({"spec": dataclasses.asdict(spec), "summary": summary}, indent=2))
     return summary

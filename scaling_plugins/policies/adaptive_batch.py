@@ -126,8 +126,8 @@ class AdaptiveBatch(AdaScale):
         if self._base_batch is not None and self.micro_batch is None:
             raise ValueError(f"base_batch = {self._base_batch:g} is in samples, so micro_batch is needed too")
         if low * per_step < self.base_batch:
-            raise ValueError(f"the smallest batch, {low * per_step} samples, is below base_batch = {self.base_batch:g}: "
-                             "the scale S = batch / base_batch must be >= 1 (raise min_batch)")
+            raise ValueError(f"the smallest batch, {low * per_step} samples, is below base_batch = "
+                             f"{self.base_batch:g}: the scale S = batch / base_batch must be >= 1 (raise min_batch)")
         super().configure(world_size, accumulation_steps)
         self.noise.rescale(self.scale)
 
