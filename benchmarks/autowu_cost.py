@@ -58,7 +58,7 @@ def epoch_seconds(name: str, scale: int, epochs: int) -> tuple[Timing, int]:
         start = clock()
         for _ in range(steps_per_epoch):
             for micro in range(scale):
-                x, y = workload.micro_batch_at(step, 0, 1, scale, micro)
+                x, y = workload.micro_batch_at(step * scale * workload.micro_batch, 0, 1, micro)
                 (workload.loss(model(x), y) / scale).backward()
             optimizer.step()
             optimizer.zero_grad()

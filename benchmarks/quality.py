@@ -2,10 +2,12 @@
 
     nohup .venv/bin/python -m benchmarks.quality > runs/quality.log 2>&1 &     # full study, resumable
     .venv/bin/python -m benchmarks.quality --quick                             # the CI slice
+    .venv/bin/python -m benchmarks.quality --adaptive                          # AdaptiveBatch vs fixed S
     .venv/bin/python -m benchmarks.quality --report-only                       # re-render the report
 
-Writes runs/quality/<workload>/<run>/ and runs/quality/{report.md,quality.png,quality_steps.png};
-benchmarks/RESULTS.md "## Quality at scale" quotes the latest figures.
+Writes runs/quality/<workload>/<run>/ and runs/quality/{report.md,quality.png,quality_steps.png} (--adaptive:
+runs/quality-adaptive/, with adaptive_<workload>.png); benchmarks/RESULTS.md "## Quality at scale" and
+"## Adaptive batch size" quote the latest figures.
 """
 import argparse
 import sys

@@ -12,6 +12,9 @@ A step record has exactly the keys in ``STEP_FIELDS``:
     progress        the policy's progress (scale-invariant τ for AdaScale, steps otherwise)
     phase           the policy's phase (e.g. AutoWU's "warmup"/"decay"), None for single-phase policies
     skipped_update  True when the statistics update of the step was skipped (non-finite norms)
+    batch_size      samples in the step (all ranks; None where the backend does not know the micro-batch)
+    accumulation_steps  micro-batches per worker in the step (a batch-size controller moves it)
+    batch_noise_scale   B_simple in samples as a batch-size controller smooths it (None for other policies)
 
 Non-finite numbers are written as None (JSON has no infinity). Backends build a record with
 :func:`record_from` from a controller (anything with ``metrics()``) or its metrics dict; DeepSpeed's monitor
@@ -28,7 +31,7 @@ from typing import Any, Mapping, Optional, Union
 log = logging.getLogger(__name__)
 
 STEP_FIELDS = ("step", "samples", "loss", "lr", "gain", "sigma_sq", "mu_sq", "noise_scale", "progress", "phase",
-               "skipped_update")
+               "skipped_update", "batch_size", "accumulation_steps", "batch_noise_scale")
 METRICS_FILE = "metrics.jsonl"
 EVAL_FILE = "eval.jsonl"
 

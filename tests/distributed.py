@@ -52,6 +52,23 @@ def run_ranks(fn: Callable[..., Any], world: int = 2, *args: Any) -> list[Any]:
     return results
 
 
+def torchrun_main(train: Callable[[int, int], Any]) -> None:
+    """The body of a script run under torchrun: join the gloo group, ``train(rank, world)``, write its result to
+    ``sys.argv[1]/rank<k>.json``, leave together. ``train`` must let its models go before it returns (with torch
+    2.13 and gloo, destroying the group while a DDP model is alive can abort the interpreter at exit)."""
+    import json
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    result = train(rank, dist.get_world_size())
+    gc.collect()
+    Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def run_command(cmd: Sequence[str], timeout: float = 600, env: dict | None = None,
                 cwd: Path | str = REPO) -> subprocess.CompletedProcess:
     """Run a real launcher command with the venv's bin first on PATH; fail with its output if it fails."""

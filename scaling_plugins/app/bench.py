@@ -3,6 +3,7 @@
 
     scaling-plugins bench quality --quick          # the CI slice, about a minute
     scaling-plugins bench quality                  # the full study (about 35 min on 2 cores), resumable
+    scaling-plugins bench quality --adaptive       # AdaptiveBatch against AdaScale at fixed S, 2 ranks
     scaling-plugins bench quality --report-only    # re-render report.md and the figures from finished runs
 """
 from __future__ import annotations
@@ -13,7 +14,7 @@ import shlex
 from pathlib import Path
 from typing import Callable
 
-from .quality import FULL, QUICK, run_study
+from .quality import ADAPTIVE, FULL, QUICK, QUICK_ADAPTIVE, run_study
 from .quality_report import write_report
 
 DEFAULT_OUT = Path("runs/quality")
@@ -24,9 +25,15 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"the CI slice: {', '.join(QUICK.workloads)} at S ∈ {list(QUICK.scales)}, budget "
                              f"{QUICK.budget:g}, {QUICK.seeds} seed, every method, no S = 1 sweep (about a minute)")
+    parser.add_argument("--adaptive", action="store_true",
+                        help=f"the adaptive-batch study: {', '.join(ADAPTIVE.methods)} on "
+                             f"{', '.join(ADAPTIVE.workloads)}, AdaScale at S ∈ {list(ADAPTIVE.scales[1:])} and "
+                             f"AdaptiveBatch up to S = {max(ADAPTIVE.scales)}, {ADAPTIVE.workers} ranks per scaled "
+                             f"run, lr tuned at S = 1; with --quick: {', '.join(QUICK_ADAPTIVE.workloads)}, up to "
+                             f"S = {max(QUICK_ADAPTIVE.scales)}, budget {QUICK_ADAPTIVE.budget:g}")
     parser.add_argument("--out", type=Path, default=None,
                         help=f"study folder; finished runs in it are kept and skipped (default: {DEFAULT_OUT}, "
-                             f"or {DEFAULT_OUT}-quick with --quick)")
+                             f"with -adaptive and/or -quick appended for those studies)")
     parser.add_argument("--jobs", type=int, default=2, help="one-rank runs trained at a time (default: 2)")
     parser.add_argument("--seeds", type=int, default=None,
                         help=f"seeds per cell (default: {FULL.seeds}; {QUICK.seeds} with --quick)")
@@ -40,7 +47,7 @@ def add_quality_arguments(parser: argparse.ArgumentParser) -> None:
 
 def command_line(args: argparse.Namespace) -> str:
     """The study command behind ``args`` (without ``--report-only``: the one that trains the runs), for the report."""
-    words = ["scaling-plugins", "bench", "quality"] + ["--quick"] * args.quick
+    words = ["scaling-plugins", "bench", "quality"] + ["--adaptive"] * args.adaptive + ["--quick"] * args.quick
     for option in ("out", "seeds", "workers"):
         if getattr(args, option) is not None:
             words += [f"--{option}", str(getattr(args, option))]
@@ -52,12 +59,14 @@ def command_line(args: argparse.Namespace) -> str:
 
 def run_quality(args: argparse.Namespace, log: Callable[[str], None] = print) -> int:
     """Run (or resume) the study that ``args`` describe, write its report, print it; exit status."""
-    grid = QUICK if args.quick else FULL
+    grid = {(False, False): FULL, (False, True): QUICK, (True, False): ADAPTIVE,
+            (True, True): QUICK_ADAPTIVE}[args.adaptive, args.quick]
     overrides = {key: value for key, value in (("seeds", args.seeds), ("workers", args.workers)) if value is not None}
     if args.workloads:
         overrides["workloads"] = tuple(args.workloads)
     grid = dataclasses.replace(grid, **overrides)
-    out = args.out or (DEFAULT_OUT.with_name(DEFAULT_OUT.name + "-quick") if args.quick else DEFAULT_OUT)
+    suffix = "-adaptive" * args.adaptive + "-quick" * args.quick
+    out = args.out or DEFAULT_OUT.with_name(DEFAULT_OUT.name + suffix)
     if not args.report_only:
         run_study(grid, out, jobs=args.jobs, log=log)
     report = write_report(out, command=command_line(args))

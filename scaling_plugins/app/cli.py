@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "reference text shipped with Python; quadratic: synthetic noisy quadratic (default: digits)")
     demo.add_argument("--workers", type=_positive_int, default=2, help="ranks (processes) for the scaled runs (default: 2)")
     demo.add_argument("--scale", type=_positive_int, default=16,
-                      help="S = effective batch / base batch = workers × gradient-accumulation steps (default: 16)")
+                      help="S = effective batch / base batch = workers × gradient-accumulation steps (default: 16); "
+                           "for a batch-size controller (AdaptiveBatch) the largest S it may reach, starting from "
+                           "one micro-batch per worker")
     demo.add_argument("--budget", type=_checked(float, check_budget), default=None,
                       help="training length in base-scale steps (samples / base batch), finite and > 0; AdaScale "
                            "stops when its progress τ reaches it, other policies after the same number of samples. "
@@ -83,9 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser(
         "report", help="re-render the comparison table and plots from saved runs",
         description="Load run folders (or folders of run folders, as the demo writes them), print the comparison "
-                    "table and write validation.png, lr_gain.png, progress.png and table.md. A damaged or unfinished "
-                    "run is skipped with a warning naming its file and line (or key) and the rest are reported; "
-                    "exit status 0 when every run was reported, 1 when some were skipped, 2 when none could be.")
+                    "table and write validation.png, lr_gain.png, progress.png, batch.png and table.md. A damaged or "
+                    "unfinished run is skipped with a warning naming its file and line (or key) and the rest are "
+                    "reported; exit status 0 when every run was reported, 1 when some were skipped, 2 when none "
+                    "could be.")
     report.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR")
     report.add_argument("--out", type=Path, default=None,
                         help="where to write the figures; default: RUN_DIR when one is given, else ./report")

@@ -142,10 +142,12 @@ def _policy_params(entry: Mapping[str, Any], deepspeed: bool) -> Any:
 
 @dataclass(frozen=True)
 class Shape:
-    """The run's shape as far as it is known: workers (ranks) and accumulation steps; None = not given."""
+    """The run's shape as far as it is known: workers (ranks), accumulation steps and samples per micro-batch (a
+    DeepSpeed config's ``train_micro_batch_size_per_gpu``, which a batch-size controller takes); None = not given."""
 
     workers: Optional[int] = None
     accumulation: Optional[int] = None
+    micro_batch: Optional[int] = None
 
 
 def _attach_error(policy: Policy, workers: int, accumulation: int) -> Optional[str]:
@@ -175,6 +177,11 @@ def check_shapes(cls: type[Policy], params: Mapping[str, Any], path: str,
     accumulation = shape.accumulation or 1
     tried = [shape.workers] if shape.workers is not None else range(1, PROBED_WORKERS + 1)
     policy = cls(**params)
+    if shape.micro_batch is not None:
+        try:
+            policy.set_micro_batch(shape.micro_batch)   # as the DeepSpeed backend does
+        except ValueError as err:
+            return [Problem(path, dict(params), str(err))], []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         failures = {workers: error for workers in tried
@@ -212,11 +219,11 @@ def _checked_entry(entry: Any, path: str, deepspeed: bool, shape: Shape) -> tupl
     return check_shapes(POLICIES[entry["type"]], _policy_params(entry, deepspeed), f"{path}.params", shape)
 
 
-def _deepspeed_accumulation(document: Mapping[str, Any]) -> Optional[int]:
-    """A DeepSpeed config's ``gradient_accumulation_steps`` when it is a plain integer >= 1 (DeepSpeed checks
-    the rest, e.g. "auto")."""
-    steps = document.get("gradient_accumulation_steps")
-    return steps if isinstance(steps, int) and not isinstance(steps, bool) and steps >= 1 else None
+def _deepspeed_count(document: Mapping[str, Any], key: str) -> Optional[int]:
+    """A DeepSpeed config's ``key`` (``gradient_accumulation_steps``, ``train_micro_batch_size_per_gpu``) when it
+    is a plain integer >= 1 (DeepSpeed checks the rest, e.g. "auto")."""
+    value = document.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
 
 def check_document(document: Any, shape: Shape = Shape()) -> tuple[list[Problem], list[str]]:
@@ -228,7 +235,8 @@ def check_document(document: Any, shape: Shape = Shape()) -> tuple[list[Problem]
         if name not in POLICIES and _engine_scheduler(name):
             return [], [f"scheduler.type = {name!r} is DeepSpeed's or torch's own scheduler, not a scaling_plugins "
                         f"policy; nothing to check here"]
-        shape = Shape(shape.workers, shape.accumulation or _deepspeed_accumulation(document))
+        shape = Shape(shape.workers, shape.accumulation or _deepspeed_count(document, "gradient_accumulation_steps"),
+                      _deepspeed_count(document, "train_micro_batch_size_per_gpu"))
         problems, notes = _checked_entry(scheduler, "scheduler", True, shape)
         return problems, [f"DeepSpeed config: checked its scheduler entry {name!r}"] + notes
     if isinstance(document, Mapping) and "type" in document:

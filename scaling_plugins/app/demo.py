@@ -19,6 +19,7 @@ from .engines import require_backend
 from .inputs import make_folder
 from .noise_scale import advice_lines
 from .plots import comparison_table, load_run, render
+from ..batch_size import MIN_GRADIENTS
 from ..config import allowed_keys
 from ..policies import POLICIES, build_policy, policy_class
 from ..policies.scaling_rule import ScalingRule
@@ -41,7 +42,8 @@ def default_policies() -> list[str]:
 def plan(workload: str, backend: str, policies: Sequence[str], workers: int, scale: int,
          budget: Optional[float], seed: int, reference: bool = True, evals: int = 8) -> list[RunSpec]:
     """The runs of a demo: the S = 1 reference (AdaScale on one rank = plain SGD on the base schedule), then
-    each policy at ``scale`` on ``workers`` ranks with accumulation scale / workers."""
+    each policy at ``scale`` on ``workers`` ranks with accumulation scale / workers (a batch-size controller:
+    up to ``scale``, :func:`run_shape`)."""
     if scale < workers or scale % workers:
         raise ValueError(f"scale must be a multiple of workers (scale = workers × accumulation), "
                          f"got scale={scale}, workers={workers}")
@@ -53,9 +55,21 @@ def plan(workload: str, backend: str, policies: Sequence[str], workers: int, sca
     budget = budget if budget is not None else WORKLOADS[workload].default_budget
     common = dict(workload=workload, backend=backend, budget=budget, seed=seed, evals=evals)
     runs = [RunSpec(name=f"{REFERENCE}-S1", policy="AdaScale", workers=1, accumulation=1, **common)] if reference else []
-    runs += [RunSpec(name=f"{policy.lower()}-S{scale}", policy=policy, policy_params=demo_params(policy, budget, scale),
-                     workers=workers, accumulation=scale // workers, **common) for policy in policies]
+    for policy in policies:
+        accumulation, limits = run_shape(policy, workers, scale)
+        runs.append(RunSpec(name=f"{policy.lower()}-S{scale}", policy=policy, workers=workers,
+                            accumulation=accumulation, policy_params={**demo_params(policy, budget, scale), **limits},
+                            **common))
     return runs
+
+
+def run_shape(policy: str, workers: int, scale: int) -> tuple[int, dict[str, int]]:
+    """(accumulation, limits) of ``policy`` at scale S on ``workers`` ranks: S / workers at a fixed batch; a
+    batch-size controller (``controls_batch``) starts at its smallest batch (one micro-batch per rank; two on one
+    rank, for the 2 gradients a noise scale needs) and may grow to S (``max_accumulation_steps`` = S / workers)."""
+    if policy_class(policy).controls_batch:
+        return math.ceil(MIN_GRADIENTS / workers), {"max_accumulation_steps": scale // workers}
+    return scale // workers, {}
 
 
 def check_budget(budget: Any) -> None:

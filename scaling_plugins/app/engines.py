@@ -2,6 +2,7 @@
 
 Each adapter wraps a model with its engine and a policy and offers
 
+    accumulation_steps                         micro-batches per rank in the next step (read before each step)
     forward_backward(x, y, last) -> loss      one micro-batch (``last`` closes the optimizer step)
     step(mean_loss)                            the optimizer step, learning rate set by the policy
     mean_over_ranks(value)                     an all-reduced mean (for the training-loss telemetry)
@@ -111,6 +112,11 @@ class EngineAdapter:
     def policy(self) -> Any:
         return self.driver.policy
 
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per rank in the next optimizer step (the policy's driver follows a batch-size controller)."""
+        return self.driver.accumulation_steps
+
     def mean_over_ranks(self, value: torch.Tensor) -> float:
         return self.driver.all_reduce_mean(value)
 
@@ -127,7 +133,6 @@ class DDPEngine(EngineAdapter):
         ddp_backend = require_backend("ddp")
         self.module = model
         self.workload = workload
-        self.accumulation = accumulation
         self.ddp = torch.nn.parallel.DistributedDataParallel(model)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=workload.momentum)
         self.driver = ddp_backend.attach(self.ddp, self.optimizer, dict(policy), accumulation_steps=accumulation)
@@ -136,7 +141,7 @@ class DDPEngine(EngineAdapter):
         context = contextlib.nullcontext() if last else self.ddp.no_sync()
         with context:
             loss = self.workload.loss(self.ddp(x), y)
-            (loss / self.accumulation).backward()
+            (loss / self.accumulation_steps).backward()
         return loss.detach()
 
     def step(self, mean_loss: float) -> None:
@@ -209,7 +214,6 @@ class HorovodEngine(EngineAdapter):
         self.hvd = horovod_backend.horovod_torch()
         self.module = model
         self.workload = workload
-        self.accumulation = accumulation
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)
         sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=workload.momentum)
         self.optimizer = horovod_backend.DistributedOptimizer(
@@ -219,7 +223,7 @@ class HorovodEngine(EngineAdapter):
 
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, last: bool) -> torch.Tensor:
         loss = self.workload.loss(self.module(x), y)
-        (loss / self.accumulation).backward()
+        (loss / self.accumulation_steps).backward()
         return loss.detach()
 
     def step(self, mean_loss: float) -> None:

@@ -3,7 +3,7 @@
 
     runs = load_runs(["runs/20240101-120000"])       # a run folder, or a folder of run folders
     print(comparison_table(runs))
-    render(runs, "runs/20240101-120000")             # validation.png, lr_gain.png, progress.png, table.md
+    render(runs, "runs/20240101-120000")             # validation.png, lr_gain.png, progress.png, batch.png, table.md
 
 matplotlib (Agg, no display needed) is imported lazily: ``pip install 'scaling_plugins[plot]'``.
 """
@@ -17,7 +17,7 @@ from ..telemetry import EVAL_FILE, METRICS_FILE
 from .inputs import InputError, parse_json, parse_jsonl
 from .training import RUN_FILE
 
-FIGURES = ("validation.png", "lr_gain.png", "progress.png")
+FIGURES = ("validation.png", "lr_gain.png", "progress.png", "batch.png")
 TABLE_FILE = "table.md"
 
 
@@ -37,14 +37,15 @@ class Run:
 
     @property
     def label(self) -> str:
-        return f"{self.name} (S={self.summary.get('scale', '?')})"
+        return f"{self.name} (S={scale_label(self.summary) if 'scale' in self.summary else '?'})"
 
 
 # What the table, the figures and the advice read from a saved run, and so what a run's files must hold.
 SUMMARY_NUMBERS = ("scale", "final_val_loss", "steps", "samples", "wall_s", "mean_gain")   # required numbers
 SUMMARY_OPTIONAL_NUMBERS = ("final_val_accuracy", "final_progress")                         # numbers or null
 SPEC_OPTIONAL_NUMBERS = ("budget",)
-STEP_NUMBERS = ("step", "samples", "loss", "lr", "gain", "sigma_sq", "mu_sq", "noise_scale", "progress")
+STEP_NUMBERS = ("step", "samples", "loss", "lr", "gain", "sigma_sq", "mu_sq", "noise_scale", "progress", "batch_size",
+                "accumulation_steps", "batch_noise_scale")
 EVAL_NUMBERS = ("step", "samples", "val_loss", "val_accuracy")
 
 
@@ -83,6 +84,9 @@ def _read_run_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         _check_numbers(summary, SUMMARY_NUMBERS, "summary.", required=True)
         _check_numbers(summary, SUMMARY_OPTIONAL_NUMBERS, "summary.")
         _check_numbers(spec, SPEC_OPTIONAL_NUMBERS, "spec.")
+        scale_range = summary.get("scale_range", [0, 0])
+        if not (isinstance(scale_range, list) and len(scale_range) == 2 and all(map(_is_number, scale_range))):
+            raise ValueError(f"summary.scale_range must be [lowest S, highest S], got {scale_range!r}")
         if not isinstance(spec.get("name", ""), str):
             raise ValueError(f"spec.name must be a string, got {spec['name']!r}")
     except ValueError as err:
@@ -147,10 +151,16 @@ def load_runs(paths: Iterable[Union[str, Path]], skip: Optional[Callable[[str], 
 COLUMNS = ("run", "policy", "S", "val loss", "val acc", "steps", "samples", "wall s", "mean gain")
 
 
+def scale_label(summary: Mapping[str, Any]) -> str:
+    """The run's S, or ``low-high`` where a batch-size controller moved it (``scale_range``)."""
+    low, high = summary.get("scale_range") or (summary["scale"], summary["scale"])
+    return str(summary["scale"]) if low == high else f"{low}-{high}"
+
+
 def _row(run: Run) -> list[str]:
     summary = run.summary
     accuracy = summary.get("final_val_accuracy")
-    return [run.name, str(run.spec.get("policy", "?")), str(summary["scale"]), f"{summary['final_val_loss']:.4f}",
+    return [run.name, str(run.spec.get("policy", "?")), scale_label(summary), f"{summary['final_val_loss']:.4f}",
             "-" if accuracy is None else f"{100 * accuracy:.1f}%", str(summary["steps"]), str(summary["samples"]),
             f"{summary['wall_s']:.1f}", f"{summary['mean_gain']:.2f}"]
 
@@ -239,8 +249,27 @@ def plot_progress(runs: Sequence[Run], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def plot_batch(runs: Sequence[Run], path: Path, title: str) -> None:
+    """Against progress τ: the gain, the batch size (samples per step) and the accumulation steps of each step,
+    side by side, so a batch-size controller's choices (AdaptiveBatch) show where the gain moved them."""
+    plt = _pyplot()
+    from matplotlib.ticker import ScalarFormatter
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for run in runs:
+        for ax, field in zip(axes, ("gain", "batch_size", "accumulation_steps")):
+            ax.plot(*_series(run.steps, "progress", field), label=run.label, drawstyle="steps-post")
+    for ax, label in zip(axes, ("gain r", "batch size (samples per step)", "accumulation steps per worker")):
+        ax.set(xlabel="progress τ (base-scale steps)", ylabel=label)
+    for ax in axes[1:]:
+        ax.set_yscale("log", base=2)
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+    _finish(fig, axes, path, title)
+    plt.close(fig)
+
+
 def render(runs: Sequence[Run], out_dir: Union[str, Path], title: Optional[str] = None) -> list[Path]:
-    """Write the three figures and ``table.md`` into ``out_dir``; returns their paths."""
+    """Write the figures (``FIGURES``) and ``table.md`` into ``out_dir``; returns their paths."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     title = title or _default_title(runs)
@@ -248,6 +277,7 @@ def render(runs: Sequence[Run], out_dir: Union[str, Path], title: Optional[str] 
     plot_validation(runs, paths[0], title)
     plot_lr_gain(runs, paths[1], title)
     plot_progress(runs, paths[2], title)
+    plot_batch(runs, paths[3], title)
     table = out_dir / TABLE_FILE
     table.write_text(f"# {title}\n\n{comparison_table(runs)}\n")
     return paths + [table]

@@ -12,6 +12,9 @@ step for AdaScale's estimator, as W ranks × S/W), or ``workers`` ranks × S/wor
     AdaScale       lr × gain r on scale-invariant progress τ, until τ reaches the budget
     AutoWU         exponential warmup from a·lr toward b·lr until a GP test says the loss stopped falling,
                    then cosine decay to 0 (its rates are absolute: the range (a, b) is its base setting)
+    AdaptiveBatch  AdaScale whose batch follows k × the measured noise scale, from one micro-batch per rank up
+                   to the cell's S (``ADAPTIVE``, ``scaling-plugins bench quality --adaptive``: it runs at the
+                   grid's largest S only, beside AdaScale at fixed S, on 2 ranks)
 
 Base hyperparameters are tuned once, at S = 1 (seed 0, lowest final validation loss), and never per
 scale: first the base learning rate among ``LR_FACTORS`` × the workload's default, then AutoWU's range
@@ -38,12 +41,14 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
-from .demo import WARMUP_FRACTION, demo_params
+from ..policies import policy_class
+from .demo import WARMUP_FRACTION, demo_params, run_shape
 from .training import RUN_FILE, RunSpec
 from .workloads import WORKLOADS
 
 REFERENCE = "reference"
-METHODS = (REFERENCE, "LinearScaling", "SqrtScaling", "LEGW", "AdaScale", "AutoWU")
+STUDY_METHODS = (REFERENCE, "LinearScaling", "SqrtScaling", "LEGW", "AdaScale", "AutoWU")
+METHODS = STUDY_METHODS + ("AdaptiveBatch",)
 SCALES = (1, 4, 8, 16, 32)
 LR_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
 SMOOTHING_VALUES = (0.9, 0.99)   # AdaScale's θ in the ablation (default: max(1 − S/1000, 0))
@@ -57,7 +62,7 @@ class Grid:
 
     workloads: tuple[str, ...] = ("digits", "charlm")
     scales: tuple[int, ...] = SCALES
-    methods: tuple[str, ...] = METHODS
+    methods: tuple[str, ...] = STUDY_METHODS
     seeds: int = 3
     budget: Optional[float] = None
     tune: bool = True
@@ -83,6 +88,10 @@ class Grid:
 FULL = Grid()
 QUICK = Grid(workloads=("digits",), scales=(1, 4, 16), seeds=1, budget=240, tune=False, evals=2,
              smoothing_ablation=())
+ADAPTIVE_METHODS = (REFERENCE, "AdaScale", "AdaptiveBatch")
+ADAPTIVE = Grid(scales=(1, 8, 32), methods=ADAPTIVE_METHODS, workers=2, smoothing_ablation=())
+QUICK_ADAPTIVE = Grid(workloads=("digits",), scales=(1, 8), methods=ADAPTIVE_METHODS, seeds=1, budget=120,
+                      tune=False, evals=2, workers=2, smoothing_ablation=())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,11 +122,13 @@ def method_spec(grid: Grid, workload: str, method: str, scale: int, seed: int, b
     """The run of ``method`` at ``scale``: the same base settings, schedule and budget at every scale."""
     budget = grid.budget_of(workload)
     workers = 1 if scale == 1 else grid.workers
+    policy = "AdaScale" if method == REFERENCE else method   # the reference: one gradient per step, gain 1
+    accumulation, limits = run_shape(policy, workers, scale)
     common = dict(name=cell_name(method, scale, seed), workload=workload, workers=workers,
-                  accumulation=scale // workers, budget=budget, lr=base.lr, seed=seed, evals=grid.evals,
+                  accumulation=accumulation, budget=budget, lr=base.lr, seed=seed, evals=grid.evals,
                   tensorboard=False)
     if method == REFERENCE:
-        return RunSpec(policy="AdaScale", **common)   # one gradient per step: gain 1, plain SGD on the schedule
+        return RunSpec(policy="AdaScale", **common)   # plain SGD on the schedule
     if method == "LEGW":   # W0 optimizer steps at every k: a 10% warmup (in epochs) at the largest scale
         params = {"warmup_num_steps": WARMUP_FRACTION * budget / max(grid.scales)}
     elif method == "AutoWU":
@@ -125,7 +136,7 @@ def method_spec(grid: Grid, workload: str, method: str, scale: int, seed: int, b
         params = {"warmup_min_lr": low * base.lr, "warmup_max_lr": high * base.lr, "seed": seed}
     else:
         params = demo_params(method, budget, scale)
-    return RunSpec(policy=method, policy_params=params, **common)
+    return RunSpec(policy=method, policy_params={**params, **limits}, **common)
 
 
 def _tune_cell(grid: Grid, out: Path, workload: str, method: str, base: Base, name: str) -> Cell:
@@ -164,6 +175,8 @@ def grid_cells(grid: Grid, out: Path, bases: dict[str, Base]) -> list[Cell]:
                 for scale in grid.scales:
                     if scale == 1 and method not in S1_METHODS or scale > 1 and method == REFERENCE:
                         continue
+                    if method != REFERENCE and policy_class(method).controls_batch and scale < max(grid.scales):
+                        continue   # a batch-size controller runs once, up to the largest S
                     spec = method_spec(grid, workload, method, scale, seed, bases[workload])
                     cells.append(Cell(out / workload / spec.name, spec))
     return cells + ablation_cells(grid, out, bases)
@@ -244,19 +257,23 @@ def run_cells(cells: Sequence[Cell], jobs: int = 2, log: Callable[[str], None] =
 
 
 def tune(grid: Grid, out: Path, jobs: int = 2, log: Callable[[str], None] = print) -> dict[str, Base]:
-    """The S = 1 sweeps (learning rate, then AutoWU's range at that lr); the workloads' defaults when
-    ``grid.tune`` is off."""
+    """The S = 1 sweeps (learning rate, then AutoWU's range at that lr when the grid runs AutoWU); the
+    workloads' defaults when ``grid.tune`` is off."""
     bases = {workload: Base(WORKLOADS[workload].base_lr) for workload in grid.workloads}
     if not grid.tune:
         return bases
-    log(f"== S = 1 sweeps: lr {list(LR_FACTORS)} × each workload's default, then AutoWU's range "
-        f"{list(AUTOWU_RANGES)} × that lr")
-    for sweep in (lambda workload: lr_sweep(grid, out, workload),
-                  lambda workload: autowu_sweep(grid, out, workload, bases[workload].lr)):
+    with_autowu = "AutoWU" in grid.methods
+    log(f"== S = 1 sweeps: lr {list(LR_FACTORS)} × each workload's default"
+        + (f", then AutoWU's range {list(AUTOWU_RANGES)} × that lr" if with_autowu else ""))
+    sweeps_to_run = [lambda workload: lr_sweep(grid, out, workload)]
+    if with_autowu:
+        sweeps_to_run.append(lambda workload: autowu_sweep(grid, out, workload, bases[workload].lr))
+    for sweep in sweeps_to_run:
         sweeps = {workload: sweep(workload) for workload in grid.workloads}
         run_cells([cell for entries in sweeps.values() for cell, _ in entries], jobs, log)
         bases = {workload: best(entries) for workload, entries in sweeps.items()}
-    log("base settings: " + "; ".join(f"{workload} lr {base.lr:g}, AutoWU range {base.autowu_range} × lr"
+    log("base settings: " + "; ".join(f"{workload} lr {base.lr:g}"
+                                      + (f", AutoWU range {base.autowu_range} × lr" if with_autowu else "")
                                       for workload, base in bases.items()))
     return bases
 

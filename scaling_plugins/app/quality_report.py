@@ -4,7 +4,8 @@ and samples relative to S = 1, mean gain), the goal checks, the measured gradien
 AdaScale's steps-vs-S curve flattens, the smoothing ablation, AdaScale's training loss against the
 reference's in scale-invariant time, and two figures: ``quality.png`` (final validation loss and accuracy
 against S, one line per method) and ``quality_steps.png`` (AdaScale's steps against S, with the noise-scale
-prediction).
+prediction); where the study ran AdaptiveBatch, its table against AdaScale at fixed S (with wall time), the
+adaptive goal checks and ``adaptive_<workload>.png`` (batch size and gain against τ).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from .noise_scale import NoiseScale, batch_size_advice, flattening_scale, run_noise_scale, steps_ratio
-from .plots import Run, _finish, _pyplot, load_run
+from .plots import Run, _finish, _pyplot, load_run, plot_batch
 from .quality import METHODS, REFERENCE
 from .training import RUN_FILE
 from .workloads import WORKLOADS
@@ -52,6 +53,8 @@ class Row:
     samples: float
     mean_gain: float
     noise: Optional[NoiseScale]               # measured in the seed-0 run (AdaScale at S > 1)
+    wall: float                               # mean wall time of the training loop, seconds
+    scale_range: tuple[int, int]              # lowest and highest S any seed's steps ran at
 
 
 def load_results(out: Union[str, Path]) -> list[Result]:
@@ -79,12 +82,15 @@ def aggregate(results: Sequence[Result]) -> list[Row]:
         summaries = [m.run.summary for m in members]
         accuracies = [s["final_val_accuracy"] for s in summaries if s.get("final_val_accuracy") is not None]
         first = min(members, key=lambda m: m.seed)
+        ranges = [s.get("scale_range") or (scale, scale) for s in summaries]
         rows.append(Row(workload, method, scale, len(members), _mean_sd([s["final_val_loss"] for s in summaries]),
                         _mean_sd(accuracies) if accuracies else None,
                         statistics.fmean(s["steps"] for s in summaries),
                         statistics.fmean(s["samples"] for s in summaries),
                         statistics.fmean(s["mean_gain"] for s in summaries),
-                        run_noise_scale(first.run.steps, WORKLOADS[workload].micro_batch)))
+                        run_noise_scale(first.run.steps, WORKLOADS[workload].micro_batch),
+                        statistics.fmean(s["wall_s"] for s in summaries),
+                        (min(low for low, _ in ranges), max(high for _, high in ranges))))
     return sorted(rows, key=lambda r: (r.workload, METHODS.index(r.method), r.scale))
 
 
@@ -225,6 +231,63 @@ def noise_lines(rows: Sequence[Row], workload: str) -> list[str]:
     return lines
 
 
+ADAPTIVE = "AdaptiveBatch"
+
+
+def adaptive_table(rows: Sequence[Row], workload: str) -> str:
+    """AdaptiveBatch against the reference and AdaScale at each fixed S: final validation loss, optimizer steps,
+    samples and wall time (means over seeds)."""
+    compared = [r for r in rows if r.workload == workload and r.method in (REFERENCE, "AdaScale", ADAPTIVE)]
+    reference = reference_row(rows, workload)
+    lines = ["| run | S | seeds | final val loss | vs S = 1 | steps | samples | samples / S=1 | wall s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in compared:
+        low, high = row.scale_range
+        scale = f"{low}–{high}" if row.method == ADAPTIVE else str(row.scale)
+        lines.append(f"| {row.method} | {scale} | {row.seeds} | {row.loss[0]:.4f} ± {row.loss[1]:.4f} | "
+                     f"{100 * relative_loss(row, reference):+.1f}% | {row.steps:.0f} | {row.samples:.0f} | "
+                     f"{row.samples / reference.samples:.2f} | {row.wall:.0f} |")
+    return "\n".join(lines)
+
+
+def adaptive_lines(rows: Sequence[Row], workload: str) -> list[str]:
+    """The adaptive study's goal, checked on the means: the quality of AdaScale at its best fixed S (within
+    ``ADASCALE_TOLERANCE``), fewer samples than AdaScale at the largest fixed S, fewer optimizer steps than at the
+    smallest fixed S > 1."""
+    fixed = {r.scale: r for r in rows if r.workload == workload and r.method == "AdaScale" and r.scale > 1}
+    lines = []
+    for row in (r for r in rows if r.workload == workload and r.method == ADAPTIVE and fixed):
+        best = min(fixed.values(), key=lambda r: r.loss[0])
+        largest, smallest = fixed[max(fixed)], fixed[min(fixed)]
+        delta = row.loss[0] / best.loss[0] - 1
+        lines += [f"- AdaptiveBatch (S {row.scale_range[0]}–{row.scale_range[1]}) vs the best fixed S "
+                  f"(AdaScale S = {best.scale}): {100 * delta:+.1f}% val loss "
+                  f"({'within' if delta <= ADASCALE_TOLERANCE else 'NOT within'} 1%; seed sd "
+                  f"{100 * row.loss[1] / row.loss[0]:.1f}% and {100 * best.loss[1] / best.loss[0]:.1f}% of the means)",
+                  _fewer_line("samples", row.samples, largest.samples, largest.scale),
+                  _fewer_line("optimizer steps", row.steps, smallest.steps, smallest.scale)]
+    return lines
+
+
+def _fewer_line(what: str, mine: float, theirs: float, scale: int) -> str:
+    """``- samples: 12923 vs 22784 at S = 32 (fewer, 0.57×)``."""
+    return (f"- {what}: {mine:.0f} vs {theirs:.0f} at S = {scale} "
+            f"({'fewer' if mine < theirs else 'NOT fewer'}, {mine / theirs:.2f}×)")
+
+
+def adaptive_figures(results: Sequence[Result], out: Path) -> list[Path]:
+    """``adaptive_<workload>.png``: gain, batch size and accumulation steps against τ (``plots.plot_batch``) of the
+    seed-0 runs of the reference, AdaScale at each S and AdaptiveBatch, per workload that has an AdaptiveBatch run."""
+    paths = []
+    for workload in sorted({r.workload for r in results if r.method == ADAPTIVE}):
+        runs = [r.run for r in sorted(results, key=lambda r: (METHODS.index(r.method), r.scale))
+                if r.workload == workload and r.seed == 0 and r.method in (REFERENCE, "AdaScale", ADAPTIVE)]
+        path = out / f"adaptive_{workload}.png"
+        plot_batch(runs, path, f"{workload}: batch size and gain against τ (seed 0)")
+        paths.append(path)
+    return paths
+
+
 def _scale_axis(ax: Any, scales: Sequence[int], title: str) -> None:
     """A log S axis labelled at the measured scales."""
     ax.set(xscale="log", xlabel="scale S (batch / base batch)", title=title)
@@ -310,11 +373,16 @@ def write_report(out: Union[str, Path], command: str = "") -> Path:
     plot_quality(rows, out / QUALITY_FIGURE)
     plot_steps(rows, out / STEPS_FIGURE)
     parts = ["# Quality at scale", ""] + ([f"Command: `{command}`", ""] if command else [])
+    adaptive = adaptive_figures(results, out)
     for workload in sorted({r.workload for r in rows}):
         parts += [f"## {workload}", "", workload_table(rows, workload), "", *goal_lines(rows, workload),
                   *noise_lines(rows, workload), *smoothing_lines(ablation, rows, workload), "",
                   "AdaScale against the reference in scale-invariant time (means over seeds):", "",
                   trajectory_table(results, workload), ""]
+        if any(r.workload == workload and r.method == ADAPTIVE for r in rows):
+            parts += ["Adaptive batch size (AdaptiveBatch) against AdaScale at fixed S (means over seeds; wall time "
+                      "of the training loop, on the ranks of each run):", "", adaptive_table(rows, workload), "",
+                      *adaptive_lines(rows, workload), "", f"![batch size against τ](adaptive_{workload}.png)", ""]
     parts += [f"![final validation metric against S]({QUALITY_FIGURE})",
               f"![AdaScale steps against S]({STEPS_FIGURE})", ""]
     path = out / REPORT_FILE

@@ -26,7 +26,7 @@ from ..config import allowed_keys
 from .engines import make_engine
 from ..policies import Policy, policy_class
 from ..telemetry import TelemetryWriter, record_from
-from .workloads import Workload, get_workload
+from .workloads import WORKLOADS, Workload, get_workload
 
 RUN_FILE = "run.json"
 CHECKPOINT_DIR = "checkpoint"
@@ -34,7 +34,8 @@ CHECKPOINT_DIR = "checkpoint"
 
 @dataclasses.dataclass
 class RunSpec:
-    """One training run. Scale S = workers × accumulation.
+    """One training run. Scale S = workers × accumulation (a batch-size controller's starting one: it then reads
+    the accumulation of each step from the policy).
 
     name: the run's folder name and label in tables and plots.
     policy: a registered policy name; ``policy_params`` are passed to it (validated by the policy).
@@ -92,12 +93,12 @@ def counts_base_steps(cls: type[Policy]) -> bool:
 
 
 def policy_entry(spec: RunSpec) -> dict[str, Any]:
-    """``{"type", "params"}`` for the run: the budget (in the policy's own unit of progress) and the base
-    schedule where the policy takes them, overridden by ``spec.policy_params``. Scale is left to the policy,
-    whose default is workers × accumulation = S."""
+    """``{"type", "params"}`` for the run: the budget (in the policy's own unit of progress), the base schedule
+    and the workload's micro-batch where the policy takes them, overridden by ``spec.policy_params``. Scale is
+    left to the policy, whose default is workers × accumulation = S."""
     cls = policy_class(spec.policy)
     budget = spec.budget if counts_base_steps(cls) else math.ceil(spec.budget / spec.scale)
-    facts = {"schedule": spec.schedule, "total_num_steps": budget}
+    facts = {"schedule": spec.schedule, "total_num_steps": budget, "micro_batch": WORKLOADS[spec.workload].micro_batch}
     params = {key: value for key, value in facts.items() if key in allowed_keys(cls)}
     return {"type": spec.policy, "params": {**params, **spec.policy_params}}
 
@@ -106,7 +107,8 @@ def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progr
           on_step: Optional[Callable[[dict[str, Any]], None]] = None) -> dict[str, Any]:
     """Train ``spec`` on this rank of an initialised ``world``-rank job; returns the summary (on every rank):
     final validation loss/accuracy, optimizer steps, samples, wall time of the training loop (rank 0's
-    evaluations included), mean gain, scale and final progress. ``progress_bar``: rank 0 shows its progress,
+    evaluations included), mean gain, scale (the starting one), the range of scales the steps ran at (a
+    batch-size controller moves it) and final progress. ``progress_bar``: rank 0 shows its progress,
     as a bar on a terminal and as periodic plain lines (:class:`ProgressLines`) when stderr is a file (a batch
     job's log). ``on_step`` receives every step's record, on every rank."""
     if world != spec.workers:
@@ -117,16 +119,15 @@ def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progr
     engine = make_engine(spec.backend, workload.make_model(), workload, spec.lr, policy_entry(spec),
                          spec.accumulation, run_dir=run_dir)
     base_steps = counts_base_steps(type(engine.policy))
-    samples_per_step = spec.scale * workload.micro_batch
     eval_every = spec.budget / spec.evals
     checkpoints = run_dir / CHECKPOINT_DIR
-    counters = {"step": 0, "samples": 0, "base_progress": 0.0, "next_eval": 0.0, "gains": []}
+    counters = {"step": 0, "samples": 0, "base_progress": 0.0, "next_eval": 0.0, "gains": [], "scales": []}
     resumed = engine.load_checkpoint(checkpoints) if spec.checkpoint_every else None
     if resumed is not None:
         counters = resumed
         print(f"rank {rank}: resumed from {checkpoints} at step {counters['step']}", file=sys.stderr, flush=True)
     step, samples, base_progress = counters["step"], counters["samples"], counters["base_progress"]
-    next_eval, gains = counters["next_eval"], list(counters["gains"])
+    next_eval, gains, scales = counters["next_eval"], list(counters["gains"]), list(counters["scales"])
     bar = _progress_bar(spec, rank, enabled=progress_bar and rank == 0, done=min(base_progress, spec.budget),
                         steps=step)
     started = time.perf_counter()
@@ -137,19 +138,23 @@ def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progr
                 result = workload.evaluate(engine.module)
                 telemetry.write_eval(step, samples, result.loss, result.accuracy)
                 next_eval += eval_every
+            accumulation = engine.accumulation_steps   # a batch-size controller sets it for each step
             loss_sum = torch.zeros((), dtype=torch.float64)
-            for micro in range(spec.accumulation):
-                x, y = workload.micro_batch_at(step, rank, world, spec.accumulation, micro)
-                loss_sum += engine.forward_backward(x, y, last=micro == spec.accumulation - 1)
-            mean_loss = engine.mean_over_ranks(loss_sum / spec.accumulation)
+            for micro in range(accumulation):
+                x, y = workload.micro_batch_at(samples, rank, world, micro)
+                loss_sum += engine.forward_backward(x, y, last=micro == accumulation - 1)
+            mean_loss = engine.mean_over_ranks(loss_sum / accumulation)
             engine.step(mean_loss)
             step += 1
-            samples += samples_per_step
-            record = record_from(engine.metrics(), step=step, samples=samples, loss=mean_loss)
+            batch = world * accumulation * workload.micro_batch
+            samples += batch
+            record = record_from(engine.metrics(), step=step, samples=samples, loss=mean_loss, batch_size=batch,
+                                 accumulation_steps=accumulation)
             telemetry.write_step(record)
             if on_step is not None:
                 on_step(record)
             gains.append(record["gain"] if record["gain"] is not None else 1.0)
+            scales.append(world * accumulation)
             previous, base_progress = base_progress, (engine.policy.progress if base_steps
                                                       else samples / workload.micro_batch)
             if bar is not None:
@@ -157,7 +162,7 @@ def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progr
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{record['lr']:.3g}", gain=f"{gains[-1]:.2f}")
             if spec.checkpoint_every and step % spec.checkpoint_every == 0:
                 engine.save_checkpoint(checkpoints, {"step": step, "samples": samples, "base_progress": base_progress,
-                                                     "next_eval": next_eval, "gains": gains})
+                                                     "next_eval": next_eval, "gains": gains, "scales": scales})
         wall = time.perf_counter() - started
         final = workload.evaluate(engine.module)
         telemetry.write_eval(step, samples, final.loss, final.accuracy)
@@ -165,7 +170,8 @@ def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progr
         bar.close()
     summary = {"final_val_loss": final.loss, "final_val_accuracy": final.accuracy, "steps": step, "samples": samples,
                "wall_s": wall, "mean_gain": sum(gains) / len(gains), "scale": spec.scale,
-               "final_progress": base_progress, "resumed_from": counters["step"] if resumed is not None else None}
+               "scale_range": [min(scales), max(scales)], "final_progress": base_progress,
+               "resumed_from": counters["step"] if resumed is not None else None}
     if rank == 0:
         (run_dir / RUN_FILE).write_text(json.dumps({"spec": dataclasses.asdict(spec), "summary": summary}, indent=2))
     return summary

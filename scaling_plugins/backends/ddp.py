@@ -7,6 +7,9 @@
     ctl.step()                                      # this step's learning rate from the fresh gain, then optimizer.step()
     optimizer.zero_grad()
 
+With a batch-size controller (policy ``AdaptiveBatch``) read ``ctl.accumulation_steps`` at the start of each step
+and run that many micro-batches (each loss divided by it); ``ctl.step()`` sets it for the next step.
+
 How the numbers move, with no extra collective (``ddp_hooks`` has the details):
 - A tensor hook per parameter records each backward pass's own gradient (a Python append, no tensor op);
   ``fused_norms.ChunkedNormMeter`` reads Σ‖g‖² of each chunk of them with a few fused ops into one float64
@@ -95,13 +98,18 @@ class DDPDriver(PolicyDriver):
 
     def step(self, loss: Optional[torch.Tensor | float] = None) -> None:
         """Feed this step's statistics (and loss) to the policy, set the learning rate, step the optimizer
-        (through the grad scaler when there is one: an overflow step is skipped and the policy stays)."""
+        (through the grad scaler when there is one: an overflow step is skipped and the policy stays); then a
+        batch-size controller's choice becomes ``accumulation_steps`` for the next step."""
         # read before anything changes .grad in place (the scaler's unscale; .grad may be DDP's bucket itself)
         self._reduced = self._carrier.take() if self._carrier is not None else None
         if self.grad_scaler is None:
             self.advance(loss)
             self.optimizer.step()
-            return
+        else:
+            self._scaled_step(loss)
+        self.follow_batch_request()
+
+    def _scaled_step(self, loss: Optional[torch.Tensor | float]) -> None:
         self._loss_scale = float(self.grad_scaler.get_scale())   # the scale this step's backward ran under
         if unscale_and_find_overflow(self.grad_scaler, self.optimizer):
             self.discard()

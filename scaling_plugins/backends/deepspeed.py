@@ -45,8 +45,14 @@ Telemetry. When the config enables a DeepSpeed monitor (csv, TensorBoard, W&B, C
 writes ``scaling_plugins/<field>`` events (lr, gain, sigma_sq, mu_sq, noise_scale, progress, skipped_update,
 loss) beside DeepSpeed's own, against the same sample count.
 
+Batch-size control (``"type": "AdaptiveBatch"``): the policy's choice is applied right after the ``engine.step()``
+that ended the optimizer step, with ``engine.set_train_batch_size``; a loop that calls ``engine.backward`` and
+``engine.step`` per micro-batch needs no change (it can read ``engine.gradient_accumulation_steps()``).
+``micro_batch`` is the config's ``train_micro_batch_size_per_gpu``. A checkpoint brings the batch back.
+
 Not supported (refused at ``deepspeed.initialize``): pipeline parallelism, MoE layers, model parallelism,
-sparse gradients (``nn.Embedding(sparse=True)``); ``extra_backward()`` (two-pass optimizers such as SAM) is refused.
+sparse gradients (``nn.Embedding(sparse=True)``), AdaptiveBatch with ZeRO's ``offload_optimizer``;
+``extra_backward()`` (two-pass optimizers such as SAM) is refused.
 fp16 paths follow DeepSpeed's loss scale but cannot run on CPU, so they are untested here.
 """
 from __future__ import annotations
@@ -98,7 +104,12 @@ class DeepSpeedDriver(PolicyDriver):
             raise ValueError(f"module(s) {sparse} make sparse gradients (sparse=True), which DeepSpeed reduces apart "
                              "from the buffers the statistics ride: build them with sparse=False")
         super().__init__(self.engine.optimizer, policy, int(self.engine.dp_world_size),
-                         int(self.engine.gradient_accumulation_steps()), device=self.engine.device)
+                         int(self.engine.gradient_accumulation_steps()), device=self.engine.device,
+                         micro_batch=int(self.engine.train_micro_batch_size_per_gpu()))
+        if self.policy.controls_batch and compat.offloads_optimizer(self.engine):
+            raise ValueError(f"policy {self.policy.name!r} changes gradient_accumulation_steps during training, but "
+                             "ZeRO's offload_optimizer fixes its accumulation path at deepspeed.initialize: turn "
+                             "offload_optimizer off, or use AdaScale at a fixed batch")
         self.agree_across_ranks()
         self.last_batch_iteration = -1
         self.last_loss: Optional[float] = None
@@ -114,6 +125,8 @@ class DeepSpeedDriver(PolicyDriver):
             self.rider = build_rider(self.engine, self.payload, self._receive)
         compat.call_before(self.engine, "backward", self._on_backward)
         compat.basic_optimizer(self.engine).register_step_pre_hook(self._before_optimizer_step)
+        if self.policy.controls_batch:   # after the whole engine.step(): its sample count is the step's own batch
+            compat.call_after(self.engine, "step", self.follow_batch_request)
 
     # -- per step -------------------------------------------------------------------------------------------
     def _receive(self, harvest: Harvest) -> None:
@@ -175,6 +188,12 @@ class DeepSpeedDriver(PolicyDriver):
         DeepSpeed skipped does not count into the next)."""
         step, calls = self._backward_window
         return calls if step == self.engine.global_steps else 0
+
+    def set_accumulation_steps(self, accumulation_steps: int) -> None:
+        """Through ``engine.set_train_batch_size`` (``deepspeed_compat.set_accumulation_steps``), at the boundary
+        just passed; the policy follows at once."""
+        compat.set_accumulation_steps(self.engine, accumulation_steps)
+        self.resize(self.world_size, accumulation_steps)
 
     def all_gather_rows(self, row: torch.Tensor) -> torch.Tensor:
         return torch_all_gather_rows(row, self.engine.data_parallel_group)

@@ -11,7 +11,8 @@ deep inside ``deepspeed.initialize`` or a step. What lives here:
 - the engine's and the ZeRO optimizers' private members the harvest rides on: the list of gradients of the
   flat all-reduce, the gradient-norm computation and its 1-element all-reduce, the loss scale, whether
   gradients are averaged, the basic optimizer;
-- rebinding an engine or optimizer method on one instance (``engine.backward``, ``allreduce_gradients``).
+- rebinding an engine or optimizer method on one instance (``engine.backward``, ``allreduce_gradients``);
+- changing the accumulation between steps (``engine.set_train_batch_size`` and the micro-step counter).
 """
 from __future__ import annotations
 
@@ -103,7 +104,21 @@ def unsupported_feature(engine: DeepSpeedEngine) -> Optional[str]:
     return None
 
 
+def offloads_optimizer(engine: DeepSpeedEngine) -> bool:
+    """Whether ZeRO runs the optimizer offloaded (CPU or NVMe), which fixes its accumulation path at initialize."""
+    return bool(engine.zero_use_cpu_optimizer())
+
+
 # -- the engine's members -------------------------------------------------------------------------------------
+def set_accumulation_steps(engine: DeepSpeedEngine, steps: int) -> None:
+    """Run ``steps`` micro-batches per optimizer step from now on, at an accumulation boundary:
+    ``engine.set_train_batch_size(micro-batch × data-parallel ranks × steps)``, then the micro-step counter moved
+    up to a multiple of ``steps``. DeepSpeed marks a boundary where (micro_steps + 1) % gas == 0 and reads the
+    counter nowhere else, so without the move the first step after a change would take fewer micro-batches."""
+    engine.set_train_batch_size(engine.train_micro_batch_size_per_gpu() * engine.dp_world_size * steps)
+    engine.micro_steps = -(-engine.micro_steps // steps) * steps
+
+
 def basic_optimizer(engine: DeepSpeedEngine) -> Any:
     """The torch optimizer DeepSpeed steps (inside any ZeRO or fp16 wrapper)."""
     return engine.basic_optimizer

@@ -152,6 +152,11 @@ class PolicyDriver:
       are an error (one short step, such as an epoch's last partial accumulation, is allowed);
     - a param group with lr 0 is logged once (the policy multiplies it, so that group does not train);
     - a step taken after the policy is done (its budget reached) is logged once.
+
+    A batch-size controller (``policy.controls_batch``) names the accumulation it wants for the next steps; the
+    backend calls :meth:`follow_batch_request` right after each optimizer step (and after a checkpoint is loaded),
+    which applies it through :meth:`set_accumulation_steps`, the engine's own way. ``accumulation_steps`` is then
+    the next step's, for the training loop to read, and the backward-pass check expects it.
     """
 
     backward_hint: ClassVar[str] = "call loss.backward() before the optimizer step"
@@ -160,7 +165,7 @@ class PolicyDriver:
 
     def __init__(self, optimizer: torch.optim.Optimizer, policy: PolicySpec, world_size: int,
                  accumulation_steps: int = 1, loss_reduction: str = "mean",
-                 device: Optional[torch.device] = None) -> None:
+                 device: Optional[torch.device] = None, micro_batch: Optional[int] = None) -> None:
         check_accumulation_steps(accumulation_steps)
         check_loss_reduction(loss_reduction)
         if optimizer in _DRIVEN:
@@ -172,6 +177,8 @@ class PolicyDriver:
         self.loss_reduction = loss_reduction
         self.world_size = world_size
         self.policy = build_policy(policy)
+        if micro_batch is not None:   # the engine knows it (DeepSpeed)
+            self.policy.set_micro_batch(micro_batch)
         self.policy.configure(world_size, accumulation_steps)
         self._mismatched_steps = 0
         self._warned_passes = False
@@ -298,6 +305,19 @@ class PolicyDriver:
             self.policy.configure(world_size, accumulation_steps)
         self.world_size, self.accumulation_steps = world_size, accumulation_steps
 
+    def follow_batch_request(self) -> None:
+        """At a step boundary: run the next steps with the accumulation a batch-size controller asks for (nothing
+        for other policies, or when it asks for the current one)."""
+        requested = self.policy.requested_accumulation_steps
+        if requested is not None and requested != self.accumulation_steps:
+            self.set_accumulation_steps(requested)
+
+    def set_accumulation_steps(self, accumulation_steps: int) -> None:
+        """Take ``accumulation_steps`` micro-batches per worker from the next step on (the policy's scale follows).
+        Engines with a setting of their own (Horovod's ``backward_passes_per_step``, DeepSpeed's batch size)
+        change it here too."""
+        self.resize(self.world_size, accumulation_steps)
+
     def apply_learning_rate(self) -> None:
         """lr = policy.learning_rate(initial lr) for every param group visible now (a new group's initial lr is
         its lr when first seen; ZeRO-1/2 show DeepSpeed's basic optimizer only the group it is stepping)."""
@@ -331,8 +351,10 @@ class PolicyDriver:
         return self.policy.done
 
     def metrics(self) -> dict[str, Any]:
-        """The step's telemetry numbers: step, learning rate and the policy's own (gain, progress, σ², ...)."""
-        return {"step": self.policy.steps, "lr": self.lr, **self.policy.metrics()}
+        """The step's telemetry numbers: step, learning rate, accumulation steps and the policy's own (gain,
+        progress, σ², ...; a batch-size controller reports the accumulation of the step just taken)."""
+        return {"step": self.policy.steps, "lr": self.lr, "accumulation_steps": self.accumulation_steps,
+                **self.policy.metrics()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"policy": self.policy.state_dict(),
@@ -345,6 +367,7 @@ class PolicyDriver:
                              f"optimizer has {len(groups)}")
         self.policy.load_state_dict(state["policy"])
         self.resize(self.world_size, self.accumulation_steps)   # saved on another shape: the scale follows
+        self.follow_batch_request()                              # a batch-size controller's batch comes back
         for group, initial_lr in zip(groups, state["base_lrs"]):
             group[INITIAL_LR] = initial_lr
         self.apply_learning_rate()

@@ -13,6 +13,10 @@
     opt.zero_grad()
     opt.gain, opt.lr, opt.progress, opt.scale, opt.metrics(), opt.state_dict()
 
+With a batch-size controller (policy ``AdaptiveBatch``) run ``opt.accumulation_steps`` (= Horovod's
+``opt.backward_passes_per_step``) passes in each step: ``opt.step()`` sets both for the next step, through
+``set_backward_passes_per_step``.
+
 Launch with ``horovodrun -np N``, ``horovodrun --gloo -np N`` or ``mpirun -np N``. The returned object *is*
 Horovod's optimizer (same class, same methods, ``synchronize``/``skip_synchronize`` included) with the policy
 at ``opt.scaling``; its ``state_dict()`` carries the policy state under ``"scaling_plugins"``.
@@ -81,7 +85,8 @@ from .fused_norms import ChunkedNormMeter, squared_norm_sum
 NORM_NAME = "scaling_plugins.local_sq_norm"
 LOSS_NAME = "scaling_plugins.mean_loss"
 STATE_KEY = "scaling_plugins"
-READ_THROUGH = ("gain", "lr", "progress", "scale", "done", "extra_backward")   # opt.<name> reads opt.scaling.<name>
+READ_THROUGH = ("gain", "lr", "progress", "scale", "done", "extra_backward",
+                "accumulation_steps")   # opt.<name> reads opt.scaling.<name>
 
 
 class ScaledOptimizer(abc.ABC):
@@ -294,6 +299,10 @@ class HorovodDriver(PolicyDriver):
         value = value.detach().to(torch.float64).reshape(1)
         return self.hvd.allreduce(value, op=self.hvd.Average, name=LOSS_NAME, process_set=self.process_set).item()
 
+    def set_accumulation_steps(self, accumulation_steps: int) -> None:
+        """Through ``opt.set_backward_passes_per_step`` (Horovod's, then the policy follows)."""
+        self._optimizer.set_backward_passes_per_step(accumulation_steps)
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self._discard_pending()
@@ -315,7 +324,9 @@ class _ScaledMembers:
             self.synchronize()
         self.scaling.observe_step(loss)
         with self.skip_synchronize() if synchronize_here else contextlib.nullcontext():
-            return self._horovod_step(closure)
+            result = self._horovod_step(closure)
+        self.scaling.follow_batch_request()
+        return result
 
     def _allreduce_grad_async(self, p: torch.Tensor) -> tuple[Any, Any]:
         return self.scaling.allreduce_gradient(self, p)

@@ -100,6 +100,15 @@ def check_budget_unit(driver: PolicyDriver, args: TrainingArguments, state: Trai
         "training when it is done")
 
 
+def check_fixed_batch(driver: PolicyDriver) -> None:
+    """``ValueError`` for a batch-size controller (AdaptiveBatch): the Trainer runs its own
+    ``gradient_accumulation_steps`` per step and would not follow a batch the policy changes."""
+    if driver.policy.controls_batch:
+        raise ValueError(f"policy {driver.policy.name!r} changes the batch (gradient_accumulation_steps) during "
+                         "training, but the Trainer keeps its own TrainingArguments.gradient_accumulation_steps: use "
+                         "AdaScale here, or AdaptiveBatch in a loop of your own (plain DeepSpeed, DDP, Horovod)")
+
+
 class ScalingCallback(TrainerCallback):
     """Stops the Trainer when the policy is done and adds the policy's numbers to the Trainer's logs (module
     docstring). Pass it in ``Trainer(callbacks=[ScalingCallback()])``; ``driver`` is the policy's scheduler
@@ -111,6 +120,7 @@ class ScalingCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        lr_scheduler: Any = None, **kwargs: Any) -> None:
         self.driver = scaling_driver(lr_scheduler)
+        check_fixed_batch(self.driver)
         check_budget_unit(self.driver, args, state)
         self._run_before_reporters()
 

@@ -78,7 +78,11 @@ class AdaScale(BaseScaleProgress):
         if self.num_gradients < 2 and self.single_gradient == "error":
             raise ValueError("AdaScale needs >= 2 gradients per step (workers × accumulation_steps), got 1 and "
                              "single_gradient='error'; use accumulation_steps >= 2 or single_gradient='unit_gain'")
-        self.statistics.rescale(self._user_scale or float(self.num_gradients))
+        self.statistics.rescale(self.shape_scale())
+
+    def shape_scale(self) -> float:
+        """S at the configured shape: the user's ``scale``, else n = workers × accumulation steps."""
+        return self._user_scale or float(self.num_gradients)
 
     def step(self, observation: StepObservation) -> None:
         sample = observation.gradients

@@ -9,7 +9,9 @@ Per optimizer step a backend does, in this order:
 ``step`` folds this step's numbers in, fixes this step's learning rate and advances progress. A step the
 engine skips (fp16 overflow) is not shown to the policy at all, so the policy does not advance.
 Backends call ``configure(world_size, accumulation_steps)`` once at attach time, and again when the world
-size changes (Horovod Elastic).
+size or the accumulation changes (Horovod Elastic, ``engine.set_train_batch_size``). A batch-size controller
+(``controls_batch``, e.g. ``AdaptiveBatch``) names the accumulation it wants in ``requested_accumulation_steps``;
+the backend applies it after the optimizer step and configures the policy to it.
 """
 from __future__ import annotations
 
@@ -38,6 +40,7 @@ class Policy(ABC):
     name: ClassVar[str]
     needs_gradient_norms: ClassVar[bool] = False
     needs_loss: ClassVar[bool] = False
+    controls_batch: ClassVar[bool] = False   # chooses the accumulation steps (``requested_accumulation_steps``)
     params: dict[str, Any]
 
     def __new__(cls, *args: Any, **kwargs: Any) -> "Policy":
@@ -58,6 +61,16 @@ class Policy(ABC):
             raise ValueError(
                 f"world_size and accumulation_steps must be >= 1, got {world_size!r}, {accumulation_steps!r}")
         self.world_size, self.accumulation_steps = int(world_size), int(accumulation_steps)
+
+    def set_micro_batch(self, micro_batch: int) -> None:
+        """The samples per micro-batch on each worker, where the engine knows it (DeepSpeed's
+        ``train_micro_batch_size_per_gpu``); only a policy that counts samples uses it."""
+
+    @property
+    def requested_accumulation_steps(self) -> Optional[int]:
+        """The accumulation steps a batch-size controller (``controls_batch``) wants from the next optimizer step
+        on, which the backend applies at that step boundary; None for a policy that leaves the batch to the user."""
+        return None
 
     @abstractmethod
     def step(self, observation: StepObservation) -> None:

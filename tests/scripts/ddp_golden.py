@@ -3,16 +3,11 @@
 The model is trained inside ``train`` so it is freed before the process group is destroyed: with torch 2.13
 and gloo, destroying the group while a DDP model is alive can abort the interpreter at exit (bare DDP too).
 """
-import gc
-import json
-import sys
-from pathlib import Path
-
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scaling_plugins.backends.ddp import attach
+from tests.distributed import torchrun_main
 
 
 def train(rank: int, world: int) -> dict:
@@ -29,15 +24,5 @@ def train(rank: int, world: int) -> dict:
     return {"rank": rank, "world": world, "gains": gains, "lr": ctl.lr, "progress": ctl.progress}
 
 
-def main() -> None:
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
-    result = train(rank, world)
-    gc.collect()
-    Path(sys.argv[1], f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
-
-
 if __name__ == "__main__":
-    main()
+    torchrun_main(train)

@@ -2,7 +2,7 @@
 
     workload = scaling_plugins.app.workloads.get_workload("digits", seed=0)
     model = workload.make_model()
-    x, y = workload.micro_batch_at(step, rank, world, accumulation, micro)
+    x, y = workload.micro_batch_at(seen, rank, world, micro)   # seen: samples of the earlier steps
     workload.evaluate(model)          # Evaluation(loss, accuracy)
 """
 from __future__ import annotations

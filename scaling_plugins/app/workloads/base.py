@@ -1,10 +1,10 @@
 """What every built-in workload provides: data held in memory, a model factory, a deterministic sampler, an eval.
 
 The sampler reads one global stream of training samples: epoch e is a permutation of the training set drawn
-from ``(seed, e)``. Optimizer step t at scale S = world × accumulation consumes the next S·B0 samples of the
-stream, where B0 = ``micro_batch``; micro-batch m of rank r takes the (m·world + r)-th slice of B0 of them.
-So the S = 1 reference (one rank, no accumulation) and a run at any scale read the same samples in the same
-order, just grouped into larger steps.
+from ``(seed, e)``. An optimizer step at scale S = world × accumulation consumes the next S·B0 samples of the
+stream from where the previous step stopped, where B0 = ``micro_batch``; micro-batch m of rank r takes the
+(m·world + r)-th slice of B0 of them. So the S = 1 reference (one rank, no accumulation) and a run at any scale,
+fixed or changing from step to step, read the same samples in the same order, just grouped into larger steps.
 """
 from __future__ import annotations
 
@@ -96,14 +96,13 @@ class Workload(ABC):
             out[mask] = self._permutation(epoch)[positions[mask] % self.num_train]
         return out
 
-    def micro_batch_at(self, step: int, rank: int, world: int, accumulation: int,
-                       micro: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Inputs and targets of micro-batch ``micro`` of ``rank`` in optimizer step ``step``."""
-        if not (0 <= rank < world and 0 <= micro < accumulation):
-            raise ValueError(f"need 0 <= rank < world and 0 <= micro < accumulation, got rank={rank}, "
-                             f"world={world}, micro={micro}, accumulation={accumulation}")
-        per_step = world * accumulation * self.micro_batch
-        start = step * per_step + (micro * world + rank) * self.micro_batch
+    def micro_batch_at(self, seen: int, rank: int, world: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets of micro-batch ``micro`` of ``rank`` in the optimizer step that starts after ``seen``
+        samples of the stream (all ranks' samples of every earlier step)."""
+        if not (0 <= rank < world and micro >= 0 and seen >= 0):
+            raise ValueError(f"need 0 <= rank < world, micro >= 0 and seen >= 0, got rank={rank}, world={world}, "
+                             f"micro={micro}, seen={seen}")
+        start = seen + (micro * world + rank) * self.micro_batch
         index = self.stream_indices(start, self.micro_batch)
         return self.train_x[index], self.train_y[index]
 
