@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from ..policies.registry import PolicySpec
-from .driver import PolicyDriver, sparse_gradient_modules, torch_all_gather_rows, torch_all_reduce_mean
+from .driver import PolicyDriver, check_dense_gradients, torch_all_gather_rows, torch_all_reduce_mean
 from .ddp_hooks import CommHook, LocalNormCarrier, check_inner_hook, norm_carrying_wrapper
 from .fused_norms import BackwardCounter, ChunkedNormMeter
 from .grad_scaler import check_grad_scaler, unscale_and_find_overflow
@@ -162,11 +162,9 @@ def reduced_parameters(ddp_model: torch.nn.parallel.DistributedDataParallel) -> 
 def check_supported_model(ddp_model: torch.nn.parallel.DistributedDataParallel) -> None:
     """``ValueError`` for DDP set-ups whose reduction the statistics cannot ride: sparse gradients and DDP's own
     (experimental) ``mixed_precision``, which takes DDP's only communication-hook slot."""
-    sparse = sparse_gradient_modules(ddp_model.module)
-    if sparse:
-        raise ValueError(f"module(s) {sparse} make sparse gradients (sparse=True), which DDP's communication hooks "
-                         "cannot carry the statistics in: build them with sparse=False (dense gradients, reduced "
-                         "and measured like every other), or use Horovod with sparse_as_dense=True")
+    check_dense_gradients(ddp_model.module, "which DDP's communication hooks cannot carry the statistics in",
+                          " (dense gradients, reduced and measured like every other), or use Horovod with "
+                          "sparse_as_dense=True")
     if getattr(ddp_model, "mixed_precision", None) is not None:
         raise ValueError("DistributedDataParallel(mixed_precision=...) registers DDP's own communication hook, and "
                          "DDP allows one: use torch.autocast with fp32 parameters (gradients reduced in fp32), or "

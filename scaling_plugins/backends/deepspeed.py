@@ -74,7 +74,7 @@ from ..policies.registry import PolicySpec
 from ..telemetry import monitor_events, record_from
 from .deepspeed_harvest import Harvest, Payload, build_rider
 from .deepspeed_params import resolve_scheduler_params
-from .driver import PolicyDriver, sparse_gradient_modules, torch_all_gather_rows, torch_all_reduce_mean
+from .driver import PolicyDriver, check_dense_gradients, torch_all_gather_rows, torch_all_reduce_mean
 
 log = logging.getLogger(__name__)
 
@@ -99,10 +99,8 @@ class DeepSpeedDriver(PolicyDriver):
         unsupported = compat.unsupported_feature(self.engine)
         if unsupported is not None:
             raise ValueError(unsupported)
-        sparse = sparse_gradient_modules(self.engine.module)
-        if sparse:
-            raise ValueError(f"module(s) {sparse} make sparse gradients (sparse=True), which DeepSpeed reduces apart "
-                             "from the buffers the statistics ride: build them with sparse=False")
+        check_dense_gradients(self.engine.module, "which DeepSpeed reduces apart from the buffers the statistics "
+                                                  "ride")
         super().__init__(self.engine.optimizer, policy, int(self.engine.dp_world_size),
                          int(self.engine.gradient_accumulation_steps()), device=self.engine.device,
                          micro_batch=int(self.engine.train_micro_batch_size_per_gpu()))

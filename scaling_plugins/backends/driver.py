@@ -64,10 +64,15 @@ def optimizer_device(optimizer: torch.optim.Optimizer) -> torch.device:
     raise ValueError("the optimizer has no parameters")
 
 
-def sparse_gradient_modules(module: torch.nn.Module) -> list[str]:
-    """Names of the submodules that produce sparse gradients (``nn.Embedding``/``EmbeddingBag`` with sparse=True)."""
-    return [name for name, sub in module.named_modules()
-            if isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and sub.sparse]
+def check_dense_gradients(module: torch.nn.Module, why: str, also: str = "") -> None:
+    """``ValueError`` naming the submodules that produce sparse gradients (``nn.Embedding``/``EmbeddingBag`` with
+    sparse=True), ``why`` the engine's reduction cannot carry the statistics with them, and what to do (``also``
+    adds another way)."""
+    sparse = [name for name, sub in module.named_modules()
+              if isinstance(sub, (torch.nn.Embedding, torch.nn.EmbeddingBag)) and sub.sparse]
+    if sparse:
+        raise ValueError(f"module(s) {sparse} make sparse gradients (sparse=True), {why}: build them with "
+                         f"sparse=False{also}")
 
 
 def accumulation_sample(local_sq_mean: float, mean_sq_norm: float, world_size: int, accumulation_steps: int,

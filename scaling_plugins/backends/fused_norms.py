@@ -68,8 +68,8 @@ def squared_norm_sum(tensors: Iterable[torch.Tensor], device: Optional[torch.dev
 
 def squared_norm(tensor: torch.Tensor) -> torch.Tensor:
     """⟨t, t⟩ of one tensor: a dot product in its own dtype for fp32/fp64 (as exact as float32 allows),
-    ``squared_norm_sum`` for fp16/bf16 (fp32 accumulation, no full fp32 copy)."""
-    if tensor.dtype in LOW_PRECISION:
+    ``squared_norm_sum`` for fp16/bf16 (fp32 accumulation, no full fp32 copy) and for a sparse tensor."""
+    if tensor.dtype in LOW_PRECISION or tensor.layout != torch.strided:
         return squared_norm_sum([tensor])
     flat = tensor.reshape(-1)
     return torch.dot(flat, flat)
@@ -161,9 +161,10 @@ class ChunkedNormMeter(BackwardCounter):
     measured: ``holds(p)`` tells, ``flush()`` measures now. Every pass ends with a flush, so nothing recorded
     outlives its backward pass. A gradient of at least ``CHUNK_NUMEL`` elements would be a chunk of its own, so
     it is measured in its hook, while it is still in the cache (one op either way; read later, after the engine
-    has copied it into its buckets, it costs a second trip through memory). ``immediate=True`` measures each gradient in its hook instead (one ``squared_norm``
-    per parameter), for engines that move ``.grad`` during backward (ZeRO-1/2/3's gradient buckets). A sparse
-    gradient (``nn.Embedding(sparse=True)``) is measured in its hook: ‖g‖² of its coalesced values.
+    has copied it into its buckets, it costs a second trip through memory). ``immediate=True`` measures each
+    gradient in its hook instead (one ``squared_norm`` per parameter), for engines that move ``.grad`` during
+    backward (ZeRO-1/2/3's gradient buckets). A sparse gradient (``nn.Embedding(sparse=True)``) is measured in its
+    hook: ‖g‖² of its coalesced values.
 
     What a pass measured joins the step's sum once the pass has accumulated into ``.grad``; a pass that did not
     (``torch.autograd.grad``) is dropped when it ends.
@@ -189,12 +190,9 @@ class ChunkedNormMeter(BackwardCounter):
     # -- inside backward --------------------------------------------------------------------------------------
     def _record(self, index: int, grad: torch.Tensor) -> None:
         self._before_gradient()
-        if grad.layout != torch.strided:
-            self._pass_total += squared_norm_sum([grad], self._device)
-            return
         numel = grad.numel()
-        if self._immediate or numel >= CHUNK_NUMEL:      # a chunk of its own anyway: read it while it is hot
-            self._pass_total += squared_norm(grad)
+        if self._immediate or numel >= CHUNK_NUMEL or grad.layout != torch.strided:
+            self._pass_total += squared_norm(grad)     # a chunk of its own anyway: read it while it is hot
             return
         if self._pending and self._pending_numel + numel > CHUNK_NUMEL:
             self.flush()        # before recording this one: its .grad is not set until this hook returns
@@ -211,7 +209,7 @@ class ChunkedNormMeter(BackwardCounter):
     def _close_pass(self, counted: bool) -> None:
         self.flush()
         if counted:
-            self._total += self._pass_total
+            self._commit_pass()
         self._pass_total.zero_()
         if self._on_pass_end is not None:
             self._on_pass_end()
@@ -237,11 +235,15 @@ class ChunkedNormMeter(BackwardCounter):
         accumulated (a reduction hook that runs during backward) that pass's gradients so far count too."""
         self.flush()
         if self._accumulated:
-            self._total += self._pass_total
-            self._pass_total.zero_()
+            self._commit_pass()
         value = self._total.clone()
         self._total.zero_()
         return value
+
+    def _commit_pass(self) -> None:
+        """What the running pass measured so far joins the step's sum."""
+        self._total += self._pass_total
+        self._pass_total.zero_()
 
     def reset(self) -> None:
         """Drop everything recorded or summed (a step that will not be used)."""
