@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from scaling_plugins.backends.fused_norms import EXACT_NUMEL, PIECE_NUMEL, ChunkedNormMeter, squared_norm_sum
+from scaling_plugins.backends.fused_norms import (EXACT_NUMEL, PIECE_NUMEL, BucketNormMeter, ChunkedNormMeter,
+                                                  squared_norm_sum)
 from scaling_plugins.backends.wide_payload import WidePayload
 from tests.profiling import top_level_ops
 
@@ -68,6 +69,39 @@ def test_meter_ops_do_not_grow_with_the_number_of_tensors(accumulation):
         expected = sum(4 * (k + 1) ** 2 for k in range(accumulation)) * reference([p.detach() for p in params])
         assert float(meter.take()) == pytest.approx(expected, rel=1e-6)     # fp32 gradients
     assert 0 < added[160] <= added[16], added
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_bucket_meter_measures_a_fresh_pass_from_its_bucket_and_any_other_pass_per_gradient(set_to_none):
+    """A fake DDP reducer copies each gradient into one bucket as it is accumulated and offers the full bucket to
+    the meter. A pass whose gradients became .grad (zero_grad(set_to_none=True)) is measured from the bucket, once
+    (no per-gradient read besides); a pass that adds into an existing .grad (zeros, or accumulation) is refused and
+    measured from its own gradients: L is each pass's own ‖g‖² either way."""
+    generator = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(size, generator=generator)) for size in (7, EXACT_NUMEL + 3, 300)]
+    bucket = torch.zeros(sum(p.numel() for p in params))
+    views, ready, claims = bucket.split([p.numel() for p in params]), set(), []
+    meter = BucketNormMeter(params)
+
+    def reducer_hook(index, param):     # registered after the meter's hooks, as DDP's reducer is
+        views[index].copy_(param.grad.reshape(-1))
+        ready.add(index)
+        if len(ready) == len(params):
+            claims.append(meter.claim(params, bucket))
+            ready.clear()
+
+    for index, param in enumerate(params):
+        param.register_post_accumulate_grad_hook(lambda param, index=index: reducer_hook(index, param))
+    own = []
+    for scale in (1.0, 3.0):                     # two passes of one step: the second accumulates
+        grads = torch.autograd.grad(sum((scale * p * p).sum() for p in params), params)
+        own.append(reference(grads))
+        if scale == 1.0 and not set_to_none:
+            for p in params:
+                p.grad = torch.zeros_like(p)
+        sum((scale * p * p).sum() for p in params).backward()
+    assert claims == [set_to_none, False]
+    assert float(meter.take()) == pytest.approx(sum(own), rel=1e-6)
 
 
 def test_wide_payload_survives_a_bf16_reduction_with_rescaling():

@@ -11,14 +11,16 @@ With a batch-size controller (policy ``AdaptiveBatch``) read ``ctl.accumulation_
 and run that many micro-batches (each loss divided by it); ``ctl.step()`` sets it for the next step.
 
 How the numbers move, with no extra collective (``ddp_hooks`` has the details):
-- A tensor hook per parameter records each backward pass's own gradient (a Python append, no tensor op);
-  ``fused_norms.ChunkedNormMeter`` reads Σ‖g‖² of each chunk of them with a few fused ops into one float64
-  scalar, so the work grows with gradient bytes, not with the number of parameters. Only the parameters DDP
-  reduces are measured (not those in ``_ddp_params_and_buffers_to_ignore``).
+- Each rank's local Σ‖g‖² (a float64 scalar), with ops that grow with DDP's buckets, not with the parameters
+  (``fused_norms.BucketNormMeter``): a tensor hook per parameter records each backward pass's own gradient (a
+  Python append, no tensor op). In a pass whose gradients become ``.grad`` (after ``zero_grad()``; no
+  accumulation) each bucket is read once, in the communication hook, right after DDP has copied the gradients into
+  it; the gradients of any other pass (the micro-batches of an accumulation) are read per chunk, a few fused ops
+  each. Only the parameters DDP reduces are measured (not those in ``_ddp_params_and_buffers_to_ignore``).
 - A DDP communication hook (``ddp_hooks.norm_carrying_wrapper``) reduces each bucket as DDP's default hook does
   (or as the ``comm_hook`` given to :func:`attach`, e.g. ``fp16_compress_hook``) and carries that scalar in the
-  last bucket. T = ‖ḡ‖² comes from the reduced buckets, one fused read per bucket, summed in bucket order so
-  every rank gets the same gain bit for bit.
+  last bucket, in the bucket's own memory. T = ‖ḡ‖² comes from the reduced buckets, one fused read per bucket,
+  summed in bucket order so every rank gets the same gain bit for bit.
 - ``step()`` reads L and T with one host sync, feeds the policy, sets each param group's learning rate to
   ``policy.learning_rate(initial lr of that group)`` and steps the optimizer.
 
@@ -54,7 +56,7 @@ import torch.distributed as dist
 from ..policies.registry import PolicySpec
 from .driver import PolicyDriver, check_dense_gradients, torch_all_gather_rows, torch_all_reduce_mean
 from .ddp_hooks import CommHook, LocalNormCarrier, check_inner_hook, norm_carrying_wrapper
-from .fused_norms import BackwardCounter, ChunkedNormMeter
+from .fused_norms import BackwardCounter, BucketNormMeter
 from .grad_scaler import check_grad_scaler, unscale_and_find_overflow
 
 
@@ -86,7 +88,7 @@ class DDPDriver(PolicyDriver):
         self._carrier: Optional[LocalNormCarrier] = None
         self._reduced: Optional[tuple[float, float]] = None
         if self.policy.needs_gradient_norms:
-            self._counter: BackwardCounter = ChunkedNormMeter(params)
+            self._counter: BackwardCounter = BucketNormMeter(params)
             self._carrier = LocalNormCarrier(self._counter, self.process_group, comm_hook_state,
                                              wide=comm_hook is not None,
                                              flush_each_bucket=ddp_model.gradient_as_bucket_view)

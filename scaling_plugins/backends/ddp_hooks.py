@@ -5,10 +5,14 @@ around another hook (fp16/bf16 compression), and reads T = ‖ḡ‖² from the 
 
 Per bucket (AdaScale, Johnson et al., ICML 2020: L = Σ_i ‖g_i‖², T = ‖ḡ‖²):
 
+- Before it is reduced, the bucket is offered to the ``BucketNormMeter``: when it holds exactly the running
+  pass's gradients (each became its parameter's ``.grad``), one read of it is this rank's Σ‖g‖² of its parameters,
+  taken while DDP's copy into it is still in the cache; otherwise the meter reads the pass's own gradients.
 - The last bucket DDP launches (``bucket.is_last()``; every parameter's gradient of this backward exists by then)
-  is reduced as a *payload*: the bucket's gradients followed by this rank's local sum, taken from the
-  ``ChunkedNormMeter`` at that moment. With fp32/fp64 gradients and no inner hook the sum is one element, and
-  the copy into the payload is fused into the division by the world size that DDP does anyway. Where the reduction
+  is reduced as a *payload*: the bucket's gradients followed by this rank's local sum, taken from the meter at
+  that moment. The payload is the bucket's own memory: its storage (DDP allocates each bucket as a storage of its
+  own) is grown once, after each bucket rebuild, by the elements the sum takes, so no step copies the bucket
+  (``with_room_after``). With fp32/fp64 gradients and no inner hook the sum is one element. Where the reduction
   may run in fp16/bf16 (bf16/fp16 gradients, or an inner hook, which may compress) one element would keep 8
   significant bits (and fp16 overflows above 65,504), so the sum travels as small integers in a block per rank
   (``wide_payload.WidePayload``: 28 significant bits at any magnitude, W·9 elements, exact through the sum and
@@ -19,8 +23,8 @@ Per bucket (AdaScale, Johnson et al., ICML 2020: L = Σ_i ‖g_i‖², T = ‖�
 - A step whose micro-batches are all reduced (accumulation without ``no_sync()``) reduces several times: the local
   sums of all its reductions add up (each carries the passes since the previous one), and T is the last
   reduction's, which holds the whole accumulated gradient.
-- With ``gradient_as_bucket_view=True`` a bucket is reduced in place in ``.grad``, so the meter reads what it
-  recorded before each bucket leaves.
+- With ``gradient_as_bucket_view=True`` a bucket is reduced in place in ``.grad``, so a bucket the meter did not
+  take makes it read everything it recorded before the bucket leaves.
 
 An inner hook (``comm_hook=`` of ``ddp.attach``) gets the last bucket with the payload as its buffer; it must
 return the *average* over ranks of what it was given, element by element, as torch's ``allreduce_hook``,
@@ -37,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 
-from .fused_norms import LOW_PRECISION, ChunkedNormMeter, squared_norm_sum
+from .fused_norms import LOW_PRECISION, BucketNormMeter, squared_norm_sum
 from .wide_payload import WidePayload
 
 CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
@@ -64,7 +68,7 @@ class LocalNormCarrier:
     callback, which may run on the communication thread); :meth:`take`, at the optimizer step, reads them.
     """
 
-    def __init__(self, meter: ChunkedNormMeter, process_group: dist.ProcessGroup, inner_state: Any = None,
+    def __init__(self, meter: BucketNormMeter, process_group: dist.ProcessGroup, inner_state: Any = None,
                  wide: bool = False, flush_each_bucket: bool = False) -> None:
         self.meter = meter
         self.process_group = process_group
@@ -75,8 +79,7 @@ class LocalNormCarrier:
         self.flush_each_bucket = flush_each_bucket
         self.reduced: dict[int, torch.Tensor] = {}     # each bucket's reduced gradients (the last reduction's)
         self._carried: list[torch.Tensor] = []         # the reduced local sums of each reduction of the step
-        self._payload: Optional[torch.Tensor] = None
-        self._grads_view = self._carried_view = torch.empty(0)
+        self._payload: Optional[torch.Tensor] = None   # the last bucket with its local sum, this step's
         self._carrier = WidePayload(1, self.rank, self.world_size)
 
     def carried_numel(self, dtype: torch.dtype) -> int:
@@ -84,23 +87,18 @@ class LocalNormCarrier:
         return self._carrier.numel if self.wide or dtype in LOW_PRECISION else 1
 
     def payload(self, buffer: torch.Tensor, divide: bool) -> torch.Tensor:
-        """The last bucket's gradients (divided by the world size when ``divide``) followed by this rank's local
-        sum, in a buffer kept between steps (reallocated only when DDP rebuilds its buckets)."""
+        """The last bucket's gradients (divided in place by the world size when ``divide``) followed by this rank's
+        local sum, in the bucket's own memory (``with_room_after``)."""
         numel = buffer.numel()
-        extra = self.carried_numel(buffer.dtype)
-        payload = self._payload
-        if payload is None or payload.numel() != numel + extra or payload.dtype != buffer.dtype:
-            payload = self._payload = buffer.new_empty(numel + extra)
-            self._grads_view, self._carried_view = payload[:numel], payload[numel:]
-        elif self._carried and self._carried[-1] is self._carried_view:
-            self._carried[-1] = self._carried_view.clone()     # an earlier reduction of this step: keep its sums
+        payload = self._payload = with_room_after(buffer, self.carried_numel(buffer.dtype))
+        carried_view = payload[numel:]
+        if self._carried and self._carried[-1].data_ptr() == carried_view.data_ptr():
+            self._carried[-1] = self._carried[-1].clone()     # an earlier reduction of this step: keep its sums
+        local = self.meter.take()   # before the division: under gradient_as_bucket_view the bucket is .grad
         if divide:
-            torch.div(buffer, self.world_size, out=self._grads_view)
-        else:
-            self._grads_view.copy_(buffer)
-        local = self.meter.take()
-        carried = local if extra == 1 else self._carrier.encode(local)
-        self._carried_view.copy_(carried / self.world_size if divide else carried)
+            buffer.div_(self.world_size)
+        carried = local if carried_view.numel() == 1 else self._carrier.encode(local)
+        carried_view.copy_(carried / self.world_size if divide else carried)
         return payload
 
     def unpack(self, index: int, last: bool, future: torch.futures.Future) -> torch.Tensor:
@@ -108,10 +106,12 @@ class LocalNormCarrier:
         value = future.value()
         reduced = value[0] if isinstance(value, list) else value
         if last:
-            if reduced.data_ptr() != self._payload.data_ptr():   # an inner hook that returned a new tensor
-                self._payload.copy_(reduced)
-            reduced = self._grads_view
-            self._carried.append(self._carried_view)
+            payload = self._payload
+            if reduced.data_ptr() != payload.data_ptr():   # an inner hook that returned a new tensor
+                payload.copy_(reduced)
+            numel = payload.numel() - self.carried_numel(payload.dtype)
+            reduced = payload[:numel]
+            self._carried.append(payload[numel:])
         self.reduced[index] = reduced
         return reduced
 
@@ -121,7 +121,7 @@ class LocalNormCarrier:
         unscale). The buckets' squared norms are summed in bucket order, so every rank gets the same number."""
         if not self._carried:
             return None
-        mean_sq = squared_norm_sum([self.reduced[i] for i in sorted(self.reduced)], self._payload.device)
+        mean_sq = squared_norm_sum([self.reduced[i] for i in sorted(self.reduced)])
         local = torch.stack([self._local_mean(carried) for carried in self._carried]).sum()
         local_mean, mean_sq = torch.stack([local, mean_sq]).tolist()
         self._carried.clear()
@@ -133,6 +133,19 @@ class LocalNormCarrier:
         if carried.numel() == 1:
             return carried.to(torch.float64).reshape(())
         return self._carrier.decode(carried, 1.0 / self.world_size).reshape(()) / self.world_size   # decodes Σ
+
+
+def with_room_after(buffer: torch.Tensor, extra: int) -> torch.Tensor:
+    """A 1-D tensor over ``buffer``'s memory and the ``extra`` elements after it. ``buffer`` must end its storage
+    (a DDP bucket: the reducer allocates each as a storage of its own), which is grown to hold them when it is
+    short. Growing a storage moves it, once, to a larger allocation; every tensor on it (DDP's views of the bucket,
+    ``.grad`` under ``gradient_as_bucket_view``) follows, with its values."""
+    storage = buffer.untyped_storage()
+    numel = buffer.numel() + extra
+    needed = (buffer.storage_offset() + numel) * buffer.element_size()
+    if storage.nbytes() < needed:
+        storage.resize_(needed)
+    return buffer.new_empty(0).set_(storage, buffer.storage_offset(), (numel,))
 
 
 class _PayloadBucket:
@@ -161,9 +174,9 @@ def norm_carrying_wrapper(hook: Optional[CommHook] = None) -> CommHook:
     :class:`LocalNormCarrier`, whose ``inner_state`` is what ``hook`` gets as its own state."""
 
     def carry_local_norm(state: LocalNormCarrier, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
-        if state.flush_each_bucket:
-            state.meter.flush()
         buffer, last = bucket.buffer(), bucket.is_last()
+        if not state.meter.claim(bucket.parameters(), buffer) and state.flush_each_bucket:
+            state.meter.flush()    # before the bucket, which is .grad, is reduced in place
         if hook is None:
             tensor = state.payload(buffer, divide=True) if last else buffer.div_(state.world_size)
             future = _average(state, tensor)

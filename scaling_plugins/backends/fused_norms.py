@@ -17,7 +17,8 @@ The squares of the norms are summed in float64: Σ_t ‖t‖² = ‖(‖t₁‖,
 with that function, in chunks: its tensor hook only records each gradient (a Python append, no tensor op), and a
 chunk is measured when it reaches ``CHUNK_NUMEL`` elements or the pass ends, so a backward pass costs
 ⌈elements / CHUNK_NUMEL⌉ fused measurements, not one per parameter, and holds at most one chunk of gradients that
-autograd would otherwise have freed (no gradient-sized extra buffer).
+autograd would otherwise have freed (no gradient-sized extra buffer). ``BucketNormMeter`` (DDP) reads a pass
+whose gradients became ``.grad`` from the engine's buckets instead: one measurement per bucket.
 """
 from __future__ import annotations
 
@@ -252,3 +253,44 @@ class ChunkedNormMeter(BackwardCounter):
         self._total.zero_()
         self._pass_total.zero_()
 
+
+
+class BucketNormMeter(ChunkedNormMeter):
+    """:class:`ChunkedNormMeter` for an engine that copies gradients into contiguous buckets before reducing them
+    (DDP): a gradient recorded by reference (its parameter had no ``.grad``, so ``.grad`` becomes exactly this
+    pass's gradient) is not read in its hook. When the engine's bucket of such parameters is complete,
+    :meth:`claim` measures them all with one read of the bucket — the ops per step grow with the buckets, not the
+    parameters, and the read comes right after the engine's copy, while the bucket is in the cache. A parameter
+    whose bucket is not claimed (accumulation, a pass under ``no_sync()``, an unused parameter in the bucket) is
+    read at the next flush, as :class:`ChunkedNormMeter` reads it."""
+
+    def __init__(self, parameters: Iterable[torch.nn.Parameter]) -> None:
+        super().__init__(parameters)
+        self._unread: dict[int, None] = {}    # recorded by reference in the running pass, not measured yet
+
+    def _record(self, index: int, grad: torch.Tensor) -> None:
+        if grad.layout == torch.strided and self._params[index]().grad is None:
+            self._unread[index] = None
+        else:
+            super()._record(index, grad)
+
+    def claim(self, params: Iterable[torch.Tensor], bucket: torch.Tensor) -> bool:
+        """Measure ``params`` as ``bucket`` (their gradients, copied into one buffer) when each of them was recorded
+        by reference in the running pass and not measured yet; False (nothing done) otherwise."""
+        indices = [self._index.get(id(param)) for param in params]
+        if not self._in_pass or not all(index in self._unread for index in indices):
+            return False
+        for index in indices:
+            del self._unread[index]
+        self._pass_total += squared_norm_sum([bucket])
+        return True
+
+    def flush(self) -> None:
+        self._pending.extend(self._unread)
+        self._by_reference.update(self._unread)
+        self._unread.clear()
+        super().flush()
+
+    def reset(self) -> None:
+        self._unread.clear()
+        super().reset()
