@@ -28,6 +28,7 @@ import weakref
 from typing import Callable, Iterable, Iterator, Optional, Union
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 EXACT_NUMEL = 1 << 14     # tensors up to this size: norms in float64
 PIECE_NUMEL = 1 << 16     # fp16/bf16 tensors are read in views of at most this many elements
@@ -83,9 +84,11 @@ class BackwardCounter:
     """Counts the backward passes that produce the step's gradients of these parameters: the passes that
     accumulate into ``.grad``.
 
-    A tensor hook on each parameter sees each pass's own gradient (before autograd adds it into ``.grad``); a
-    post-accumulate-grad hook marks the pass as one that reached ``.grad``. ``torch.autograd.grad`` with respect to
-    the parameters (a gradient penalty) fires the tensor hooks but accumulates nothing, so it is not counted; a
+    A tensor hook on each parameter sees each pass's own gradient (before autograd adds it into ``.grad``). The
+    first one of a pass puts a one-shot post-accumulate-grad hook on its parameter, which marks the pass as one that
+    reached ``.grad`` (``backward()`` accumulates every gradient whose hook it runs), so the Python calls per
+    parameter and pass are one. ``torch.autograd.grad`` with respect to the parameters (a gradient penalty) fires
+    the tensor hooks but accumulates nothing, so it is not counted; a
     pass run under :meth:`paused` (e.g. SAM's first backward, whose gradient only finds the perturbation) is not
     seen at all. Subclasses measure what the counted passes saw (:class:`ChunkedNormMeter`).
     """
@@ -100,9 +103,9 @@ class BackwardCounter:
         self._accumulated = False
         self._paused = False
         self._passes = 0
+        self._accumulation_probe: Optional[RemovableHandle] = None
         for index, param in enumerate(params):
             param.register_hook(functools.partial(self._on_gradient, index))
-            param.register_post_accumulate_grad_hook(self._on_accumulated)
 
     # -- inside backward --------------------------------------------------------------------------------------
     def _on_gradient(self, index: int, grad: torch.Tensor) -> None:
@@ -110,17 +113,18 @@ class BackwardCounter:
             return
         if not self._in_pass:
             self._in_pass = True
+            self._accumulation_probe = self._params[index]().register_post_accumulate_grad_hook(self._on_accumulated)
             queue_end_of_backward(self._end_pass)
         self._record(index, grad)
 
     def _on_accumulated(self, param: torch.Tensor) -> None:
-        if self._in_pass:
-            self._accumulated = True
+        self._accumulated = True
 
     def _record(self, index: int, grad: torch.Tensor) -> None:
         """What each gradient of a pass adds besides being seen (nothing here)."""
 
     def _end_pass(self) -> None:
+        self._accumulation_probe.remove()
         counted, self._in_pass, self._accumulated = self._accumulated, False, False
         if counted:
             self._passes += 1
