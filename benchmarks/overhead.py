@@ -10,7 +10,8 @@ built-in all-reduce, plain SGD step), ``ours`` (``scaling_plugins.backends.ddp.a
 ``--fairscale DIR`` (a folder where ``fairscale`` is importable, e.g. ``pip install --no-deps --target DIR
 fairscale==0.4.13``; never a project dependency), ``fairscale`` (``fairscale.optim.AdaScale`` around the same
 SGD). Steps rotate between the variants, the order shifting every round, with a barrier before each timed step,
-so machine noise hits all alike. Reported per run: median wall and CPU (this thread's) step time of each and the
+so machine noise hits all alike. Reported per run: median wall, CPU (``cpu``: the training thread's) and process
+CPU (``process``: every thread of the rank, the communication threads included) step time of each and the
 ratios to bare; collectives per step from the torch profiler's ``gloo:*`` events (the same counter for all).
 The summary is the median over runs of the per-run ratios.
 """
@@ -35,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from benchmarks.many_tensors import MODELS, model_and_widths
 from scaling_plugins.backends.ddp import attach
 
-CLOCKS = ("wall", "cpu")
+CLOCKS = ("wall", "cpu", "process")
 
 
 def collectives(step: Callable[[], None]) -> dict[str, int]:
@@ -87,17 +88,17 @@ def measure(rank: int, args: argparse.Namespace) -> dict:
         optimizer_step()
         ddp.zero_grad()
 
-    def timed(name: str) -> tuple[float, float]:
+    def timed(name: str) -> tuple[float, float, float]:
         dist.barrier()
-        wall, cpu = time.perf_counter(), time.thread_time()
+        wall, cpu, process = time.perf_counter(), time.thread_time(), time.process_time()
         step(name)
-        return time.perf_counter() - wall, time.thread_time() - cpu
+        return time.perf_counter() - wall, time.thread_time() - cpu, time.process_time() - process
 
     for _ in range(args.warmup):
         for name in names:
             step(name)
     counts = {name: collectives(lambda: step(name)) for name in names}
-    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
+    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in names}
     for i in range(args.steps):
         for name in names[i % len(names):] + names[:i % len(names)]:
             times[name].append(timed(name))

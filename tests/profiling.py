@@ -7,8 +7,12 @@ import torch
 
 
 def top_level_ops(fn: Callable[[], object]) -> int:
-    """How many aten ops ``fn()`` runs that no other aten op called (an op and the ops inside it count once)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    """How many aten ops ``fn()`` runs that no other aten op called (an op and the ops inside it count once), on
+    every thread: a communication thread's ops too (gloo's, and the reduction callbacks run there), which the
+    profiler leaves out by default."""
+    every_thread = torch._C._profiler._ExperimentalConfig(profile_all_threads=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                experimental_config=every_thread) as prof:
         fn()
     count = 0
     for event in prof.events():

@@ -193,6 +193,59 @@ def test_collectives_per_step_equal_bare_ddp():
     assert bare[-1].count("gloo:all_reduce") >= 2       # several buckets: the count is not trivially one
 
 
+def averaging_refused(rank, world, refuse):
+    """Three steps on a model of several buckets; with ``refuse`` the backend's all-reduce refuses ReduceOp.AVG as
+    a backend without it does (torch's gloo before AVG support, MPI)."""
+    import logging
+
+    import torch.distributed as dist
+
+    real_all_reduce, averaging_calls, records = dist.all_reduce, [], []
+
+    def all_reduce_without_avg(tensor, op=dist.ReduceOp.SUM, **kwargs):
+        if op == dist.ReduceOp.AVG:
+            averaging_calls.append(tensor.numel())
+            if refuse:
+                raise RuntimeError("Cannot use ReduceOp.AVG with Gloo")
+        return real_all_reduce(tensor, op=op, **kwargs)
+
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("scaling_plugins.backends.ddp_hooks").addHandler(handler)
+    logging.getLogger("scaling_plugins.backends.ddp_hooks").setLevel(logging.INFO)
+    dist.all_reduce = all_reduce_without_avg
+    try:
+        torch.manual_seed(0)
+        model = DDP(torch.nn.Sequential(torch.nn.Linear(8, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
+                                        torch.nn.ReLU(), torch.nn.Linear(256, 1)), bucket_cap_mb=0.1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        ctl = attach(model, optimizer, "AdaScale")
+        gains = []
+        for step in range(3):
+            gen = torch.Generator().manual_seed(10 * step + rank)
+            model(torch.randn(4, 8, generator=gen)).pow(2).sum().backward()
+            ctl.step()
+            optimizer.zero_grad()
+            gains.append(ctl.gain)
+        weights = [p.detach().clone() for p in model.parameters()]
+    finally:
+        dist.all_reduce = real_all_reduce
+    return gains, weights, averaging_calls, [r.getMessage() for r in records]
+
+
+def test_a_backend_without_an_averaging_all_reduce_divides_then_sums_with_the_same_results():
+    averaged = run_ranks(averaging_refused, 2, False)
+    refused = run_ranks(averaging_refused, 2, True)
+    for rank in range(2):
+        gains, weights, calls, logs = averaged[rank]
+        assert len(calls) > 3 and not logs          # every bucket of every step averaged (several after the rebuild)
+        refused_gains, refused_weights, refused_calls, refused_logs = refused[rank]
+        assert len(refused_calls) == 1              # refused once, never asked again
+        assert len(refused_logs) == 1 and "no averaging all-reduce" in refused_logs[0]
+        assert refused_gains == gains and len(set(gains)) == 3 and all(1.0 < g < 2.0 for g in gains)
+        assert all(torch.equal(a, b) for a, b in zip(weights, refused_weights))   # W = 2: x/2 is exact
+
+
 def nan_step(rank, world):
     model = DDP(torch.nn.Linear(2, 2))
     ctl = attach(model, torch.optim.SGD(model.parameters(), lr=0.1), "AdaScale")

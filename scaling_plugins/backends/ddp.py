@@ -17,10 +17,11 @@ How the numbers move, with no extra collective (``ddp_hooks`` has the details):
   accumulation) each bucket is read once, in the communication hook, right after DDP has copied the gradients into
   it; the gradients of any other pass (the micro-batches of an accumulation) are read per chunk, a few fused ops
   each. Only the parameters DDP reduces are measured (not those in ``_ddp_params_and_buffers_to_ignore``).
-- A DDP communication hook (``ddp_hooks.norm_carrying_wrapper``) reduces each bucket as DDP's default hook does
-  (or as the ``comm_hook`` given to :func:`attach`, e.g. ``fp16_compress_hook``) and carries that scalar in the
-  last bucket, in the bucket's own memory. T = ‖ḡ‖² comes from the reduced buckets, one fused read per bucket,
-  summed in bucket order so every rank gets the same gain bit for bit.
+- A DDP communication hook (``ddp_hooks.norm_carrying_wrapper``) averages each bucket as DDP's default hook does,
+  with the backend's averaging all-reduce (``ReduceOp.AVG``; divide-then-sum where a backend has none), or with
+  the ``comm_hook`` given to :func:`attach` (e.g. ``fp16_compress_hook``), and carries that scalar in the last
+  bucket, in the bucket's own memory. T = ‖ḡ‖² comes from the reduced buckets, one fused read per bucket in its
+  reduction's completion callback, summed in bucket order so every rank gets the same gain bit for bit.
 - ``step()`` reads L and T with one host sync, feeds the policy, sets each param group's learning rate to
   ``policy.learning_rate(initial lr of that group)`` and steps the optimizer.
 
@@ -102,7 +103,7 @@ class DDPDriver(PolicyDriver):
         """Feed this step's statistics (and loss) to the policy, set the learning rate, step the optimizer
         (through the grad scaler when there is one: an overflow step is skipped and the policy stays); then a
         batch-size controller's choice becomes ``accumulation_steps`` for the next step."""
-        # read before anything changes .grad in place (the scaler's unscale; .grad may be DDP's bucket itself)
+        # the reductions' numbers, read in their completion callbacks, before the scaler's unscale changes .grad
         self._reduced = self._carrier.take() if self._carrier is not None else None
         if self.grad_scaler is None:
             self.advance(loss)

@@ -17,12 +17,18 @@ Per bucket (AdaScale, Johnson et al., ICML 2020: L = Σ_i ‖g_i‖², T = ‖�
   significant bits (and fp16 overflows above 65,504), so the sum travels as small integers in a block per rank
   (``wide_payload.WidePayload``: 28 significant bits at any magnitude, W·9 elements, exact through the sum and
   the 1/W averaging). No extra collective either way.
-- The reduced buckets give T: at the optimizer step, one fused read of all of them (fp32 accumulation for
-  fp16/bf16), in bucket order, so every rank adds the same numbers in the same order. The completion callbacks
-  themselves do no tensor work (they may run on the communication thread).
+- Without an inner hook a bucket is averaged by the backend's own averaging all-reduce (``ReduceOp.AVG``), as
+  DDP's default reduction averages: the 1/W is applied by the reduction (NCCL) or on the communication thread
+  (gloo), not by a separate pass over the bucket in the backward; a backend without AVG gets torch's
+  ``allreduce_hook`` (divide, then sum).
+- The reduced buckets give T: each reduction's completion callback reads its bucket's squared norm (fp32
+  accumulation for fp16/bf16) while the bucket is fresh, on the thread that completed it (gloo's communication
+  thread, or NCCL's stream); the optimizer step adds them in bucket order, so every rank adds the same numbers in
+  the same order.
 - A step whose micro-batches are all reduced (accumulation without ``no_sync()``) reduces several times: the local
   sums of all its reductions add up (each carries the passes since the previous one), and T is the last
-  reduction's, which holds the whole accumulated gradient.
+  reduction's, which holds the whole accumulated gradient (each reduction reads its buckets' norms; the last
+  one's are kept).
 - With ``gradient_as_bucket_view=True`` a bucket is reduced in place in ``.grad``, so a bucket the meter did not
   take makes it read everything it recorded before the bucket leaves.
 
@@ -35,6 +41,7 @@ uncompressed gradients reduced, which is the collective PowerSGD exists to avoid
 (No ``from __future__ import annotations``: DDP checks the hook's annotations.)
 """
 import functools
+import logging
 from typing import Any, Callable, Optional
 
 import torch
@@ -43,6 +50,8 @@ from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersg
 
 from .fused_norms import LOW_PRECISION, BucketNormMeter, squared_norm_sum
 from .wide_payload import WidePayload
+
+log = logging.getLogger(__name__)
 
 CommHook = Callable[[Any, dist.GradBucket], torch.futures.Future]
 POWERSGD_HOOKS = (powersgd.powerSGD_hook, powersgd.batched_powerSGD_hook)
@@ -64,8 +73,8 @@ class LocalNormCarrier:
     """The hook's state: the meter it takes the local sum from, what the reductions of the current step produced,
     and the inner hook's own state. Holds no reference to the DDP model (model → reducer → hook state is no cycle).
 
-    The hook itself only records references to what was reduced (no tensor op in the reduction's completion
-    callback, which may run on the communication thread); :meth:`take`, at the optimizer step, reads them.
+    Each reduction's completion callback reads its bucket's squared norm (:meth:`unpack`); :meth:`take`, at the
+    optimizer step, adds them up with the carried sums in one host sync.
     """
 
     def __init__(self, meter: BucketNormMeter, process_group: dist.ProcessGroup, inner_state: Any = None,
@@ -77,55 +86,75 @@ class LocalNormCarrier:
         self.inner_state = inner_state
         self.wide = wide
         self.flush_each_bucket = flush_each_bucket
-        self.reduced: dict[int, torch.Tensor] = {}     # each bucket's reduced gradients (the last reduction's)
+        self.reduced_sq: dict[int, torch.Tensor] = {}  # each bucket's ‖reduced gradients‖² (the last reduction's)
         self._carried: list[torch.Tensor] = []         # the reduced local sums of each reduction of the step
-        self._payload: Optional[torch.Tensor] = None   # the last bucket with its local sum, this step's
+        # this step's last bucket: (payload, its gradients, its local sum)
+        self._payload: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
         self._carrier = WidePayload(1, self.rank, self.world_size)
+        self._backend_averages = True                  # until the backend refuses ReduceOp.AVG (``average``)
 
     def carried_numel(self, dtype: torch.dtype) -> int:
         """Elements the local sum takes in the payload."""
         return self._carrier.numel if self.wide or dtype in LOW_PRECISION else 1
 
-    def payload(self, buffer: torch.Tensor, divide: bool) -> torch.Tensor:
-        """The last bucket's gradients (divided in place by the world size when ``divide``) followed by this rank's
-        local sum, in the bucket's own memory (``with_room_after``)."""
+    def payload(self, buffer: torch.Tensor) -> torch.Tensor:
+        """The last bucket's gradients followed by this rank's local sum, in the bucket's own memory
+        (``with_room_after``)."""
         numel = buffer.numel()
-        payload = self._payload = with_room_after(buffer, self.carried_numel(buffer.dtype))
+        payload = with_room_after(buffer, self.carried_numel(buffer.dtype))
         carried_view = payload[numel:]
+        self._payload = payload, payload[:numel], carried_view
         if self._carried and self._carried[-1].data_ptr() == carried_view.data_ptr():
             self._carried[-1] = self._carried[-1].clone()     # an earlier reduction of this step: keep its sums
-        local = self.meter.take()   # before the division: under gradient_as_bucket_view the bucket is .grad
-        if divide:
-            buffer.div_(self.world_size)
-        carried = local if carried_view.numel() == 1 else self._carrier.encode(local)
-        carried_view.copy_(carried / self.world_size if divide else carried)
+        local = self.meter.take()
+        carried_view.copy_(local if carried_view.numel() == 1 else self._carrier.encode(local))
         return payload
 
+    def average(self, tensor: torch.Tensor) -> torch.futures.Future:
+        """DDP's default reduction, the mean over ranks, in place: one all-reduce with the backend's own averaging
+        (``ReduceOp.AVG``: NCCL folds the 1/W into the reduction, gloo divides on its communication thread), or,
+        where the backend has none, a division by the world size then a summing all-reduce, as torch's
+        ``allreduce_hook`` does. A backend that refuses AVG does so before communicating, on every rank alike;
+        that is logged once and every later bucket divides."""
+        if self._backend_averages:
+            try:
+                return dist.all_reduce(tensor, op=dist.ReduceOp.AVG, group=self.process_group,
+                                       async_op=True).get_future()
+            except (RuntimeError, ValueError) as error:
+                if "AVG" not in str(error):
+                    raise
+                self._backend_averages = False
+                log.info("scaling_plugins: the %s backend has no averaging all-reduce (%s); DDP buckets are divided "
+                         "by the world size before a summing all-reduce", dist.get_backend(self.process_group), error)
+        tensor.div_(self.world_size)
+        return dist.all_reduce(tensor, group=self.process_group, async_op=True).get_future()
+
     def unpack(self, index: int, last: bool, future: torch.futures.Future) -> torch.Tensor:
-        """The reduced bucket's gradients (what DDP copies into ``.grad``), recorded for :meth:`take`."""
+        """The reduced bucket's gradients (what DDP copies into ``.grad``), with their squared norm kept for
+        :meth:`take`. Runs as the reduction's completion callback (on the communication thread where the backend
+        completes there, as gloo does), while the reduced bucket is fresh in the cache."""
         value = future.value()
         reduced = value[0] if isinstance(value, list) else value
         if last:
-            payload = self._payload
+            payload, reduced_gradients, carried = self._payload
             if reduced.data_ptr() != payload.data_ptr():   # an inner hook that returned a new tensor
                 payload.copy_(reduced)
-            numel = payload.numel() - self.carried_numel(payload.dtype)
-            reduced = payload[:numel]
-            self._carried.append(payload[numel:])
-        self.reduced[index] = reduced
+            reduced = reduced_gradients
+            self._carried.append(carried)
+        self.reduced_sq[index] = squared_norm_sum([reduced])
         return reduced
 
     def take(self) -> Optional[tuple[float, float]]:
         """(mean over ranks of Σ‖g_i‖², ‖reduced gradient‖²) of the step with one host sync, or None when nothing
-        was reduced; then reset. Call it before anything changes the reduced gradients in place (a loss scaler's
-        unscale). The buckets' squared norms are summed in bucket order, so every rank gets the same number."""
+        was reduced; then reset. The buckets' squared norms are summed in bucket order, so every rank gets the same
+        number."""
         if not self._carried:
             return None
-        mean_sq = squared_norm_sum([self.reduced[i] for i in sorted(self.reduced)])
+        mean_sq = torch.stack([self.reduced_sq[i] for i in sorted(self.reduced_sq)]).sum()
         local = torch.stack([self._local_mean(carried) for carried in self._carried]).sum()
         local_mean, mean_sq = torch.stack([local, mean_sq]).tolist()
         self._carried.clear()
-        self.reduced.clear()
+        self.reduced_sq.clear()
         return local_mean, mean_sq
 
     def _local_mean(self, carried: torch.Tensor) -> torch.Tensor:
@@ -163,27 +192,20 @@ class _PayloadBucket:
         return getattr(self._bucket, name)
 
 
-def _average(state: LocalNormCarrier, tensor: torch.Tensor) -> torch.futures.Future:
-    """All-reduce an already divided tensor (DDP's default hook, whose division was done while copying)."""
-    return dist.all_reduce(tensor, group=state.process_group, async_op=True).get_future()
-
-
 def norm_carrying_wrapper(hook: Optional[CommHook] = None) -> CommHook:
-    """A DDP communication hook that reduces each bucket with ``hook`` (DDP's default averaging all-reduce when
-    None) and carries this rank's local Σ‖g_i‖² in the last bucket (module docstring). Its state is a
-    :class:`LocalNormCarrier`, whose ``inner_state`` is what ``hook`` gets as its own state."""
+    """A DDP communication hook that reduces each bucket with ``hook`` (when None, the averaging all-reduce of
+    :meth:`LocalNormCarrier.average`) and carries this rank's local Σ‖g_i‖² in the last bucket (module
+    docstring). Its state is a :class:`LocalNormCarrier`, whose ``inner_state`` is what ``hook`` gets as its own
+    state."""
 
     def carry_local_norm(state: LocalNormCarrier, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         buffer, last = bucket.buffer(), bucket.is_last()
         if not state.meter.claim(bucket.parameters(), buffer) and state.flush_each_bucket:
             state.meter.flush()    # before the bucket, which is .grad, is reduced in place
-        if hook is None:
-            tensor = state.payload(buffer, divide=True) if last else buffer.div_(state.world_size)
-            future = _average(state, tensor)
-        elif last:
-            future = hook(state.inner_state, _PayloadBucket(bucket, state.payload(buffer, divide=False)))
-        else:
-            future = hook(state.inner_state, bucket)
-        return future.then(functools.partial(state.unpack, bucket.index(), last))
+        index = bucket.index()
+        if last:
+            bucket = _PayloadBucket(bucket, state.payload(buffer))
+        future = state.average(bucket.buffer()) if hook is None else hook(state.inner_state, bucket)
+        return future.then(functools.partial(state.unpack, index, last))
 
     return carry_local_norm
