@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import signal
 import subprocess
 import threading
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests import cluster as harness
-from tests.distributed import REPO, VENV_BIN
+from tests.distributed import REPO, VENV_BIN, stop_gently
 
 HOSTS = ["sp-n1", "sp-n2"]
 PYTHON = str(VENV_BIN / "python")
@@ -96,18 +95,3 @@ def run_on_each_host(cluster, cmd: list[str], env: dict[str, str], timeout: floa
     text = "".join("".join(out) + ("" if code is not None else f"\n[killed after {timeout:.0f} s]\n")
                    for out, code in zip(outputs, codes))
     return codes, text
-
-
-def stop_gently(procs: list[subprocess.Popen], grace: float = 15) -> None:
-    """SIGTERM to each running process's group first: launchers such as torchrun start their workers in
-    sessions of their own and stop them only on a signal they can catch; SIGKILL after ``grace`` seconds."""
-    running = [proc for proc in procs if proc.poll() is None]
-    for proc in running:
-        os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    for proc in running:
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()

@@ -4,10 +4,12 @@ from __future__ import annotations
 import gc
 import os
 import pickle
+import signal
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -71,11 +73,49 @@ def torchrun_main(train: Callable[[int, int], Any]) -> None:
 
 def run_command(cmd: Sequence[str], timeout: float = 600, env: dict | None = None,
                 cwd: Path | str = REPO) -> subprocess.CompletedProcess:
-    """Run a real launcher command with the venv's bin first on PATH; fail with its output if it fails."""
+    """Run a real launcher command with the venv's bin first on PATH; fail with its output if it fails or outlives
+    ``timeout`` seconds. The command runs in a session of its own, and what is still running when it times out (or
+    the test is interrupted) is stopped with :func:`stop_gently`: the launcher and every process it started (its
+    ranks, a compiler a rank runs), not the launcher alone."""
     full_env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
                 "PYTHONPATH": str(REPO), **(env or {})}
-    proc = subprocess.run(list(cmd), cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.Popen(list(cmd), cwd=cwd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop_gently([proc])
+        stdout, stderr = _output_left(proc)
+        raise AssertionError(f"{' '.join(cmd)} did not finish within {timeout:.0f} s; stopped with everything it "
+                             f"started\n--- stdout\n{stdout[-6000:]}\n--- stderr\n{stderr[-6000:]}") from None
+    finally:
+        stop_gently([proc])     # nothing left running when the test is interrupted
     if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}"
-                             f"\n--- stderr\n{proc.stderr[-6000:]}")
-    return proc
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{stdout[-6000:]}"
+                             f"\n--- stderr\n{stderr[-6000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def _output_left(proc: subprocess.Popen, wait: float = 10) -> tuple[str, str]:
+    """What a stopped process wrote, read for at most ``wait`` seconds (a process that left its session may still
+    hold the pipes open)."""
+    try:
+        return proc.communicate(timeout=wait)
+    except subprocess.TimeoutExpired:
+        return "", "[output not readable: a process it started still holds its pipes]"
+
+
+def stop_gently(procs: list[subprocess.Popen], grace: float = 15) -> None:
+    """SIGTERM to each running process's group first: launchers such as torchrun start their workers in
+    sessions of their own and stop them only on a signal they can catch; SIGKILL after ``grace`` seconds. Each
+    process must lead its own group (``start_new_session=True``)."""
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
+        os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in running:
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

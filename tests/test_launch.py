@@ -2,10 +2,13 @@
 import os
 import shutil
 import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from tests.distributed import REPO, VENV_BIN, free_port
+from tests.distributed import REPO, VENV_BIN, free_port, run_command
 from tests.launching import TRAIN, assert_two_ranks_trained_together, run_launch
 
 LOCAL = {"NPROC_PER_NODE": "2"}
@@ -119,3 +122,28 @@ def test_placement_rejects_a_rank_outside_the_world():
 
     with pytest.raises(ValueError, match="RANK=2 is outside"):
         placement({"RANK": "2", "WORLD_SIZE": "2"})
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` is a live process (a zombie waiting to be reaped counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def test_a_launch_that_times_out_is_stopped_with_the_processes_it_started(tmp_path):
+    """The helper every launcher test runs through: on a timeout it stops the launcher and its ranks (a
+    launcher killed alone leaves its ranks running)."""
+    pid_file = tmp_path / "rank.pid"
+    launcher = ("import subprocess, sys, time\n"
+                "rank = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(300)'])\n"
+                f"open({str(pid_file)!r}, 'w').write(str(rank.pid))\n"
+                "time.sleep(300)\n")
+    with pytest.raises(AssertionError, match="did not finish within 5 s; stopped with everything it started"):
+        run_command([sys.executable, "-c", launcher], timeout=5)
+    rank = int(pid_file.read_text())
+    deadline = time.monotonic() + 10
+    while _running(rank) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _running(rank)
