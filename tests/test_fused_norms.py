@@ -33,6 +33,17 @@ def test_squared_norm_sum_matches_float64_for_every_dtype_and_size(scale):
     assert float(squared_norm_sum([half])) == pytest.approx(reference([half]), rel=1e-5)   # fp16: > 65,504 too
 
 
+def test_a_large_float32_gradient_on_cpu_keeps_float64_accuracy():
+    """A 10.5M-element fp32 gradient (a DDP bucket of the benchmark MLP) with a mean far from zero: torch's CPU norm
+    kernel alone is off by about 8e-4 of the square there; the row-wise read must stay near float64's answer."""
+    generator = torch.Generator().manual_seed(0)
+    grad = torch.randn(10_500_000 + 7, generator=generator) * 1e-3 + 1e-4
+    exact = reference([grad])
+    whole_tensor_norm = float(torch.linalg.vector_norm(grad)) ** 2
+    assert abs(whole_tensor_norm - exact) > 1e-5 * exact       # the kernel's own error, which the read avoids
+    assert float(squared_norm_sum([grad])) == pytest.approx(exact, rel=1e-8)
+
+
 def test_low_precision_gradients_are_never_copied_whole():
     """bf16 gradients: every cast the read makes covers at most one piece, never the whole gradient."""
     grad = torch.randn(8 * PIECE_NUMEL).bfloat16()
