@@ -175,12 +175,33 @@ def call_after(owner: Any, name: str, hook: Callable[[], None]) -> None:
 
 
 # -- ZeRO stage 0 (and BF16_Optimizer): the flat gradient all-reduce ------------------------------------------
+def frees_gradients_during_backward(optimizer: Any) -> bool:
+    """Whether the optimizer takes each parameter's ``.grad`` away during the backward, right after autograd
+    accumulated it (BF16_Optimizer with ``bf16.immediate_grad_update``: added into its fp32 buffer, then set to
+    None), so a gradient can only be read in its own hook."""
+    return bool(getattr(optimizer, "immediate_grad_update", False))
+
+
 def supply_gradients_for_reduction(engine: DeepSpeedEngine, supply: Callable[[Callable[[], tuple]], tuple]) -> None:
     """DeepSpeed's flat all-reduce asks the optimizer for ``get_grads_for_reduction()`` when it has one; make
     that ``supply(collect)``, where ``collect()`` gives the (grads, expert grads) DeepSpeed would reduce."""
     optimizer = engine.optimizer
     collect = getattr(optimizer, "get_grads_for_reduction", None) or engine._get_gradients_for_reduction
     optimizer.get_grads_for_reduction = lambda: supply(collect)
+
+
+def on_bucket_reduced(engine: DeepSpeedEngine, hook: Callable[[Any, list], None]) -> None:
+    """Call ``hook(flat, bucket)`` with each reduced flat buffer of the flat all-reduce and the gradients it holds,
+    as ``allreduce_bucket`` returns it, before DeepSpeed copies it back into them."""
+    original = engine.allreduce_bucket
+
+    @functools.wraps(original)
+    def allreduce_bucket(bucket: list, *args: Any, **kwargs: Any) -> Any:
+        flat = original(bucket, *args, **kwargs)
+        hook(flat, bucket)
+        return flat
+
+    engine.allreduce_bucket = allreduce_bucket
 
 
 def on_gradients_reduced(engine: DeepSpeedEngine, hook: Callable[[], None]) -> None:

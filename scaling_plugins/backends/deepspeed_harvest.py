@@ -11,8 +11,10 @@ the payload rides a reduction DeepSpeed already does, and T comes from what that
   (``communication_data_type``, bf16 by default for bf16 runs) one element would keep 8 significant bits (and
   fp16 overflows above 65,504): the payload then travels as small integers in a block per rank
   (``wide_payload.WidePayload``: 28 significant bits, any exponent, exact through the sum and the 1/W scaling,
-  W·9 elements per number, no collective). Right after the reduction (before any clipping)
-  ``fused_norms.squared_norm_sum`` over the reduced gradients gives T.
+  W·9 elements per number, no collective). T is read from the reduced flat buffers themselves, one read of each
+  right after its all-reduce and before DeepSpeed copies it back into the gradients (a contiguous buffer that
+  was just written, instead of a fused read of every gradient tensor afterwards); a reduced gradient that went
+  through no flat buffer (a sparse one) is read after the reduction (``fused_norms.squared_norm_sum``).
 - ``NormRider`` (ZeRO stages 1, 2, 3, with or without CPU offload): the optimizer all-reduces a 1-element
   squared gradient norm per parameter group (``get_grad_norm_direct`` or its CPU-offload twin, called from
   ``scaled_global_norm`` in stages 1/2 and ``_get_norm_groups`` in stage 3). While that method runs, the
@@ -23,8 +25,11 @@ the payload rides a reduction DeepSpeed already does, and T comes from what that
 
 Local norms. ``StepMeter`` (``fused_norms.ChunkedNormMeter``) reads each micro-batch's Σ‖g‖² with a few fused
 ops per chunk of gradients (``torch._foreach_norm``; fp16/bf16 accumulated in fp32 in pieces, never a full fp32
-copy), once per ``CHUNK_NUMEL`` elements and at the end of each backward, not per parameter. Under ZeRO-1/2/3,
-whose hooks move ``.grad`` into gradient buckets during backward, it reads each gradient in its own hook.
+copy), once per ``CHUNK_NUMEL`` elements held by value and at the end of each backward, not per parameter; a
+gradient that is the parameter's ``.grad`` costs no memory to hold, so those wait for the backward's end and are
+read together (ZeRO-0 reduces only after the backward). Where ``.grad`` is taken away during the backward — ZeRO-1/2/3,
+whose hooks move it into gradient buckets, and BF16_Optimizer with ``bf16.immediate_grad_update``, which adds it
+into its fp32 buffer and sets it to None — it reads each gradient in its own hook.
 
 Units. DeepSpeed divides each micro-batch loss by gradient_accumulation_steps (gas) and, in fp16 (its own loss
 scaler, or the torch GradScaler it runs for ZeRO-0 under ``torch_autocast`` fp16), multiplies it by the loss scale s, so a hook sees g_i·s/gas: the payload is Σ‖hooked‖²/s², each micro-batch's gradient
@@ -52,14 +57,15 @@ log = logging.getLogger(__name__)
 class StepMeter(ChunkedNormMeter):
     """``ChunkedNormMeter`` for DeepSpeed: starts afresh when the engine moves to a new optimizer step (a step
     DeepSpeed skipped for fp16 overflow never consumed its sum). fp16/bf16 gradients are accumulated in fp32/fp64
-    without a copy of the gradient (``fused_norms``). ``immediate=True`` (ZeRO-1/2/3, whose hooks move ``.grad``
-    into gradient buckets during backward) reads each gradient in its own hook."""
+    without a copy of the gradient (``fused_norms``). Gradients recorded by reference do not count towards a
+    chunk (``chunk_by_reference=False``): they are read together at the end of the backward. ``immediate=True``
+    (an optimizer that takes ``.grad`` away during the backward) reads each gradient in its own hook."""
 
     def __init__(self, parameters: Iterable[torch.nn.Parameter], current_step: Callable[[], int],
                  immediate: bool = False) -> None:
         self._current_step = current_step
         self._window = current_step()
-        super().__init__(parameters, immediate=immediate)
+        super().__init__(parameters, immediate=immediate, chunk_by_reference=False)
 
     def _before_gradient(self) -> None:
         self._restart_if_new_step()
@@ -89,7 +95,8 @@ class Payload:
     def __init__(self, engine: Any, needs_norms: bool, needs_loss: bool) -> None:
         self.engine = engine
         params = [p for p in engine.module.parameters() if p.requires_grad]
-        immediate = compat.is_zero_optimizer(engine.optimizer)
+        optimizer = engine.optimizer
+        immediate = compat.is_zero_optimizer(optimizer) or compat.frees_gradients_during_backward(optimizer)
         self.meter = StepMeter(params, lambda: engine.global_steps, immediate) if needs_norms else None
         self.needs_loss = needs_loss
         self._loss_window: Optional[int] = None
@@ -147,8 +154,11 @@ class FlatRider(Rider):
         self._carrier: Optional[torch.Tensor] = None
         self._wide: Optional[WidePayload] = None
         self._grads: list[torch.Tensor] = []
+        self._unread: dict[int, torch.Tensor] = {}      # id → reduced gradient not read from a flat buffer yet
+        self._reduced_sq: list[torch.Tensor] = []       # ‖reduced flat buffer‖² of each of them, this reduction
         self._loss_scale = 1.0
         compat.supply_gradients_for_reduction(engine, self._grads_with_payload)
+        compat.on_bucket_reduced(engine, self._read_reduced_bucket)
         compat.on_gradients_reduced(engine, self._after_reduction)
 
     def _grads_with_payload(self, collect: Callable[[], tuple]) -> tuple[list[torch.Tensor], dict]:
@@ -158,6 +168,8 @@ class FlatRider(Rider):
             raise RuntimeError("DeepSpeed gave no gradients to reduce; nothing to measure")
         self._loss_scale = compat.loss_scale(self.engine)
         self._grads = grads
+        if self.payload.meter is not None:
+            self._unread = {id(grad): grad for grad in grads}
         values = self.payload.take(self._loss_scale).to(grads[-1].device)
         carried = compat.communication_dtype(self.engine)
         if carried in LOW_PRECISION or grads[-1].dtype in LOW_PRECISION:
@@ -169,6 +181,15 @@ class FlatRider(Rider):
             self._carrier = values.to(grads[-1].dtype)
         return grads + [self._carrier], expert_grads
 
+    def _read_reduced_bucket(self, flat: torch.Tensor, bucket: list) -> None:
+        """‖g‖² of the gradients in one reduced flat buffer, while it is fresh (the payload's elements left out)."""
+        if not self._unread or id(bucket[0]) not in self._unread:
+            return      # not this step's gradients (expert gradients), or no norm wanted
+        for grad in bucket:
+            self._unread.pop(id(grad), None)
+        numel = flat.numel() - (self._carrier.numel() if bucket[-1] is self._carrier else 0)
+        self._reduced_sq.append(squared_norm_sum([flat[:numel]]))
+
     def _after_reduction(self) -> None:
         if self._carrier is None:
             return
@@ -178,9 +199,10 @@ class FlatRider(Rider):
             payload = self._carrier.to(torch.float64) / self.grad_multiplier
         mean_sq = None
         if self.payload.meter is not None:
+            reduced_sq = torch.stack([*self._reduced_sq, squared_norm_sum(self._unread.values())]).sum()
             world = self.engine.dp_world_size
-            mean_sq = squared_norm_sum(self._grads) / (self.grad_multiplier * world * self._loss_scale) ** 2
-        self._carrier, self._grads = None, []
+            mean_sq = reduced_sq / (self.grad_multiplier * world * self._loss_scale) ** 2
+        self._carrier, self._grads, self._unread, self._reduced_sq = None, [], {}, []
         self.deliver(Harvest(payload, mean_sq))
 
 

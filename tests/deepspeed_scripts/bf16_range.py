@@ -17,22 +17,28 @@ from tests.deepspeed_scripts.common import config, setup, write_and_finish
 FACTORS = (1.0, 3.0e5, 3.0e-6)
 
 
-VARIANTS = {   # the shipped configs' two bf16 flat-reduction paths
+FP32_ACCUMULATION = {"data_types": {"grad_accum_dtype": "fp32"}}
+VARIANTS = {   # the shipped configs' two bf16 flat-reduction paths, and BF16_Optimizer freeing each bf16 gradient
     "zero0": {"stage": 0},                                                 # FP16_UnfusedOptimizer, bf16 grads
-    "zero1_fp32_accumulation": {"stage": 1, "data_types": {"grad_accum_dtype": "fp32"}},   # BF16_Optimizer
+    "zero1_fp32_accumulation": {"stage": 1, **FP32_ACCUMULATION},          # BF16_Optimizer
+    # BF16_Optimizer that adds each bf16 gradient into its fp32 buffer as soon as autograd has accumulated it,
+    # then sets the parameter's .grad to None, during the backward
+    "zero1_fp32_accumulation_immediate": {"stage": 1, **FP32_ACCUMULATION,
+                                          "bf16": {"enabled": True, "immediate_grad_update": True}},
 }
 
 
 def orthogonal(rank: int, factor: float, variant: dict) -> dict:
     torch.manual_seed(0)
-    extra = {key: value for key, value in variant.items() if key != "stage"}
-    cfg = config(variant["stage"], scheduler={"type": "AdaScale", "params": {}}, bf16={"enabled": True}, **extra)
+    extra = {"bf16": {"enabled": True}, **{key: value for key, value in variant.items() if key != "stage"}}
+    cfg = config(variant["stage"], scheduler={"type": "AdaScale", "params": {}}, **extra)
     model = torch.nn.Linear(2, 2)
     engine, _, _, scheduler = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
     x = torch.eye(2)[rank].reshape(1, 2).to(torch.bfloat16)
     loss = engine(x).sum() * factor
     engine.backward(loss)
-    grad_norm = float(torch.cat([p.grad.float().reshape(-1) for p in engine.module.parameters()]).norm())
+    grads = [p.grad for p in engine.module.parameters()]
+    grad_norm = None if None in grads else float(torch.cat([g.float().reshape(-1) for g in grads]).norm())
     engine.step()
     metrics = scheduler.metrics()
     carried = scheduler._values        # what reached the policy: [Σ_ranks local ‖g‖², T] (private; test only)
