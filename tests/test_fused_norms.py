@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from scaling_plugins.backends.fused_norms import (EXACT_NUMEL, PIECE_NUMEL, BucketNormMeter, ChunkedNormMeter,
-                                                  squared_norm_sum)
+from scaling_plugins.backends.fused_norms import (CHUNK_NUMEL, EXACT_NUMEL, PIECE_NUMEL, BucketNormMeter,
+                                                  ChunkedNormMeter, squared_norm_sum)
 from scaling_plugins.backends.wide_payload import WidePayload
 from tests.profiling import top_level_ops
 
@@ -80,6 +80,24 @@ def test_meter_ops_do_not_grow_with_the_number_of_tensors(accumulation):
         expected = sum(4 * (k + 1) ** 2 for k in range(accumulation)) * reference([p.detach() for p in params])
         assert float(meter.take()) == pytest.approx(expected, rel=1e-6)     # fp32 gradients
     assert 0 < added[160] <= added[16], added
+
+
+@pytest.mark.parametrize("chunk_by_reference", [True, False])
+def test_gradients_held_in_grad_are_read_once_at_the_pass_end_unless_they_count_towards_chunks(chunk_by_reference):
+    """Two passes over 4 × CHUNK_NUMEL/2 elements: the first pass's gradients become .grad (held by reference),
+    the second adds into them (held by value). With chunk_by_reference=False the first pass is one measurement at
+    its end; either way L is the sum of each pass's own ‖g‖²."""
+    params = [torch.nn.Parameter(torch.randn(CHUNK_NUMEL // 2)) for _ in range(4)]
+    flushes = []
+    meter = ChunkedNormMeter(params, on_flush=lambda: flushes.append(1), chunk_by_reference=chunk_by_reference)
+    counts = []
+    for k in range(2):
+        before = len(flushes)
+        sum(((k + 1) * p * p).sum() for p in params).backward()
+        counts.append(len(flushes) - before)
+    expected = (4 + 16) * reference([p.detach() for p in params])      # gradients 2p, then 4p
+    assert float(meter.take()) == pytest.approx(expected, rel=1e-6)
+    assert counts == ([2, 2] if chunk_by_reference else [1, 2])
 
 
 @pytest.mark.parametrize("set_to_none", [True, False])
