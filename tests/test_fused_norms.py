@@ -84,10 +84,10 @@ def test_meter_ops_do_not_grow_with_the_number_of_tensors(accumulation):
 
 @pytest.mark.parametrize("chunk_by_reference", [True, False])
 def test_gradients_held_in_grad_are_read_once_at_the_pass_end_unless_they_count_towards_chunks(chunk_by_reference):
-    """Two passes over 4 × CHUNK_NUMEL/2 elements: the first pass's gradients become .grad (held by reference),
+    """Two passes over 32 × CHUNK_NUMEL/16 elements: the first pass's gradients become .grad (held by reference),
     the second adds into them (held by value). With chunk_by_reference=False the first pass is one measurement at
     its end; either way L is the sum of each pass's own ‖g‖²."""
-    params = [torch.nn.Parameter(torch.randn(CHUNK_NUMEL // 2)) for _ in range(4)]
+    params = [torch.nn.Parameter(torch.randn(CHUNK_NUMEL // 16)) for _ in range(32)]
     flushes = []
     meter = ChunkedNormMeter(params, on_flush=lambda: flushes.append(1), chunk_by_reference=chunk_by_reference)
     counts = []

@@ -7,12 +7,13 @@ calls, one ``cat`` and one ``dot`` per call, whatever the number of small tensor
   each small tensor, never more than ``EXACT_NUMEL`` elements at a time), so small cases are exact to float64;
 - larger fp32/fp64 tensors: norms in their own dtype, one read. On a GPU the norm kernel's tree reduction keeps
   the fp32 error near one rounding. torch's CPU kernel adds a whole tensor up in fp32 lanes, so its error grows
-  with the length, about 1.5e-11 × elements: 2.5e-7 relative for the square of a 16K-element tensor, 1e-6 for a
-  64K-element one (enough to move a gain past 1e-5 over a run), 8e-4 for a 10.5M-element one (a DDP bucket;
-  ``torch.dot``: 3.6e-5; measured here). On CPU, then, each such tensor is reduced as rows of ``ROW_NUMEL`` elements: one
-  ``linalg.vector_norm(…, dim=1)`` per tensor, as fast as the whole-tensor norm, the rows' squares summed in
-  float64: relative error 2e-9 on the same tensor. The elements past the last whole row count as a small
-  tensor;
+  with the length, about 1.5e-11 × elements: 2.5e-7 relative for the square of a 16K-element tensor, 8e-6 at
+  ``CHUNK_NUMEL`` (512K), 8e-4 for a 10.5M-element one (a DDP bucket; ``torch.dot``: 3.6e-5; measured here). On
+  CPU, then, a tensor of more than ``CHUNK_NUMEL`` elements is reduced as rows of ``ROW_NUMEL`` elements: one
+  ``linalg.vector_norm(…, dim=1)`` per such tensor, as fast as the whole-tensor norm, the rows' squares summed
+  in float64: relative error 2e-9 on the 10.5M-element tensor. The elements past the last whole row count as a
+  small tensor. (Rows for every tensor above ``EXACT_NUMEL`` would cost a few ops per tensor, which a model of
+  many mid-sized tensors pays at every read: +9% of a Horovod step on the 194-tensor benchmark model.)
 - larger fp16/bf16 tensors: read as views of at most ``PIECE_NUMEL`` elements, norms accumulated and returned in
   float32 (``dtype=torch.float32``): fp32 range and precision, and on CPU (where that cast materialises) no copy
   larger than one piece — never a full fp32 copy of a gradient.
@@ -60,7 +61,7 @@ def squared_norm_sum(tensors: Iterable[torch.Tensor], device: Optional[torch.dev
             exact.append(tensor)
         elif tensor.dtype in LOW_PRECISION:
             narrow.extend(tensor.reshape(-1).split(PIECE_NUMEL))
-        elif tensor.device.type == "cpu" and tensor.is_contiguous():
+        elif tensor.numel() > CHUNK_NUMEL and tensor.device.type == "cpu" and tensor.is_contiguous():
             rows.append(_row_norms(tensor.view(-1), exact))
         else:
             wide.append(tensor)
