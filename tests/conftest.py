@@ -19,7 +19,6 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
-
 @pytest.fixture(autouse=True, scope="module")
 def remove_deepspeed_shm_buffers():
     """DeepSpeed 0.19's CPU accelerator leaves its shared-memory all-reduce buffers in /dev/shm (2 × 66 MB per

@@ -25,9 +25,9 @@ Local norms. ``StepMeter`` (``fused_norms.ChunkedNormMeter``) reads each micro-b
 ops per chunk of gradients (``torch._foreach_norm``; fp16/bf16 accumulated in fp32 in pieces, never a full fp32
 copy), once per ``CHUNK_NUMEL`` elements held by value and at the end of each backward, not per parameter; a
 gradient that is the parameter's ``.grad`` costs no memory to hold, so those wait for the backward's end and are
-read together (ZeRO-0 reduces only after the backward). Where ``.grad`` is taken away during the backward — ZeRO-1/2/3,
-whose hooks move it into gradient buckets, and BF16_Optimizer with ``bf16.immediate_grad_update``, which adds it
-into its fp32 buffer and sets it to None — it reads each gradient in its own hook.
+read together (ZeRO-0 reduces only after the backward). Where ``.grad`` is taken away during the backward
+(ZeRO-1/2/3, whose hooks move it into gradient buckets; BF16_Optimizer with ``bf16.immediate_grad_update``, which
+adds it into its fp32 buffer and sets it to None) it reads each gradient in its own hook.
 
 Units. DeepSpeed divides each micro-batch loss by gradient_accumulation_steps (gas) and, in fp16 (its own loss
 scaler, or the torch GradScaler it runs for ZeRO-0 under ``torch_autocast`` fp16), multiplies it by the loss scale s, so a hook sees g_i·s/gas: the payload is Σ‖hooked‖²/s², each micro-batch's gradient

@@ -72,9 +72,9 @@ def squared_norm_sum(tensors: Iterable[torch.Tensor], device: Optional[torch.dev
         norms.extend(torch._foreach_norm(wide, 2))
     if narrow:
         norms.extend(torch._foreach_norm(narrow, 2, dtype=torch.float32))
-    if not norms and not rows:
+    if not norms:      # a row-read tensor always adds its (perhaps empty) tail to ``exact``
         return torch.zeros((), dtype=torch.float64, device=device)
-    stacked = torch.cat([torch.stack(norms)] + rows if norms else rows).to(torch.float64)
+    stacked = torch.cat([torch.stack(norms), *rows]).to(torch.float64)
     return torch.dot(stacked, stacked)
 
 
@@ -229,7 +229,8 @@ class ChunkedNormMeter(BackwardCounter):
         if self._params[index]().grad is None:
             self._pending.append(index)
             self._by_reference.add(index)
-            self._pending_numel += numel if self._chunk_by_reference else 0
+            if self._chunk_by_reference:
+                self._pending_numel += numel
         else:
             self._pending.append(grad)
             self._pending_numel += numel
