@@ -2,14 +2,17 @@
 by side in one run.
 
     .venv/bin/python -m benchmarks.overhead [--model mlp|many] [--steps 30] [--warmup 5] [--batch 64]
-        [--repeats 3] [--fairscale DIR]
+        [--repeats 3] [--fairscale DIR] [--floor]
 
 Two ranks (spawned, gloo, one thread each) build a DDP copy of the same model per variant (``--model mlp``: the
 10.5M-parameter, 8-tensor MLP; ``many``: the 194-tensor residual MLP, benchmarks/many_tensors.py): ``bare`` (DDP's
 built-in all-reduce, plain SGD step), ``ours`` (``scaling_plugins.backends.ddp.attach(..., "AdaScale")``) and, with
 ``--fairscale DIR`` (a folder where ``fairscale`` is importable, e.g. ``pip install --no-deps --target DIR
 fairscale==0.4.13``; never a project dependency), ``fairscale`` (``fairscale.optim.AdaScale`` around the same
-SGD). Steps rotate between the variants, the order shifting every round, with a barrier before each timed step,
+SGD) and, with ``--floor``, ``floor``: bare DDP plus two fused reads of its reduced gradients per step
+(``fused_norms.squared_norm_sum``, no hook), the least work any exact AdaScale harvest adds on stock kernels (L
+reads the local gradients before the reduction, T the reduced ones after it; the floor's second read even finds
+the bytes in the cache). Steps rotate between the variants, the order shifting every round, with a barrier before each timed step,
 so machine noise hits all alike. Reported per run: median wall, CPU (``cpu``: the training thread's) and process
 CPU (``process``: every thread of the rank, the communication threads included) step time of each and the
 ratios to bare; collectives per step from the torch profiler's ``gloo:*`` events (the same counter for all).
@@ -35,6 +38,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from benchmarks.many_tensors import MODELS, model_and_widths
 from scaling_plugins.backends.ddp import attach
+from scaling_plugins.backends.fused_norms import squared_norm_sum
 
 CLOCKS = ("wall", "cpu", "process")
 
@@ -43,6 +47,14 @@ def collectives(step: Callable[[], None]) -> dict[str, int]:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         step()
     return dict(Counter(e.name for e in prof.events() if e.name.startswith("gloo:")))
+
+
+def floor_reads(grads: list[torch.Tensor]) -> None:
+    """The least work an exact AdaScale harvest adds to a step on the engines' stock kernels: two fused reads of
+    the gradient bytes (L reads each rank's gradients before the reduction, T the reduced ones after it). Every
+    benchmark's ``--floor`` variant runs this between the bare engine's backward and its optimizer step."""
+    for _ in range(2):
+        squared_norm_sum(grads).item()
 
 
 def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
@@ -67,6 +79,12 @@ def variant(name: str, model: torch.nn.Module, world: int) -> tuple[DDP, Callabl
     if name == "ours":
         ctl = attach(ddp, sgd, "AdaScale")
         return ddp, ctl.step, lambda: {"gain": ctl.gain}
+    if name == "floor":
+        def read_twice_then_step() -> None:
+            floor_reads([p.grad for p in model.parameters()])
+            sgd.step()
+
+        return ddp, read_twice_then_step, dict
     from fairscale.optim import AdaScale as FairscaleAdaScale
 
     optimizer = FairscaleAdaScale(sgd, world_size=world)
@@ -75,7 +93,7 @@ def variant(name: str, model: torch.nn.Module, world: int) -> tuple[DDP, Callabl
 
 def measure(rank: int, args: argparse.Namespace) -> dict:
     """Every variant's step times and collectives on this rank."""
-    names = ["bare", "ours"] + (["fairscale"] if args.fairscale else [])
+    names = ["bare", "ours"] + (["fairscale"] if args.fairscale else []) + (["floor"] if args.floor else [])
     _, width_in, width_out = model_and_widths(args.model)
     variants = {name: variant(name, model_and_widths(args.model)[0], dist.get_world_size()) for name in names}
     gen = torch.Generator().manual_seed(rank)
@@ -133,6 +151,8 @@ def main() -> None:
                         help="mlp: the 8-tensor 10.5M-parameter MLP; many: the 194-tensor residual MLP")
     parser.add_argument("--fairscale", metavar="DIR",
                         help="a folder where fairscale is importable: adds fairscale's AdaScale to the same run")
+    parser.add_argument("--floor", action="store_true",
+                        help="adds bare DDP plus two fused reads of the gradients per step: the cost floor")
     args = parser.parse_args()
     ratios: dict[tuple[str, str], list[float]] = {}
     for repeat in range(args.repeats):

@@ -1,14 +1,17 @@
 """Step-time overhead and collectives per step: DeepSpeed + AdaScale against bare DeepSpeed, same config.
 
     .venv/bin/python -m benchmarks.overhead_deepspeed [--steps 30] [--warmup 5] [--batch 64] [--blocks 3]
-        [--model mlp|many]
+        [--model mlp|many] [--floor]
 
 This re-launches itself under ``deepspeed --num_gpus 2`` (CPU accelerator, gloo, one thread per rank). For
 ZeRO stage 0 and stage 2, each rank builds two engines over the same model (``--model mlp``: the DDP
 benchmark's ≥ 10M-parameter MLP, ``benchmarks/overhead.py``; ``many``: benchmarks/many_tensors.py's
 194-tensor residual MLP) from the same config, one bare and one whose config adds
-``"scheduler": {"type": "AdaScale", "params": {}}``. Their steps alternate, the order flipping every step,
-with a barrier before each timed step. Reported per stage: median step time of each over ``blocks`` blocks of
+``"scheduler": {"type": "AdaScale", "params": {}}``; with ``--floor``, for ZeRO-0 a third, ``floor``: the bare
+engine plus two fused reads of its reduced gradients between ``engine.backward`` and ``engine.step``
+(``fused_norms.squared_norm_sum``, no hook), the least work any exact AdaScale harvest adds on stock kernels (L
+reads the local gradients, T the reduced ones). Their steps rotate, the order shifting every step, with a
+barrier before each timed step. Reported per stage: median step time of each over ``blocks`` blocks of
 ``steps`` steps (wall clock, and CPU time of the rank's process, steadier on a shared machine), the ratio of
 medians per block and its median, CPU time split into forward + backward (where ZeRO-0 reduces) and
 ``engine.step``, and collectives per step from the torch
@@ -32,7 +35,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 from benchmarks.many_tensors import MODELS, model_and_widths
-from benchmarks.overhead import collectives, timing_parser
+from benchmarks.overhead import collectives, floor_reads, timing_parser
 
 ADASCALE = {"type": "AdaScale", "params": {}}
 
@@ -66,8 +69,10 @@ def worker(args: argparse.Namespace) -> None:
     for stage in (0, 2):
         base = ds_config(stage, args.batch)
         variants = {"bare": base, "adascale": {**base, "scheduler": ADASCALE}}
+        if args.floor and stage == 0:
+            variants["floor"] = base
         engines = {name: deepspeed.initialize(model=build_model(), config=cfg) for name, cfg in variants.items()}
-        steps = {name: _step_fn(engine, x, y) for name, (engine, *_) in engines.items()}
+        steps = {name: _step_fn(engine, x, y, floor=name == "floor") for name, (engine, *_) in engines.items()}
         for _ in range(args.warmup):
             for step in steps.values():
                 step()
@@ -79,7 +84,7 @@ def worker(args: argparse.Namespace) -> None:
             cpu: dict[str, list[float]] = {name: [] for name in steps}
             for i in range(args.steps):
                 order = list(steps.items())
-                for name, step in order if i % 2 == 0 else order[::-1]:
+                for name, step in order[i % len(order):] + order[:i % len(order)]:
                     dist.barrier()
                     start, start_cpu = time.perf_counter(), time.process_time()
                     step(phases[name])
@@ -104,11 +109,14 @@ def worker(args: argparse.Namespace) -> None:
         Path(args.out).write_text(json.dumps(results))
 
 
-def _step_fn(engine: Any, x: torch.Tensor, y: torch.Tensor) -> Callable[..., None]:
-    """``step(phases=None)``: one step; appends (CPU s of forward + backward, CPU s of engine.step) to phases."""
+def _step_fn(engine: Any, x: torch.Tensor, y: torch.Tensor, floor: bool = False) -> Callable[..., None]:
+    """``step(phases=None)``: one step (``floor``: with ``floor_reads`` of the gradients after the backward);
+    appends (CPU s of forward + backward (+ reads), CPU s of engine.step) to phases."""
     def step(phases: Optional[list] = None) -> None:
         start = time.process_time()
         engine.backward(torch.nn.functional.mse_loss(engine(x), y))
+        if floor:
+            floor_reads([p.grad for p in engine.module.parameters() if p.grad is not None])
         middle = time.process_time()
         engine.step()
         if phases is not None:
@@ -121,6 +129,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=3, help="timed blocks; the median ratio is reported")
     parser.add_argument("--model", choices=MODELS, default="mlp",
                         help="mlp: benchmarks/overhead.py's 8-tensor MLP; many: 194-tensor residual MLP")
+    parser.add_argument("--floor", action="store_true",
+                        help="adds (ZeRO-0) the bare engine plus two fused reads of the gradients per step: the floor")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)
@@ -135,7 +145,7 @@ def main() -> None:
         command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
                    str(free_port()), str(Path(__file__).resolve()), "--worker", "--out", str(out),
                    "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-                   "--blocks", str(args.blocks), "--model", args.model]
+                   "--blocks", str(args.blocks), "--model", args.model, *(["--floor"] if args.floor else [])]
         env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
                "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         proc = subprocess.run(command, env=env, capture_output=True, text=True)
@@ -146,12 +156,13 @@ def main() -> None:
           f"{args.blocks} blocks x {args.steps} interleaved steps; load average {results['load']}")
     for stage in ("zero0", "zero2"):
         result = results[stage]
-        for column, label in ((0, "wall"), (1, "CPU")):
-            ratios = [block["adascale"][column] / block["bare"][column] for block in result["blocks"]]
-            blocks = ", ".join(f"{block['bare'][column] * 1e3:.1f}/{block['adascale'][column] * 1e3:.1f} ms"
-                               for block in result["blocks"])
-            print(f"{stage} {label} time per step, bare/adascale by block: {blocks}; median ratio "
-                  f"{statistics.median(ratios):.4f} (overhead {100 * (statistics.median(ratios) - 1):+.2f}%)")
+        for name in [name for name in result["blocks"][0] if name != "bare"]:
+            for column, label in ((0, "wall"), (1, "CPU")):
+                ratios = [block[name][column] / block["bare"][column] for block in result["blocks"]]
+                blocks = ", ".join(f"{block['bare'][column] * 1e3:.1f}/{block[name][column] * 1e3:.1f} ms"
+                                   for block in result["blocks"])
+                print(f"{stage} {label} time per step, bare/{name} by block: {blocks}; median ratio "
+                      f"{statistics.median(ratios):.4f} (overhead {100 * (statistics.median(ratios) - 1):+.2f}%)")
         phases = result["phases"]
         print(f"{stage} CPU time per step by phase, bare/adascale (all blocks): forward+backward "
               f"{phases['bare'][0] * 1e3:.1f}/{phases['adascale'][0] * 1e3:.1f} ms, engine.step "

@@ -1,14 +1,16 @@
 """Step-time overhead and collectives per step: Horovod + AdaScale against bare hvd.DistributedOptimizer.
 
     .venv/bin/python -m benchmarks.overhead_horovod [--steps 30] [--warmup 5] [--batch 64] [--repeats 3]
-        [--model mlp|many]
+        [--model mlp|many] [--floor]
 
 Each repeat launches `horovodrun --gloo -np 2` on this script's worker mode. Both ranks (one thread each)
 build two copies of the model (``--model mlp``: benchmarks/overhead.py's ≥ 10M-parameter MLP; ``many``:
 benchmarks/many_tensors.py's 194-tensor residual MLP): one under bare
 ``hvd.DistributedOptimizer`` (plain SGD step), one under ``scaling_plugins.backends.horovod.
-DistributedOptimizer`` with AdaScale. Steps alternate between the two, the order flipping every round, with a
-barrier before each timed step. Reported: median step time of each and the ratio of medians, in wall time
+DistributedOptimizer`` with AdaScale; with ``--floor`` a third, ``floor``: bare Horovod plus two fused reads of
+the reduced gradients per step (``fused_norms.squared_norm_sum`` after ``synchronize()``, no hook), the least
+work any exact AdaScale harvest adds on stock kernels (L reads the local gradients, T the reduced ones). Steps
+rotate between the variants, the order shifting every round, with a barrier before each timed step. Reported: median step time of each and the ratio of medians, in wall time
 and in the main thread's CPU time (what the backend adds runs on the main thread; CPU time is steadier than
 wall time on a shared machine, and excludes Horovod's background thread and waits); then, from a
 Horovod timeline recorded over a few more steps of each, the all-reduce responses (fusion buffers) per step
@@ -32,7 +34,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 from benchmarks.many_tensors import MODELS, model_and_widths
-from benchmarks.overhead import timing_parser
+from benchmarks.overhead import floor_reads, timing_parser
 from scaling_plugins.backends.fused_norms import squared_norm_sum
 from tests.horovod_scripts.timeline import fusion_batches, norm_placement, tensor_role
 
@@ -46,23 +48,28 @@ def worker(args: argparse.Namespace) -> None:
 
     hvd.init()
     torch.set_num_threads(1)
-    models = {name: model_and_widths(args.model)[0] for name in ("bare", "ours")}
+    names = ["bare", "ours"] + (["floor"] if args.floor else [])
+    models = {name: model_and_widths(args.model)[0] for name in names}
     _, width_in, width_out = model_and_widths(args.model)
     named = {name: [(f"{name}.{key}", p) for key, p in model.named_parameters()] for name, model in models.items()}
-    optimizers = {
-        "bare": hvd.DistributedOptimizer(torch.optim.SGD(models["bare"].parameters(), lr=1e-4, momentum=0.9),
-                                         named_parameters=named["bare"]),
-        "ours": sph.DistributedOptimizer(torch.optim.SGD(models["ours"].parameters(), lr=1e-4, momentum=0.9),
-                                         named_parameters=named["ours"], policy="AdaScale"),
-    }
+    optimizers = {name: (sph.DistributedOptimizer if name == "ours" else hvd.DistributedOptimizer)(
+        torch.optim.SGD(models[name].parameters(), lr=1e-4, momentum=0.9), named_parameters=named[name],
+        **({"policy": "AdaScale"} if name == "ours" else {})) for name in names}
     gen = torch.Generator().manual_seed(hvd.rank())
     x = torch.randn(args.batch, width_in, generator=gen)
     y = torch.randn(args.batch, width_out, generator=gen)
 
     def step(name: str) -> None:
+        optimizer = optimizers[name]
         torch.nn.functional.mse_loss(models[name](x), y).backward()
-        optimizers[name].step()
-        optimizers[name].zero_grad()
+        if name == "floor":
+            optimizer.synchronize()
+            floor_reads([p.grad for p in models[name].parameters()])
+            with optimizer.skip_synchronize():
+                optimizer.step()
+        else:
+            optimizer.step()
+        optimizer.zero_grad()
 
     def timed(name: str) -> tuple[float, float]:
         hvd.barrier()
@@ -71,16 +78,15 @@ def worker(args: argparse.Namespace) -> None:
         return time.perf_counter() - wall, time.thread_time() - cpu
 
     for _ in range(args.warmup):
-        step("bare")
-        step("ours")
-    times: dict[str, list[tuple[float, float]]] = {"bare": [], "ours": []}
+        for name in names:
+            step(name)
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in names}
     for i in range(args.steps):
-        order = ["bare", "ours"] if i % 2 == 0 else ["ours", "bare"]
-        for name in order:
+        for name in names[i % len(names):] + names[:i % len(names)]:
             times[name].append(timed(name))
     timeline = Path(args.worker) / "timeline.json"
     hvd.start_timeline(str(timeline))
-    for name in ("bare", "ours"):
+    for name in names:
         for _ in range(TIMELINE_STEPS):
             step(name)
     hvd.stop_timeline()
@@ -100,17 +106,18 @@ def worker(args: argparse.Namespace) -> None:
 
 def responses_per_step(batches: list[list[str]]) -> dict[str, float]:
     """All-reduce responses per step of each variant (a response counts for the variant whose tensors it holds)."""
-    counts = {"bare": 0, "ours": 0}
+    counts: dict[str, int] = {}
     for batch in batches:
         for case in {case for _, case in map(tensor_role, batch)}:
-            counts[case] += 1
+            counts[case] = counts.get(case, 0) + 1
     return {case: n / TIMELINE_STEPS for case, n in counts.items()}
 
 
 def run_once(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = ["horovodrun", "--gloo", "-np", "2", sys.executable, __file__, "--worker", tmp, "--model", args.model,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch)]
+               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
+               *(["--floor"] if args.floor else [])]
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                "PYTHONPATH": str(REPO), "HOROVOD_TIMELINE": "DYNAMIC"}   # recorded only between start/stop
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -126,28 +133,33 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="independent runs; the median ratio is reported")
     parser.add_argument("--model", choices=MODELS, default="mlp",
                         help="mlp: benchmarks/overhead.py's 8-tensor MLP; many: 194-tensor residual MLP")
+    parser.add_argument("--floor", action="store_true",
+                        help="adds bare Horovod plus two fused reads of the gradients per step: the cost floor")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         worker(args)
         return
-    ratios: dict[str, list[float]] = {"wall": [], "cpu": []}
+    ratios: dict[tuple[str, str], list[float]] = {}
     for repeat in range(args.repeats):
         result = run_once(args)
         line = [f"run {repeat + 1}: params={result['params']:,}"]
-        for index, clock in enumerate(ratios):
-            bare = statistics.median(t[index] for t in result["times"]["bare"])
-            ours = statistics.median(t[index] for t in result["times"]["ours"])
-            ratios[clock].append(ours / bare)
-            line.append(f"{clock}: bare={bare * 1e3:.1f} ms ours={ours * 1e3:.1f} ms ratio={ours / bare:.4f}")
+        for index, clock in enumerate(("wall", "cpu")):
+            medians = {name: statistics.median(t[index] for t in times) for name, times in result["times"].items()}
+            bare = medians["bare"]
+            parts = [f"{name}={ms * 1e3:.1f} ms" for name, ms in medians.items()]
+            for name in [name for name in medians if name != "bare"]:
+                ratios.setdefault((name, clock), []).append(medians[name] / bare)
+                parts.append(f"{name}/bare={medians[name] / bare:.4f}")
+            line.append(f"{clock}: " + " ".join(parts))
         line.append(f"one gradient pass={result['gradient_pass'] * 1e3:.2f} ms CPU "
                     f"({100 * result['gradient_pass'] / bare:.2f}% of bare CPU step)")
         fused, alone = result["norm_fused"].get("ours", 0), result["norm_alone"].get("ours", 0)
         line.append(f"responses/step={result['responses_per_step']} norm fused={fused}/{TIMELINE_STEPS} alone={alone}")
         print(" | ".join(line), flush=True)
-    for clock, values in ratios.items():
+    for (name, clock), values in sorted(ratios.items()):
         ratio = statistics.median(values)
-        print(f"Horovod + AdaScale / bare hvd.DistributedOptimizer step time ({clock}): median ratio {ratio:.4f} "
+        print(f"{name} / bare hvd.DistributedOptimizer step time ({clock}): median ratio {ratio:.4f} "
               f"over {args.repeats} runs (overhead {100 * (ratio - 1):+.2f}%)")
 
 
