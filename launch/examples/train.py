@@ -16,7 +16,8 @@ three first-step gains of known value (scaling_plugins.app.golden: 4/3, 1 and 2 
 Faults: --checkpoint-every K saves every K steps to OUT/checkpoint and a restarted job (torchrun
 --max-restarts, or the same command again) resumes there, bit for bit; --timeout S bounds how long a rank waits
 for a lost peer, after which it prints one line naming the failure and exits 1; --fault-kill RANK:STEP is a
-drill (that rank SIGKILLs itself once). FAULTS.md has what each fault looks like and how to resume.
+drill (that rank SIGKILLs itself once); a rank the launcher or the batch system stops with SIGTERM says so in one
+line, unless it is already reporting its own failure. FAULTS.md has what each fault looks like and how to resume.
 """
 import argparse
 import json
@@ -88,9 +89,33 @@ def stop_on_lost_peer(err: BaseException, rank: int, timeout: Optional[float]) -
     os._exit(1)
 
 
+def report_termination(rank: int) -> None:
+    """On SIGTERM (the launcher stopping this rank because another rank failed, or the batch system ending the
+    job): one line for the log, then death by the signal, as without the handler.
+
+    A rank that is already reporting its own failure finishes that report instead (its line names the real cause,
+    and it exits). That happens when the signal came while this rank was blocked in a failing collective: torchrun
+    checks its workers every 0.1 s and SIGTERMs the others as soon as one exits, often before their own collective
+    timeout has fired. Python runs the handler only between bytecodes of the main thread, so a rank blocked in a
+    collective runs it when the collective returns, and then inside the handling of its error. The cost: a rank
+    blocked on a peer that never answers ends at its collective timeout or at the launcher's SIGKILL (torchrun
+    and Slurm send it 30 s after SIGTERM), not at once."""
+    def on_sigterm(signum: int, frame: object) -> None:
+        if sys.exc_info()[0] is not None:     # inside an error's handling: stop_on_lost_peer reports and exits
+            return
+        print(f"rank {rank} on {socket.gethostname()}: training stopped: SIGTERM (the launcher or the batch system "
+              "ended this rank; when another rank failed first, its line names the cause)", file=sys.stderr,
+              flush=True)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
 def main() -> None:
     args = parse_args()
     where = start(args.backend, args.timeout)
+    report_termination(where.rank)
     try:
         run(args, where)
     except RuntimeError as err:   # torch.distributed's errors (DistBackendError, ...) are RuntimeErrors
