@@ -10,10 +10,10 @@ built-in all-reduce, plain SGD step), ``ours`` (``scaling_plugins.backends.ddp.a
 ``--fairscale DIR`` (a folder where ``fairscale`` is importable, e.g. ``pip install --no-deps --target DIR
 fairscale==0.4.13``; never a project dependency), ``fairscale`` (``fairscale.optim.AdaScale`` around the same
 SGD) and, with ``--floor``, ``floor``: bare DDP plus two fused reads of its reduced gradients per step
-(``fused_norms.squared_norm_sum``, no hook), the least work any exact AdaScale harvest adds on stock kernels (L
-reads the local gradients before the reduction, T the reduced ones after it; the floor's second read even finds
-the bytes in the cache). Steps rotate between the variants, the order shifting every round, with a barrier before each timed step,
-so machine noise hits all alike. Reported per run: median wall, CPU (``cpu``: the training thread's) and process
+(``floor_reads``, no hook), the least work any exact AdaScale harvest adds on stock kernels (L reads the local
+gradients before the reduction, T the reduced ones after it; the floor's second read even finds the bytes in the
+cache). Steps rotate between the variants, the order shifting every round, with a barrier before each timed
+step, so machine noise hits all alike. Reported per run: median wall, CPU (``cpu``: the training thread's) and process
 CPU (``process``: every thread of the rank, the communication threads included) step time of each and the
 ratios to bare; collectives per step from the torch profiler's ``gloo:*`` events (the same counter for all).
 The summary is the median over runs of the per-run ratios.

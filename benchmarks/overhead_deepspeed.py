@@ -9,7 +9,7 @@ benchmark's ≥ 10M-parameter MLP, ``benchmarks/overhead.py``; ``many``: benchma
 194-tensor residual MLP) from the same config, one bare and one whose config adds
 ``"scheduler": {"type": "AdaScale", "params": {}}``; with ``--floor``, for ZeRO-0 a third, ``floor``: the bare
 engine plus two fused reads of its reduced gradients between ``engine.backward`` and ``engine.step``
-(``fused_norms.squared_norm_sum``, no hook), the least work any exact AdaScale harvest adds on stock kernels (L
+(``benchmarks.overhead.floor_reads``, no hook), the least work any exact AdaScale harvest adds on stock kernels (L
 reads the local gradients, T the reduced ones). Their steps rotate, the order shifting every step, with a
 barrier before each timed step. Reported per stage: median step time of each over ``blocks`` blocks of
 ``steps`` steps (wall clock, and CPU time of the rank's process, steadier on a shared machine), the ratio of
@@ -161,8 +161,9 @@ def main() -> None:
                 ratios = [block[name][column] / block["bare"][column] for block in result["blocks"]]
                 blocks = ", ".join(f"{block['bare'][column] * 1e3:.1f}/{block[name][column] * 1e3:.1f} ms"
                                    for block in result["blocks"])
-                print(f"{stage} {label} time per step, bare/{name} by block: {blocks}; median ratio "
-                      f"{statistics.median(ratios):.4f} (overhead {100 * (statistics.median(ratios) - 1):+.2f}%)")
+                ratio = statistics.median(ratios)
+                print(f"{stage} {label} time per step, bare/{name} by block: {blocks}; median ratio {ratio:.4f} "
+                      f"(overhead {100 * (ratio - 1):+.2f}%)")
         phases = result["phases"]
         print(f"{stage} CPU time per step by phase, bare/adascale (all blocks): forward+backward "
               f"{phases['bare'][0] * 1e3:.1f}/{phases['adascale'][0] * 1e3:.1f} ms, engine.step "

@@ -3,20 +3,20 @@
     .venv/bin/python -m benchmarks.overhead_horovod [--steps 30] [--warmup 5] [--batch 64] [--repeats 3]
         [--model mlp|many] [--floor]
 
-Each repeat launches `horovodrun --gloo -np 2` on this script's worker mode. Both ranks (one thread each)
-build two copies of the model (``--model mlp``: benchmarks/overhead.py's ≥ 10M-parameter MLP; ``many``:
-benchmarks/many_tensors.py's 194-tensor residual MLP): one under bare
-``hvd.DistributedOptimizer`` (plain SGD step), one under ``scaling_plugins.backends.horovod.
-DistributedOptimizer`` with AdaScale; with ``--floor`` a third, ``floor``: bare Horovod plus two fused reads of
-the reduced gradients per step (``fused_norms.squared_norm_sum`` after ``synchronize()``, no hook), the least
-work any exact AdaScale harvest adds on stock kernels (L reads the local gradients, T the reduced ones). Steps
-rotate between the variants, the order shifting every round, with a barrier before each timed step. Reported: median step time of each and the ratio of medians, in wall time
-and in the main thread's CPU time (what the backend adds runs on the main thread; CPU time is steadier than
-wall time on a shared machine, and excludes Horovod's background thread and waits); then, from a
-Horovod timeline recorded over a few more steps of each, the all-reduce responses (fusion buffers) per step
-and where the AdaScale norm travelled; and the CPU time of one pass over the model's gradients (a float64-
-accumulated fused read, ``fused_norms.squared_norm_sum``), of which the backend adds two per step (local norms in the gradient
-hooks, ‖ḡ‖² after synchronize) — the floor of its overhead.
+Each repeat launches `horovodrun --gloo -np 2` on this script's worker mode. Both ranks (one thread each) build two
+copies of the model (``--model mlp``: benchmarks/overhead.py's ≥ 10M-parameter MLP; ``many``:
+benchmarks/many_tensors.py's 194-tensor residual MLP): one under bare ``hvd.DistributedOptimizer`` (plain SGD step),
+one under ``scaling_plugins.backends.horovod.DistributedOptimizer`` with AdaScale; with ``--floor`` a third,
+``floor``: bare Horovod plus two fused reads of the reduced gradients per step (``benchmarks.overhead.floor_reads``
+after ``synchronize()``, no hook), the least work any exact AdaScale harvest adds on stock kernels (L reads the
+local gradients, T the reduced ones). Steps rotate between the variants, the order shifting every round, with a
+barrier before each timed step. Reported: median step time of each and the ratio of medians, in wall time and in the
+main thread's CPU time (what the backend adds runs on the main thread; CPU time is steadier than wall time on a
+shared machine, and excludes Horovod's background thread and waits); then, from a Horovod timeline recorded over a
+few more steps of each, the all-reduce responses (fusion buffers) per step and where the AdaScale norm travelled;
+and the CPU time of one pass over the model's gradients (a float64-accumulated fused read,
+``fused_norms.squared_norm_sum``), of which the backend adds two per step: local norms in the gradient hooks, ‖ḡ‖²
+after synchronize (``--floor`` measures both in the run itself).
 """
 from __future__ import annotations
 

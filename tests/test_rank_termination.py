@@ -72,7 +72,8 @@ def test_a_rank_sigtermed_while_its_collective_is_failing_still_names_the_failur
         stop_all(procs)
     text = logs[0].read_text(errors="replace")
     assert code == 1, text[-3000:]
-    lines = [line for line in text.splitlines() if line.startswith(f"rank 0 on {socket.gethostname()}: training stopped:")]
+    stopped = f"rank 0 on {socket.gethostname()}: training stopped:"
+    lines = [line for line in text.splitlines() if line.startswith(stopped)]
     assert len(lines) == 1, text[-3000:]
     assert f"within the collective timeout ({TIMEOUT} s; set it with --timeout)" in lines[0]
     assert "SIGTERM" not in text
