@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import textwrap
 import time
 from pathlib import Path
 
@@ -95,3 +96,28 @@ def test_a_rank_sigtermed_while_training_says_so_and_dies_of_the_signal(tmp_path
     host = socket.gethostname()
     assert f"rank 0 on {host}: training stopped: SIGTERM" in first
     assert f"rank 1 on {host}: training stopped:" in second and "a peer was lost" in second
+
+
+def test_sigterm_during_an_error_that_a_library_handles_still_stops_the_rank():
+    """The handler leaves an error being handled to its report. When that error was one a library catches and
+    handles itself (training goes on), the rank must still stop: REPORT_GRACE_S later, with the SIGTERM line and
+    exit status 143, not run on until the launcher's SIGKILL."""
+    code = textwrap.dedent("""
+        import importlib.util, os, signal, time
+        spec = importlib.util.spec_from_file_location("train", "launch/examples/train.py")
+        train = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(train)
+        train.report_termination(3)
+        try:
+            raise KeyError("a library's own error, handled here")
+        except KeyError:
+            os.kill(os.getpid(), signal.SIGTERM)       # the handler runs inside this except block
+        time.sleep(60)                                 # training would go on
+    """)
+    started = time.monotonic()
+    proc = subprocess.run([str(VENV_BIN / "python"), "-c", code], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    elapsed = time.monotonic() - started
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert f"rank 3 on {socket.gethostname()}: training stopped: SIGTERM" in proc.stderr
+    assert elapsed < 40

@@ -25,6 +25,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 from pathlib import Path
 from typing import Callable, NoReturn, Optional
 
@@ -89,6 +90,9 @@ def stop_on_lost_peer(err: BaseException, rank: int, timeout: Optional[float]) -
     os._exit(1)
 
 
+REPORT_GRACE_S = 5.0    # how long a rank that got SIGTERM while an error was being handled has to report it
+
+
 def report_termination(rank: int) -> None:
     """On SIGTERM (the launcher stopping this rank because another rank failed, or the batch system ending the
     job): one line for the log, then death by the signal, as without the handler.
@@ -97,15 +101,22 @@ def report_termination(rank: int) -> None:
     and it exits). That happens when the signal came while this rank was blocked in a failing collective: torchrun
     checks its workers every 0.1 s and SIGTERMs the others as soon as one exits, often before their own collective
     timeout has fired. Python runs the handler only between bytecodes of the main thread, so a rank blocked in a
-    collective runs it when the collective returns, and then inside the handling of its error. The cost: a rank
-    blocked on a peer that never answers ends at its collective timeout or at the launcher's SIGKILL (torchrun
-    and Slurm send it 30 s after SIGTERM), not at once."""
+    collective runs it when the collective returns, and then inside the handling of its error. Should the error
+    being handled be one some library catches and handles itself, the rank still stops, ``REPORT_GRACE_S`` later,
+    with the SIGTERM line and exit status 143. The cost: a rank blocked on a peer that never answers ends at its
+    collective timeout or at the launcher's SIGKILL (torchrun and Slurm send it 30 s after SIGTERM), not at once."""
+    line = (f"rank {rank} on {socket.gethostname()}: training stopped: SIGTERM (the launcher or the batch system "
+            "ended this rank; when another rank failed first, its line names the cause)")
+
+    def stop_after_grace() -> None:       # on a timer thread, where signal.signal cannot be called
+        print(line, file=sys.stderr, flush=True)
+        os._exit(128 + signal.SIGTERM)
+
     def on_sigterm(signum: int, frame: object) -> None:
         if sys.exc_info()[0] is not None:     # inside an error's handling: stop_on_lost_peer reports and exits
+            threading.Timer(REPORT_GRACE_S, stop_after_grace).start()
             return
-        print(f"rank {rank} on {socket.gethostname()}: training stopped: SIGTERM (the launcher or the batch system "
-              "ended this rank; when another rank failed first, its line names the cause)", file=sys.stderr,
-              flush=True)
+        print(line, file=sys.stderr, flush=True)
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
 
