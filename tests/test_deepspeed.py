@@ -58,6 +58,20 @@ def test_golden_first_step_gain_and_applied_lr(run, case):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("case", sorted(GOLDEN_GAINS))
+def test_golden_gain_when_the_flat_all_reduce_takes_several_buffers(run, case):
+    """ZeRO-0 reads T from each reduced flat buffer (the payload rides only the last one): with the buffers cut to
+    2 elements, the weight, the bias and the payload go in more than one, and the gain is still the golden one.
+    ZeRO-2 reduces through its own buckets, never the flat all-reduce."""
+    stage, (rank0, _) = run
+    result = rank0["golden_small_buckets"][case]
+    assert (len(result["buckets"]) >= 2) if stage == 0 else (result["buckets"] == []), result["buckets"]
+    assert result["gain"] == pytest.approx(GOLDEN_GAINS[case], rel=1e-6)
+    assert result["moments"] == pytest.approx(GOLDEN_MOMENTS[case], rel=1e-6, abs=1e-6)
+    assert result["applied_lr"] == pytest.approx([BASE_LR * GOLDEN_GAINS[case]] * 2, rel=1e-6)
+
+
+@pytest.mark.slow
 def test_loss_scale_is_divided_out(run):
     """ZeRO-0 under torch_autocast fp16 (DeepSpeed's torch GradScaler, growing its scale mid-run) and ZeRO-2 with
     a loss scale of 1024: every step's σ², μ² are in true units (not × scale²) and the gain is the golden one."""

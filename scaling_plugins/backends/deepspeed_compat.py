@@ -190,6 +190,20 @@ def supply_gradients_for_reduction(engine: DeepSpeedEngine, supply: Callable[[Ca
     optimizer.get_grads_for_reduction = lambda: supply(collect)
 
 
+def on_bucket_reduced(engine: DeepSpeedEngine, hook: Callable[[Any, list], None]) -> None:
+    """Call ``hook(flat, bucket)`` with each reduced flat buffer of the flat all-reduce and the gradients it holds,
+    as ``allreduce_bucket`` returns it, before DeepSpeed copies it back into them."""
+    original = engine.allreduce_bucket
+
+    @functools.wraps(original)
+    def allreduce_bucket(bucket: list, *args: Any, **kwargs: Any) -> Any:
+        flat = original(bucket, *args, **kwargs)
+        hook(flat, bucket)
+        return flat
+
+    engine.allreduce_bucket = allreduce_bucket
+
+
 def on_gradients_reduced(engine: DeepSpeedEngine, hook: Callable[[], None]) -> None:
     """Call ``hook()`` right after each flat gradient all-reduce (before any clipping)."""
     call_after(engine, "allreduce_gradients", hook)

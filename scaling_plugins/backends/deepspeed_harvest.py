@@ -11,8 +11,11 @@ the payload rides a reduction DeepSpeed already does, and T comes from what that
   (``communication_data_type``, bf16 by default for bf16 runs) one element would keep 8 significant bits (and
   fp16 overflows above 65,504): the payload then travels as small integers in a block per rank
   (``wide_payload.WidePayload``: 28 significant bits, any exponent, exact through the sum and the 1/W scaling,
-  W·9 elements per number, no collective). Right after the reduction (before any clipping)
-  ``fused_norms.squared_norm_sum`` over the reduced gradients gives T.
+  W·9 elements per number, no collective). T is read from the reduced flat buffers themselves, one read of each
+  right after its all-reduce and before DeepSpeed copies it back into the gradients (a contiguous buffer just
+  written, read on CPU in rows of ``fused_norms.ROW_NUMEL`` with float64 sums: one op, where a read of the
+  gradient tensors afterwards costs a norm and a cast per tensor); a reduced gradient that went through no flat
+  buffer (a sparse one) is read after the reduction (``fused_norms.squared_norm_sum``).
 - ``NormRider`` (ZeRO stages 1, 2, 3, with or without CPU offload): the optimizer all-reduces a 1-element
   squared gradient norm per parameter group (``get_grad_norm_direct`` or its CPU-offload twin, called from
   ``scaled_global_norm`` in stages 1/2 and ``_get_norm_groups`` in stage 3). While that method runs, the
@@ -46,7 +49,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 
 from . import deepspeed_compat as compat
-from .fused_norms import LOW_PRECISION, ChunkedNormMeter, squared_norm_sum
+from .fused_norms import EXACT_NUMEL, LOW_PRECISION, ChunkedNormMeter, squared_norm_sum
 from .wide_payload import WidePayload
 
 log = logging.getLogger(__name__)
@@ -151,9 +154,11 @@ class FlatRider(Rider):
         super().__init__(engine, payload, deliver, grad_multiplier)
         self._carrier: Optional[torch.Tensor] = None
         self._wide: Optional[WidePayload] = None
-        self._grads: list[torch.Tensor] = []
+        self._unread: dict[int, torch.Tensor] = {}      # id → reduced gradient not read from a flat buffer yet
+        self._reduced_sq: list[torch.Tensor] = []       # ‖reduced flat buffer‖² of each of them, this reduction
         self._loss_scale = 1.0
         compat.supply_gradients_for_reduction(engine, self._grads_with_payload)
+        compat.on_bucket_reduced(engine, self._read_reduced_bucket)
         compat.on_gradients_reduced(engine, self._after_reduction)
 
     def _grads_with_payload(self, collect: Callable[[], tuple]) -> tuple[list[torch.Tensor], dict]:
@@ -162,7 +167,8 @@ class FlatRider(Rider):
         if not grads:
             raise RuntimeError("DeepSpeed gave no gradients to reduce; nothing to measure")
         self._loss_scale = compat.loss_scale(self.engine)
-        self._grads = grads
+        if self.payload.meter is not None:
+            self._unread = {id(grad): grad for grad in grads}
         values = self.payload.take(self._loss_scale).to(grads[-1].device)
         carried = compat.communication_dtype(self.engine)
         if carried in LOW_PRECISION or grads[-1].dtype in LOW_PRECISION:
@@ -174,6 +180,15 @@ class FlatRider(Rider):
             self._carrier = values.to(grads[-1].dtype)
         return grads + [self._carrier], expert_grads
 
+    def _read_reduced_bucket(self, flat: torch.Tensor, bucket: list) -> None:
+        """‖g‖² of the gradients in one reduced flat buffer, while it is fresh (the payload's elements left out)."""
+        if not self._unread or id(bucket[0]) not in self._unread:
+            return      # not this step's gradients (expert gradients), or no norm wanted
+        for grad in bucket:
+            self._unread.pop(id(grad), None)
+        numel = flat.numel() - (self._carrier.numel() if bucket[-1] is self._carrier else 0)
+        self._reduced_sq.append(squared_norm_sum([flat[:numel]], rows_above=EXACT_NUMEL))
+
     def _after_reduction(self) -> None:
         if self._carrier is None:
             return
@@ -183,9 +198,10 @@ class FlatRider(Rider):
             payload = self._carrier.to(torch.float64) / self.grad_multiplier
         mean_sq = None
         if self.payload.meter is not None:
+            reduced_sq = torch.stack([*self._reduced_sq, squared_norm_sum(self._unread.values())]).sum()
             world = self.engine.dp_world_size
-            mean_sq = squared_norm_sum(self._grads) / (self.grad_multiplier * world * self._loss_scale) ** 2
-        self._carrier, self._grads = None, []
+            mean_sq = reduced_sq / (self.grad_multiplier * world * self._loss_scale) ** 2
+        self._carrier, self._unread, self._reduced_sq = None, {}, []
         self.deliver(Harvest(payload, mean_sq))
 
 

@@ -50,9 +50,11 @@ def queue_end_of_backward(callback: Callable[[], None]) -> None:
     torch.autograd.Variable._execution_engine.queue_callback(callback)
 
 
-def squared_norm_sum(tensors: Iterable[torch.Tensor], device: Optional[torch.device] = None) -> torch.Tensor:
+def squared_norm_sum(tensors: Iterable[torch.Tensor], device: Optional[torch.device] = None,
+                     rows_above: int = CHUNK_NUMEL) -> torch.Tensor:
     """Σ_t ⟨t, t⟩ over ``tensors`` as a float64 scalar tensor (0 for none), with a fixed number of fused ops; a
-    sparse COO tensor counts with its coalesced values."""
+    sparse COO tensor counts with its coalesced values. ``rows_above``: a contiguous fp32/fp64 CPU tensor of more
+    elements is read in rows; an engine's flat buffer, one op whatever its length, passes ``EXACT_NUMEL``."""
     exact, wide, narrow, rows = [], [], [], []
     for tensor in tensors:
         if tensor.layout != torch.strided:   # a sparse gradient: its coalesced values (a repeated index summed)
@@ -61,7 +63,7 @@ def squared_norm_sum(tensors: Iterable[torch.Tensor], device: Optional[torch.dev
             exact.append(tensor)
         elif tensor.dtype in LOW_PRECISION:
             narrow.extend(tensor.reshape(-1).split(PIECE_NUMEL))
-        elif tensor.numel() > CHUNK_NUMEL and tensor.device.type == "cpu" and tensor.is_contiguous():
+        elif tensor.numel() > rows_above and tensor.device.type == "cpu" and tensor.is_contiguous():
             rows.append(_row_norms(tensor.view(-1), exact))
         else:
             wide.append(tensor)

@@ -29,12 +29,25 @@ def engine_for(model: torch.nn.Module, cfg: dict) -> tuple:
     return engine, scheduler
 
 
-def golden(rank: int, stage: int) -> dict:
-    """Linear(2, 2) with bias, loss = output.sum(), one sample per rank: first-step gain and applied lr."""
+def golden(rank: int, stage: int, bucket_size: int | None = None) -> dict:
+    """Linear(2, 2) with bias, loss = output.sum(), one sample per rank: first-step gain and applied lr.
+    ``bucket_size``: the flat all-reduce's elements per buffer (DeepSpeed's default 5e8 is not a config key; 2
+    splits this model's gradients into several buffers, as a model of more than 5e8 elements is split); the sizes
+    of the buffers reduced are recorded."""
     results = {}
     for name, inputs in GOLDEN.items():
         torch.manual_seed(0)
         engine, scheduler = engine_for(torch.nn.Linear(2, 2), config(stage, scheduler=ADASCALE))
+        buckets: list[int] = []
+        if bucket_size is not None:
+            reduce_gradients, reduce_bucket = engine.allreduce_gradients, engine.allreduce_bucket
+            engine.allreduce_gradients = lambda: reduce_gradients(bucket_size=bucket_size)
+
+            def allreduce_bucket(bucket: list, *args: object) -> torch.Tensor:
+                buckets.append(len(bucket))
+                return reduce_bucket(bucket, *args)
+
+            engine.allreduce_bucket = allreduce_bucket
         recorder = LrRecorder(engine)
         bias_before = engine.module.bias.detach().clone()
         engine.backward(engine(torch.tensor([inputs[rank]])).sum())
@@ -43,7 +56,8 @@ def golden(rank: int, stage: int) -> dict:
         applied = (bias_before - engine.module.bias.detach()).tolist()
         metrics = scheduler.metrics()
         results[name] = {"gain": scheduler.gain, "lr_used": recorder.lrs[0], "applied_lr": applied,
-                         "scale": scheduler.scale, "moments": [metrics["sigma_sq"], metrics["mu_sq"]]}
+                         "scale": scheduler.scale, "moments": [metrics["sigma_sq"], metrics["mu_sq"]],
+                         "buckets": buckets}
     return results
 
 
@@ -249,7 +263,8 @@ def errors(stage: int) -> dict:
 
 def main() -> None:
     rank, args = setup()
-    results = {"golden": golden(rank, args.stage), "one_hot": one_hot_accumulation(rank, args.stage),
+    results = {"golden": golden(rank, args.stage), "golden_small_buckets": golden(rank, args.stage, bucket_size=2),
+               "one_hot": one_hot_accumulation(rank, args.stage),
                "loss_scaled": loss_scaled(rank, args.stage),
                "collectives": count_collectives(rank, args.stage),
                "checkpoint": checkpoint_resume(rank, args.stage, args.out),
