@@ -29,7 +29,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -55,6 +55,29 @@ def floor_reads(grads: list[torch.Tensor]) -> None:
     benchmark's ``--floor`` variant runs this between the bare engine's backward and its optimizer step."""
     for _ in range(2):
         squared_norm_sum(grads).item()
+
+
+def median_ratios(times: dict[str, list[tuple[float, ...]]], clocks: Sequence[str],
+                  ratios: dict[tuple[str, str], list[float]]) -> list[str]:
+    """One run's report, a fragment per clock: each variant's median step time and its ratio to ``bare``. The
+    ratios join ``ratios[(variant, clock)]``, one per run."""
+    fragments = []
+    for index, clock in enumerate(clocks):
+        medians = {name: statistics.median(t[index] for t in runs) for name, runs in times.items()}
+        parts = [f"{name}={seconds * 1e3:.1f} ms" for name, seconds in medians.items()]
+        for name in [name for name in medians if name != "bare"]:
+            ratios.setdefault((name, clock), []).append(medians[name] / medians["bare"])
+            parts.append(f"{name}/bare={medians[name] / medians['bare']:.4f}")
+        fragments.append(f"{clock}: " + " ".join(parts))
+    return fragments
+
+
+def print_summary(ratios: dict[tuple[str, str], list[float]], bare: str) -> None:
+    """The median over runs of each variant's ratio to the bare engine (``bare`` names it), per clock."""
+    for (name, clock), values in ratios.items():
+        ratio = statistics.median(values)
+        print(f"{name} / {bare} step time ({clock}): median ratio {ratio:.4f} over {len(values)} runs "
+              f"(overhead {100 * (ratio - 1):+.2f}%; per run: {', '.join(f'{v:.4f}' for v in values)})")
 
 
 def rank_main(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
@@ -157,21 +180,11 @@ def main() -> None:
     ratios: dict[tuple[str, str], list[float]] = {}
     for repeat in range(args.repeats):
         result = run_once(args)
-        line = [f"run {repeat + 1}: {result['params']:,} params in {result['tensors']} tensors"]
-        for index, clock in enumerate(CLOCKS):
-            medians = {name: statistics.median(t[index] for t in times) for name, times in result["times"].items()}
-            parts = [f"{name}={ms * 1e3:.1f} ms" for name, ms in medians.items()]
-            for name in medians:
-                if name != "bare":
-                    ratios.setdefault((name, clock), []).append(medians[name] / medians["bare"])
-                    parts.append(f"{name}/bare={medians[name] / medians['bare']:.4f}")
-            line.append(f"{clock}: " + " ".join(parts))
+        line = [f"run {repeat + 1}: {result['params']:,} params in {result['tensors']} tensors",
+                *median_ratios(result["times"], CLOCKS, ratios)]
         line.append(f"collectives {result['collectives']} gains {result['metrics']}")
         print(" | ".join(line), flush=True)
-    for (name, clock), values in ratios.items():
-        ratio = statistics.median(values)
-        print(f"{name} / bare DDP step time ({clock}): median ratio {ratio:.4f} over {args.repeats} runs "
-              f"(per run: {', '.join(f'{v:.4f}' for v in values)})")
+    print_summary(ratios, "bare DDP")
 
 
 if __name__ == "__main__":

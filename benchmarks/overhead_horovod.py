@@ -34,11 +34,12 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 from benchmarks.many_tensors import MODELS, model_and_widths
-from benchmarks.overhead import floor_reads, timing_parser
+from benchmarks.overhead import floor_reads, median_ratios, print_summary, timing_parser
 from scaling_plugins.backends.fused_norms import squared_norm_sum
 from tests.horovod_scripts.timeline import fusion_batches, norm_placement, tensor_role
 
 TIMELINE_STEPS = 5
+CLOCKS = ("wall", "cpu")     # what timed() returns: wall time and the main thread's CPU time
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -143,24 +144,14 @@ def main() -> None:
     ratios: dict[tuple[str, str], list[float]] = {}
     for repeat in range(args.repeats):
         result = run_once(args)
-        line = [f"run {repeat + 1}: params={result['params']:,}"]
-        for index, clock in enumerate(("wall", "cpu")):
-            medians = {name: statistics.median(t[index] for t in times) for name, times in result["times"].items()}
-            bare = medians["bare"]
-            parts = [f"{name}={ms * 1e3:.1f} ms" for name, ms in medians.items()]
-            for name in [name for name in medians if name != "bare"]:
-                ratios.setdefault((name, clock), []).append(medians[name] / bare)
-                parts.append(f"{name}/bare={medians[name] / bare:.4f}")
-            line.append(f"{clock}: " + " ".join(parts))
+        line = [f"run {repeat + 1}: params={result['params']:,}", *median_ratios(result["times"], CLOCKS, ratios)]
+        bare_cpu = statistics.median(cpu for _, cpu in result["times"]["bare"])
         line.append(f"one gradient pass={result['gradient_pass'] * 1e3:.2f} ms CPU "
-                    f"({100 * result['gradient_pass'] / bare:.2f}% of bare CPU step)")
+                    f"({100 * result['gradient_pass'] / bare_cpu:.2f}% of bare CPU step)")
         fused, alone = result["norm_fused"].get("ours", 0), result["norm_alone"].get("ours", 0)
         line.append(f"responses/step={result['responses_per_step']} norm fused={fused}/{TIMELINE_STEPS} alone={alone}")
         print(" | ".join(line), flush=True)
-    for (name, clock), values in sorted(ratios.items()):
-        ratio = statistics.median(values)
-        print(f"{name} / bare hvd.DistributedOptimizer step time ({clock}): median ratio {ratio:.4f} "
-              f"over {args.repeats} runs (overhead {100 * (ratio - 1):+.2f}%)")
+    print_summary(ratios, "bare hvd.DistributedOptimizer")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ TIMEOUT = 6          # the run's --timeout: how long a collective waits for a lo
 def start_ranks(tmp_path: Path) -> tuple[list[subprocess.Popen], list[Path]]:
     """Two ranks of a long quadratic run, each in its own session, stderr to a file."""
     env = {**os.environ, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
-    env.pop("CI", None)
     procs, logs = [], []
     for rank in (0, 1):
         log = tmp_path / f"rank{rank}.err"

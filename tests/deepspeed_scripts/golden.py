@@ -29,6 +29,21 @@ def engine_for(model: torch.nn.Module, cfg: dict) -> tuple:
     return engine, scheduler
 
 
+def reduce_in_buffers_of(engine: object, bucket_size: int) -> list[int]:
+    """Make ``engine``'s flat all-reduce use buffers of ``bucket_size`` elements; the returned list receives the
+    number of tensors in each buffer it reduces."""
+    buckets: list[int] = []
+    reduce_gradients, reduce_bucket = engine.allreduce_gradients, engine.allreduce_bucket
+
+    def allreduce_bucket(bucket: list, *args: object) -> torch.Tensor:
+        buckets.append(len(bucket))
+        return reduce_bucket(bucket, *args)
+
+    engine.allreduce_gradients = lambda: reduce_gradients(bucket_size=bucket_size)
+    engine.allreduce_bucket = allreduce_bucket
+    return buckets
+
+
 def golden(rank: int, stage: int, bucket_size: int | None = None) -> dict:
     """Linear(2, 2) with bias, loss = output.sum(), one sample per rank: first-step gain and applied lr.
     ``bucket_size``: the flat all-reduce's elements per buffer (DeepSpeed's default 5e8 is not a config key; 2
@@ -38,16 +53,7 @@ def golden(rank: int, stage: int, bucket_size: int | None = None) -> dict:
     for name, inputs in GOLDEN.items():
         torch.manual_seed(0)
         engine, scheduler = engine_for(torch.nn.Linear(2, 2), config(stage, scheduler=ADASCALE))
-        buckets: list[int] = []
-        if bucket_size is not None:
-            reduce_gradients, reduce_bucket = engine.allreduce_gradients, engine.allreduce_bucket
-            engine.allreduce_gradients = lambda: reduce_gradients(bucket_size=bucket_size)
-
-            def allreduce_bucket(bucket: list, *args: object) -> torch.Tensor:
-                buckets.append(len(bucket))
-                return reduce_bucket(bucket, *args)
-
-            engine.allreduce_bucket = allreduce_bucket
+        buckets = reduce_in_buffers_of(engine, bucket_size) if bucket_size is not None else []
         recorder = LrRecorder(engine)
         bias_before = engine.module.bias.detach().clone()
         engine.backward(engine(torch.tensor([inputs[rank]])).sum())
