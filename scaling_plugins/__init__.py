@@ -2,7 +2,7 @@
 
     import scaling_plugins
     policy = scaling_plugins.AdaScale()                       # or any name in scaling_plugins.POLICIES
-    ctl = scaling_plugins.backends.ddp.attach(ddp_model, optimizer, policy)
+    driver = scaling_plugins.backends.ddp.attach(ddp_model, optimizer, policy)
 """
 import logging
 

@@ -57,33 +57,33 @@ class BatchLimits:
             raise ValueError(f"min_batch = {self.min_batch} > max_batch = {self.max_batch}: min_batch must be "
                              f"<= max_batch")
 
-    def accumulation_range(self, world_size: int, micro_batch: Optional[int]) -> tuple[int, int]:
+    def accumulation_range(self, world_size: int, micro_batch_size: Optional[int]) -> tuple[int, int]:
         """(A_low, A_high): the accumulation steps whose batch W·A·m lies within the limits (module docstring),
-        for ``world_size`` workers of ``micro_batch`` samples per micro-batch. ``micro_batch`` None counts the
-        batch in micro-batches and is allowed only without ``min_batch``/``max_batch`` (which are in samples).
+        for ``world_size`` workers of ``micro_batch_size`` samples per micro-batch. ``micro_batch_size`` None counts
+        the batch in micro-batches and is allowed only without ``min_batch``/``max_batch`` (which are in samples).
         ``ValueError`` when a limit is not a multiple of W·m or the limits leave no accumulation."""
-        if micro_batch is None and (self.min_batch is not None or self.max_batch is not None):
+        if micro_batch_size is None and (self.min_batch is not None or self.max_batch is not None):
             key = "min_batch" if self.min_batch is not None else "max_batch"
-            raise ValueError(f"{key} = {getattr(self, key)} is in samples, so micro_batch (samples per micro-batch "
-                             "on each worker) is needed: give micro_batch (DeepSpeed takes it from "
+            raise ValueError(f"{key} = {getattr(self, key)} is in samples, so micro_batch_size (samples per "
+                             "micro-batch on each worker) is needed: give micro_batch_size (DeepSpeed takes it from "
                              "train_micro_batch_size_per_gpu)")
-        per_step = world_size * (micro_batch or 1)
+        per_step = world_size * (micro_batch_size or 1)
         low = max(1, math.ceil(MIN_GRADIENTS / world_size))
         high = self.max_accumulation_steps
         for key in ("min_batch", "max_batch"):
             value = getattr(self, key)
             if value is not None and value % per_step:
-                raise ValueError(f"{key} = {value} is not a multiple of micro_batch × workers = {micro_batch} × "
-                                 f"{world_size} = {per_step}: allowed are {per_step}, {2 * per_step}, "
-                                 f"{3 * per_step}, ...")
+                raise ValueError(f"{key} = {value} is not a multiple of micro_batch_size × workers = "
+                                 f"{micro_batch_size} × {world_size} = {per_step}: allowed are {per_step}, "
+                                 f"{2 * per_step}, {3 * per_step}, ...")
         if self.min_batch is not None:
             low = max(low, self.min_batch // per_step)
         if self.max_batch is not None:
             high = min(high, self.max_batch // per_step)
         if low > high:
-            raise ValueError(f"no batch size fits the limits with {world_size} worker(s) × micro_batch "
-                             f"{micro_batch or 1}: accumulation steps from {low} (min_batch = {self.min_batch}, and "
-                             f">= {MIN_GRADIENTS} gradients per step) to {high} (max_batch = {self.max_batch}, "
+            raise ValueError(f"no batch size fits the limits with {world_size} worker(s) × micro_batch_size "
+                             f"{micro_batch_size or 1}: accumulation steps from {low} (min_batch = {self.min_batch}, "
+                             f"and >= {MIN_GRADIENTS} gradients per step) to {high} (max_batch = {self.max_batch}, "
                              f"max_accumulation_steps = {self.max_accumulation_steps})")
         return low, high
 

@@ -7,7 +7,7 @@ batch κ·B0 when the momentum becomes
     ρ_κ = ρ^κ
 
 (each large-batch step stands for κ base steps). With AdaScale, a step stands for r_t base steps (its gain),
-so κ = r_t step by step: pass ``kappa=ctl.gain`` to :meth:`ModelEMA.update`.
+so κ = r_t step by step: pass ``kappa=driver.gain`` to :meth:`ModelEMA.update`.
 """
 from __future__ import annotations
 

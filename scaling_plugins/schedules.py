@@ -43,30 +43,33 @@ def exponential(gamma: float) -> Schedule:
     return lambda t: gamma ** t
 
 
-def cosine(total_steps: float, min_factor: float = 0.0) -> Schedule:
-    """lr(t) = m + (1 − m)·½(1 + cos(π·min(t, T)/T)) (Loshchilov & Hutter 2017, no restarts)."""
-    _require_positive("total_steps", total_steps)
-    return lambda t: min_factor + (1 - min_factor) * 0.5 * (1 + math.cos(math.pi * min(t, total_steps) / total_steps))
+def cosine(total_num_steps: float, cos_min_ratio: float = 0.0) -> Schedule:
+    """lr(t) = c + (1 − c)·½(1 + cos(π·min(t, T)/T)) (Loshchilov & Hutter 2017, no restarts), T =
+    ``total_num_steps``, c = ``cos_min_ratio`` (DeepSpeed's WarmupCosineLR names)."""
+    _require_positive("total_num_steps", total_num_steps)
+    return lambda t: cos_min_ratio + (1 - cos_min_ratio) * 0.5 * (
+        1 + math.cos(math.pi * min(t, total_num_steps) / total_num_steps))
 
 
-def polynomial(total_steps: float, power: float = 1.0, end_factor: float = 0.0) -> Schedule:
-    """lr(t) = e + (1 − e)·(1 − min(t, T)/T)^p (the "poly" policy LEGW scales)."""
-    _require_positive("total_steps", total_steps)
-    return lambda t: end_factor + (1 - end_factor) * (1 - min(t, total_steps) / total_steps) ** power
+def polynomial(total_num_steps: float, power: float = 1.0, end_factor: float = 0.0) -> Schedule:
+    """lr(t) = e + (1 − e)·(1 − min(t, T)/T)^p (the "poly" policy LEGW scales), T = ``total_num_steps``."""
+    _require_positive("total_num_steps", total_num_steps)
+    return lambda t: end_factor + (1 - end_factor) * (1 - min(t, total_num_steps) / total_num_steps) ** power
 
 
-def linear_warmup(warmup_steps: float, start_factor: float = 0.0, after: ScheduleSpec = None) -> Schedule:
-    """lr(t) = (s + (1 − s)·t/W)·after(W) for t < W, then after(t) (Goyal et al. 2017's gradual warmup)."""
-    if warmup_steps < 0:
-        raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps!r}")
+def linear_warmup(warmup_num_steps: float, warmup_min_ratio: float = 0.0, after: ScheduleSpec = None) -> Schedule:
+    """lr(t) = (s + (1 − s)·t/W)·after(W) for t < W, then after(t) (Goyal et al. 2017's gradual warmup), W =
+    ``warmup_num_steps``, s = ``warmup_min_ratio`` (DeepSpeed's WarmupCosineLR names)."""
+    if warmup_num_steps < 0:
+        raise ValueError(f"warmup_num_steps must be >= 0, got {warmup_num_steps!r}")
     rest = build_schedule(after)
-    if warmup_steps == 0:
+    if warmup_num_steps == 0:
         return rest
 
     def schedule(t: float) -> float:
-        if t >= warmup_steps:
+        if t >= warmup_num_steps:
             return rest(t)
-        return (start_factor + (1 - start_factor) * t / warmup_steps) * rest(warmup_steps)
+        return (warmup_min_ratio + (1 - warmup_min_ratio) * t / warmup_num_steps) * rest(warmup_num_steps)
 
     return schedule
 

@@ -1,6 +1,6 @@
 """The package's layers: the library never imports the application, no module imports itself back through
-another, each engine's internals sit in its compatibility module, and importing the library with a backend
-pulls in no application dependency."""
+another, each engine is a subpackage of role modules whose engine internals sit in its compatibility module, and
+importing the library with a backend pulls in no application dependency."""
 from __future__ import annotations
 
 import ast
@@ -84,12 +84,27 @@ def test_no_import_cycles_between_modules():
     assert cycles == []
 
 
+BACKENDS = PACKAGE / "backends"
+ROLE_MODULES = {"ddp": {"driver", "harvest"},
+                "deepspeed": {"compat", "driver", "harvest"},
+                "horovod": {"compat", "driver", "elastic", "harvest", "optimizer"}}
+
+
+def test_each_engine_is_a_subpackage_of_role_modules_beside_the_shared_pieces():
+    """One subpackage per engine, its modules named by role; what they share in ``backends.shared``; nothing else."""
+    found = {path.name: {m.stem for m in path.glob("*.py") if m.stem != "__init__"}
+             for path in BACKENDS.iterdir() if path.is_dir() and (path / "__init__.py").exists()}
+    assert found.pop("shared") == {"driver", "fused_norms", "grad_scaler", "wide_payload"}
+    assert found == ROLE_MODULES
+    assert sorted(p.name for p in BACKENDS.glob("*.py")) == ["__init__.py"]
+
+
 @pytest.mark.parametrize("engine", sorted(ENGINE_INTERNALS))
 def test_engine_internals_only_in_the_compatibility_module(engine):
-    compat = PACKAGE / "backends" / f"{engine}_compat.py"
+    compat = BACKENDS / engine / "compat.py"
     assert compat.exists()
     offenders = {}
-    for path in (PACKAGE / "backends").glob("*.py"):
+    for path in BACKENDS.rglob("*.py"):
         if path == compat:
             continue
         tree = ast.parse(path.read_text())
@@ -98,7 +113,54 @@ def test_engine_internals_only_in_the_compatibility_module(engine):
         names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
         used = sorted(names & set(ENGINE_INTERNALS[engine]))
         if used:
-            offenders[path.name] = used
+            offenders[str(path.relative_to(BACKENDS))] = used
+    assert offenders == {}
+
+
+def test_an_engine_never_imports_another_engine():
+    """Each engine's subpackage imports only itself, ``backends.shared`` and the core."""
+    offenders = {}
+    for module, deps in GRAPH.items():
+        parts = module.split(".")
+        if parts[:2] != ["scaling_plugins", "backends"] or len(parts) < 3 or parts[2] == "shared":
+            continue
+        others = sorted(d for d in deps if d.startswith("scaling_plugins.backends.")
+                        and d.split(".")[2] not in (parts[2], "shared"))
+        if others:
+            offenders[module] = others
+    assert offenders == {}
+
+
+def class_table() -> dict[str, tuple[list[str], set[str], set[str]]]:
+    """Every class in the package by name: (its base names, its methods, the ``self.<name>(...)`` calls of its
+    ``__init__``)."""
+    table = {}
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(node, ast.ClassDef):
+                continue
+            methods = {n.name: n for n in node.body if isinstance(n, ast.FunctionDef)}
+            init = methods.get("__init__")
+            calls = {n.func.attr for n in ast.walk(init) if isinstance(n, ast.Call)
+                     and isinstance(n.func, ast.Attribute) and isinstance(n.func.value, ast.Name)
+                     and n.func.value.id == "self"} if init else set()
+            table[node.name] = ([getattr(b, "id", getattr(b, "attr", "")) for b in node.bases], set(methods), calls)
+    return table
+
+
+def test_no_constructor_of_a_base_class_calls_an_overridable_method():
+    """A base class's ``__init__`` runs before its subclass has set its fields, so it calls none of the public
+    (overridable) methods of its own class or its bases on ``self``; it calls its own explicitly
+    (``PolicyDriver.apply_learning_rate(self)``) where it must."""
+    table = class_table()
+    subclassed = {base for bases, _, _ in table.values() for base in bases}
+
+    def public_methods(name: str) -> set[str]:
+        bases, methods, _ = table.get(name, ([], set(), set()))
+        return {m for m in methods if not m.startswith("_")}.union(*(public_methods(b) for b in bases))
+
+    offenders = {name: sorted(calls & public_methods(name)) for name, (_, _, calls) in table.items()
+                 if name in subclassed and calls & public_methods(name)}
     assert offenders == {}
 
 
@@ -138,7 +200,7 @@ def test_the_hugging_face_integration_is_imported_only_when_asked_for():
 
 def test_an_unsupported_deepspeed_version_is_refused_by_name():
     pytest.importorskip("deepspeed")
-    from scaling_plugins.backends import deepspeed_compat
+    from scaling_plugins.backends.deepspeed import compat as deepspeed_compat
 
     with pytest.raises(ImportError, match=r"deepspeed 0\.18\.2 is not supported by scaling_plugins \(supported: "
                                           r"0\.19\.x; verified on 0\.19\.8\)"):
@@ -148,7 +210,7 @@ def test_an_unsupported_deepspeed_version_is_refused_by_name():
 def test_an_unsupported_horovod_version_is_refused_by_name(monkeypatch):
     horovod = pytest.importorskip("horovod")
     pytest.importorskip("horovod.torch")
-    from scaling_plugins.backends import horovod_compat
+    from scaling_plugins.backends.horovod import compat as horovod_compat
 
     monkeypatch.setattr(horovod, "__version__", "0.27.0")
     horovod_compat.horovod_torch.cache_clear()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
-from ..backends.deepspeed_params import resolve_scheduler_params
+from ..scheduler_params import resolve_scheduler_params
 from ..config import allowed_keys
 from ..policies import POLICIES
 from ..policies.base import Policy
@@ -132,7 +132,7 @@ def check_entry(entry: Any, path: str, deepspeed: bool = False) -> list[Problem]
 def _policy_params(entry: Mapping[str, Any], deepspeed: bool) -> Any:
     """The keywords the policy is built from: the entry's params, less DeepSpeed's own last_batch_iteration; in a
     DeepSpeed config with HF's flat schedule keys and "auto" read as the DeepSpeed backend reads them
-    (``scaling_plugins.backends.deepspeed_params``; ``ValueError`` where it refuses them)."""
+    (``scaling_plugins.scheduler_params``; ``ValueError`` where it refuses them)."""
     params = entry.get("params") or {}
     if deepspeed and isinstance(params, Mapping):
         params = {key: value for key, value in params.items() if key != "last_batch_iteration"}
@@ -147,7 +147,7 @@ class Shape:
 
     workers: Optional[int] = None
     accumulation: Optional[int] = None
-    micro_batch: Optional[int] = None
+    micro_batch_size: Optional[int] = None
 
 
 def _attach_error(policy: Policy, workers: int, accumulation: int) -> Optional[str]:
@@ -177,9 +177,9 @@ def check_shapes(cls: type[Policy], params: Mapping[str, Any], path: str,
     accumulation = shape.accumulation or 1
     tried = [shape.workers] if shape.workers is not None else range(1, PROBED_WORKERS + 1)
     policy = cls(**params)
-    if shape.micro_batch is not None:
+    if shape.micro_batch_size is not None:
         try:
-            policy.set_micro_batch(shape.micro_batch)   # as the DeepSpeed backend does
+            policy.set_micro_batch_size(shape.micro_batch_size)   # as the DeepSpeed backend does
         except ValueError as err:
             return [Problem(path, dict(params), str(err))], []
     with warnings.catch_warnings(record=True) as caught:

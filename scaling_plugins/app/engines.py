@@ -37,7 +37,7 @@ BACKENDS = ("ddp", "deepspeed", "horovod")
 ENGINE_MODULES = {"ddp": "torch.distributed", "deepspeed": "deepspeed", "horovod": "horovod.torch"}
 INSTALL_HINTS = {
     "deepspeed": "pip install 'scaling_plugins[deepspeed]'",
-    "horovod": "make horovod (builds Horovod 0.28.1 against this torch; see README)",
+    "horovod": "make horovod (builds Horovod 0.28.1 against this torch; see docs/horovod.md)",
 }
 
 
@@ -124,7 +124,7 @@ class EngineAdapter:
         return self.driver.metrics()
 
 
-class DDPEngine(EngineAdapter):
+class DDPAdapter(EngineAdapter):
     """``DistributedDataParallel`` + SGD + ``scaling_plugins.backends.ddp.attach``; needs an initialised
     torch.distributed process group."""
 
@@ -155,7 +155,7 @@ class DDPEngine(EngineAdapter):
         torch.distributed.barrier()
 
 
-class DeepSpeedEngine(EngineAdapter):
+class DeepSpeedAdapter(EngineAdapter):
     """``deepspeed.initialize`` with the policy as the config's ``"scheduler"`` entry (the JSON path a DeepSpeed
     user takes), SGD, ZeRO stage 0, no gradient clipping; DeepSpeed does the accumulation (it divides each
     micro-batch's loss by gradient_accumulation_steps itself). With ``monitor_dir``, DeepSpeed's csv monitor
@@ -168,7 +168,7 @@ class DeepSpeedEngine(EngineAdapter):
 
         self.workload = workload
         self.config = {
-            "train_micro_batch_size_per_gpu": workload.micro_batch,
+            "train_micro_batch_size_per_gpu": workload.micro_batch_size,
             "gradient_accumulation_steps": accumulation,
             "optimizer": {"type": "SGD", "params": {"lr": lr, "momentum": workload.momentum}},
             "scheduler": dict(policy),
@@ -203,7 +203,7 @@ class DeepSpeedEngine(EngineAdapter):
         return client_state
 
 
-class HorovodEngine(EngineAdapter):
+class HorovodAdapter(EngineAdapter):
     """``scaling_plugins.backends.horovod.DistributedOptimizer`` over SGD; needs ``hvd.init()`` done."""
 
     policy_in_optimizer_state = True   # under "scaling_plugins"
@@ -237,7 +237,7 @@ class HorovodEngine(EngineAdapter):
         self.hvd.barrier()
 
 
-ENGINES = {"ddp": DDPEngine, "horovod": HorovodEngine}
+ADAPTERS = {"ddp": DDPAdapter, "horovod": HorovodAdapter}
 
 
 def start(backend: str, timeout: Optional[float] = None) -> Placement:
@@ -266,11 +266,11 @@ def stop(backend: str) -> None:
         shutdown_process_group()
 
 
-def make_engine(backend: str, model: nn.Module, workload: Workload, lr: float, policy: Mapping[str, Any],
-                accumulation: int, run_dir: Optional[Path] = None) -> Any:
+def make_adapter(backend: str, model: nn.Module, workload: Workload, lr: float, policy: Mapping[str, Any],
+                 accumulation: int, run_dir: Optional[Path] = None) -> Any:
     """The adapter for ``backend``; ``BackendUnavailable`` when that backend cannot run here. ``run_dir``
     receives the engine's own monitor output where it has one (DeepSpeed)."""
     require_backend(backend)
     if backend == "deepspeed":
-        return DeepSpeedEngine(model, workload, lr, policy, accumulation, monitor_dir=run_dir)
-    return ENGINES[backend](model, workload, lr, policy, accumulation)
+        return DeepSpeedAdapter(model, workload, lr, policy, accumulation, monitor_dir=run_dir)
+    return ADAPTERS[backend](model, workload, lr, policy, accumulation)

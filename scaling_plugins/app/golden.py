@@ -16,7 +16,7 @@ from typing import Callable
 
 import torch
 
-from .engines import make_engine
+from .engines import make_adapter
 
 ADASCALE = {"type": "AdaScale", "params": {}}
 CASES: dict[str, tuple[Callable[[int], list[float]], float]] = {
@@ -30,7 +30,7 @@ EXPECTED = {case: gain for case, (_, gain) in CASES.items()}
 class SumOfOutputs:
     """The little of a workload the engine adapters read: one sample per micro-batch, plain SGD, loss = Σ output."""
 
-    micro_batch = 1
+    micro_batch_size = 1
     momentum = 0.0
 
     @staticmethod
@@ -41,11 +41,11 @@ class SumOfOutputs:
 def first_step_gain(backend: str, sample: list[float]) -> float:
     """The gain after one optimizer step of the golden model on ``sample`` (this rank's input)."""
     torch.manual_seed(0)
-    engine = make_engine(backend, torch.nn.Linear(2, 2), SumOfOutputs(), lr=0.1, policy=ADASCALE, accumulation=1)
-    loss = engine.forward_backward(torch.tensor([sample]), torch.zeros(1), last=True)
-    engine.step(loss.item())
-    gain = float(engine.metrics()["gain"])
-    del engine
+    adapter = make_adapter(backend, torch.nn.Linear(2, 2), SumOfOutputs(), lr=0.1, policy=ADASCALE, accumulation=1)
+    loss = adapter.forward_backward(torch.tensor([sample]), torch.zeros(1), last=True)
+    adapter.step(loss.item())
+    gain = float(adapter.metrics()["gain"])
+    del adapter
     gc.collect()   # DeepSpeed's engine and scheduler hold each other: free it before the next one
     return gain
 

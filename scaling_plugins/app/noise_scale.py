@@ -88,7 +88,7 @@ def advice_lines(runs: Sequence[Any]) -> list[str]:
     lines = []
     for run in runs:
         workload = WORKLOADS.get(str(run.spec.get("workload")))
-        measured = run_noise_scale(run.steps, workload.micro_batch) if workload is not None else None
+        measured = run_noise_scale(run.steps, workload.micro_batch_size) if workload is not None else None
         if measured is not None:
             lines.append(f"{run.label}: {batch_size_advice(measured)}")
     return lines

@@ -88,7 +88,7 @@ def aggregate(results: Sequence[Result]) -> list[Row]:
                         statistics.fmean(s["steps"] for s in summaries),
                         statistics.fmean(s["samples"] for s in summaries),
                         statistics.fmean(s["mean_gain"] for s in summaries),
-                        run_noise_scale(first.run.steps, WORKLOADS[workload].micro_batch),
+                        run_noise_scale(first.run.steps, WORKLOADS[workload].micro_batch_size),
                         statistics.fmean(s["wall_s"] for s in summaries),
                         (min(low for low, _ in ranges), max(high for _, high in ranges))))
     return sorted(rows, key=lambda r: (r.workload, METHODS.index(r.method), r.scale))

@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from ..config import allowed_keys
-from .engines import make_engine
+from .engines import make_adapter
 from ..policies import Policy, policy_class
 from ..telemetry import TelemetryWriter, record_from
 from .workloads import WORKLOADS, Workload, get_workload
@@ -83,7 +83,7 @@ class RunSpec:
         budget = self.budget if self.budget is not None else workload.default_budget
         return dataclasses.replace(
             self, budget=budget, lr=self.lr if self.lr is not None else workload.base_lr,
-            schedule=self.schedule if self.schedule is not None else {"type": "cosine", "total_steps": budget})
+            schedule=self.schedule if self.schedule is not None else {"type": "cosine", "total_num_steps": budget})
 
 
 def counts_base_steps(cls: type[Policy]) -> bool:
@@ -93,12 +93,14 @@ def counts_base_steps(cls: type[Policy]) -> bool:
 
 
 def policy_entry(spec: RunSpec) -> dict[str, Any]:
-    """``{"type", "params"}`` for the run: the budget (in the policy's own unit of progress), the base schedule
-    and the workload's micro-batch where the policy takes them, overridden by ``spec.policy_params``. Scale is
-    left to the policy, whose default is workers × accumulation = S."""
+    """``{"type", "params"}`` for the run: the budget (in the policy's own unit of progress) and the base schedule
+    where the policy takes them, and a batch-size controller's ``micro_batch_size`` (the workload's), overridden by
+    ``spec.policy_params``. Scale is left to the policy, whose default is workers × accumulation = S."""
     cls = policy_class(spec.policy)
     budget = spec.budget if counts_base_steps(cls) else math.ceil(spec.budget / spec.scale)
-    facts = {"schedule": spec.schedule, "total_num_steps": budget, "micro_batch": WORKLOADS[spec.workload].micro_batch}
+    facts = {"schedule": spec.schedule, "total_num_steps": budget}
+    if cls.controls_batch:   # its batch limits are in samples; the scaling rules take k = S, no micro-batch
+        facts["micro_batch_size"] = WORKLOADS[spec.workload].micro_batch_size
     params = {key: value for key, value in facts.items() if key in allowed_keys(cls)}
     return {"type": spec.policy, "params": {**params, **spec.policy_params}}
 
@@ -116,13 +118,13 @@ def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progr
     run_dir = Path(run_dir)
     workload = get_workload(spec.workload, spec.seed)
     spec = spec.resolved(workload)
-    engine = make_engine(spec.backend, workload.make_model(), workload, spec.lr, policy_entry(spec),
-                         spec.accumulation, run_dir=run_dir)
-    base_steps = counts_base_steps(type(engine.policy))
+    adapter = make_adapter(spec.backend, workload.make_model(), workload, spec.lr, policy_entry(spec),
+                           spec.accumulation, run_dir=run_dir)
+    base_steps = counts_base_steps(type(adapter.policy))
     eval_every = spec.budget / spec.evals
     checkpoints = run_dir / CHECKPOINT_DIR
     counters = {"step": 0, "samples": 0, "base_progress": 0.0, "next_eval": 0.0, "gains": [], "scales": []}
-    resumed = engine.load_checkpoint(checkpoints) if spec.checkpoint_every else None
+    resumed = adapter.load_checkpoint(checkpoints) if spec.checkpoint_every else None
     if resumed is not None:
         counters = resumed
         print(f"rank {rank}: resumed from {checkpoints} at step {counters['step']}", file=sys.stderr, flush=True)
@@ -135,36 +137,36 @@ def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progr
                          resume_after=step if resumed is not None else None) as telemetry:
         while base_progress < spec.budget:
             if rank == 0 and base_progress >= next_eval:
-                result = workload.evaluate(engine.module)
+                result = workload.evaluate(adapter.module)
                 telemetry.write_eval(step, samples, result.loss, result.accuracy)
                 next_eval += eval_every
-            accumulation = engine.accumulation_steps   # a batch-size controller sets it for each step
+            accumulation = adapter.accumulation_steps   # a batch-size controller sets it for each step
             loss_sum = torch.zeros((), dtype=torch.float64)
             for micro in range(accumulation):
                 x, y = workload.micro_batch_at(samples, rank, world, micro)
-                loss_sum += engine.forward_backward(x, y, last=micro == accumulation - 1)
-            mean_loss = engine.mean_over_ranks(loss_sum / accumulation)
-            engine.step(mean_loss)
+                loss_sum += adapter.forward_backward(x, y, last=micro == accumulation - 1)
+            mean_loss = adapter.mean_over_ranks(loss_sum / accumulation)
+            adapter.step(mean_loss)
             step += 1
-            batch = world * accumulation * workload.micro_batch
+            batch = world * accumulation * workload.micro_batch_size
             samples += batch
-            record = record_from(engine.metrics(), step=step, samples=samples, loss=mean_loss, batch_size=batch,
+            record = record_from(adapter.metrics(), step=step, samples=samples, loss=mean_loss, batch_size=batch,
                                  accumulation_steps=accumulation)
             telemetry.write_step(record)
             if on_step is not None:
                 on_step(record)
             gains.append(record["gain"] if record["gain"] is not None else 1.0)
             scales.append(world * accumulation)
-            previous, base_progress = base_progress, (engine.policy.progress if base_steps
-                                                      else samples / workload.micro_batch)
+            previous, base_progress = base_progress, (adapter.policy.progress if base_steps
+                                                      else samples / workload.micro_batch_size)
             if bar is not None:
                 bar.update(min(base_progress, spec.budget) - min(previous, spec.budget))
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{record['lr']:.3g}", gain=f"{gains[-1]:.2f}")
             if spec.checkpoint_every and step % spec.checkpoint_every == 0:
-                engine.save_checkpoint(checkpoints, {"step": step, "samples": samples, "base_progress": base_progress,
+                adapter.save_checkpoint(checkpoints, {"step": step, "samples": samples, "base_progress": base_progress,
                                                      "next_eval": next_eval, "gains": gains, "scales": scales})
         wall = time.perf_counter() - started
-        final = workload.evaluate(engine.module)
+        final = workload.evaluate(adapter.module)
         telemetry.write_eval(step, samples, final.loss, final.accuracy)
     if bar is not None:
         bar.close()

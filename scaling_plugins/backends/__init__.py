@@ -1,9 +1,5 @@
-"""Engine backends: harvest gradient norms from the engine's own reductions and apply the policy's learning rate.
-
-``driver.PolicyDriver`` holds the per-step logic all three share (the loss all-reduce, the gradient sample,
-validation, learning rates from each group's ``initial_lr``); ``ddp``, ``deepspeed`` and ``horovod`` each
-subclass it with only what is specific to their engine: where the numbers ride and when the step happens.
-Every touch of an engine's internals sits in ``deepspeed_compat`` or ``horovod_compat``, which check the
-engine's version. No math lives here; see ``scaling_plugins.stats`` and ``scaling_plugins.policies``.
-Optional engines are imported lazily by their own module (``backends.deepspeed``, ``backends.horovod``).
+"""Engine backends: each carries the local gradient norms on its engine's own reductions (``harvest``), drives
+the policy once per optimizer step (``driver``) and keeps every touch of engine internals in a version-checked
+``compat`` module; ``shared`` holds what they have in common. No math lives here (``scaling_plugins.stats``,
+``scaling_plugins.policies``). Optional engines are imported only by their own subpackage. docs/design.md.
 """

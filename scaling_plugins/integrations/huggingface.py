@@ -7,7 +7,8 @@
     scaling_driver(trainer).gain                 # the policy's scheduler, behind Accelerate's wrapper
 
 Importing this module imports ``scaling_plugins.backends.deepspeed``, so the ds_config's ``"scheduler"`` type
-may name any policy. HF's flat scheduler keys and "auto" are read as ``backends.deepspeed_params`` documents.
+may name any policy. HF's flat scheduler keys and "auto" are read as ``scaling_plugins.scheduler_params``
+documents.
 
 The budget. The Trainer fills ``scheduler.params.total_num_steps: "auto"`` with its step count and refuses any
 other number; a policy that counts progress in base-scale steps (AdaScale: τ advances by the gain r ≥ 1 per
@@ -48,7 +49,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
                       "pip install 'scaling_plugins[hf]'") from err
 
 from ..backends import deepspeed as _registers_the_policies  # noqa: F401  (DeepSpeed resolves policy names)
-from ..backends.driver import PolicyDriver
+from ..backends.shared.driver import PolicyDriver
 from ..call_stack import calling_instance
 from ..policies import POLICIES
 from ..policies.progress import BaseScaleProgress

@@ -16,13 +16,14 @@ Steps t = 0 .. T−1 (T = ``total_num_steps`` optimizer steps), warmup cap W = `
   ``"const-cos"``: lr_peak until the last 20% of the budget, then a cosine over that 20%
   (from c = max(s, 0.8·(T − 1)) to T − 1).
 
-The learning rates are absolute: every param group gets the same rate, whatever it was configured with
-(as DeepSpeed's WarmupLR does).
+The learning rates are absolute (``warmup_min_lr``/``warmup_max_lr``, as in the paper and DeepSpeed's WarmupLR):
+every param group gets the same rate, whatever it was configured with (as DeepSpeed's WarmupLR does), so the
+optimizer's own lr is not used. Param groups configured with different lrs get one warning (module logger).
 
 Loss: ``step()`` needs the training loss of every step. With several workers it must be the mean over all
 ranks (and micro-batches), so every rank tests the same numbers; the test's randomness is seeded by
 (``seed``, epoch), so every rank switches at the same step. The backends do the averaging:
-DDP ``ctl.step(loss)``; Horovod ``opt.step(loss=loss)``; DeepSpeed, with ``"scheduler": {"type": "AutoWU",
+DDP ``driver.step(loss)``; Horovod ``opt.step(loss=loss)``; DeepSpeed, with ``"scheduler": {"type": "AutoWU",
 "params": {...}}`` in the config, reads the loss given to ``engine.backward(loss)`` (it must be known before
 the optimizer step, so ``engine.step(lr_kwargs=...)``, which reaches the scheduler after it, is not used).
 Needs scikit-learn (``pip install 'scaling_plugins[autowu]'``).
@@ -30,12 +31,15 @@ Needs scikit-learn (``pip install 'scaling_plugins[autowu]'``).
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from typing import Any, Optional
 
 from .loss_trend import INITIAL_HYPERPARAMETERS, MinimumTest, TestResult, minimum_has_passed, require_sklearn
 from .base import Policy, StepObservation
 from .registry import register
+
+log = logging.getLogger(__name__)
 
 DECAY_TYPES = ("cos", "const-cos")
 COSINE_FRACTION = 0.2  # const-cos: the cosine covers the last 20% of the budget
@@ -45,6 +49,9 @@ WARMUP, DECAY = "warmup", "decay"
 @register
 class AutoWU(Policy):
     """Exponential warmup until a Gaussian-process test says the loss stopped decreasing, then decay to 0.
+
+    The learning rates are absolute, the same in every param group: ``learning_rate`` ignores the group's own
+    lr (module docstring).
 
     Args (DeepSpeed-style names; only ``total_num_steps`` has no default):
         total_num_steps: the budget T in optimizer steps; the learning rate is 0 at step T − 1.
@@ -104,6 +111,8 @@ class AutoWU(Policy):
         self.switch_step: Optional[int] = None
         self.peak_lr: Optional[float] = None
         self._lr = self.warmup_lr(0)
+        self._seen_base_lr: Optional[float] = None   # the first base_lr asked about (param groups' own lrs)
+        self._warned_base_lr = False
 
     # -- the schedule -----------------------------------------------------------------------------------------
     def warmup_lr(self, step: int) -> float:
@@ -125,7 +134,7 @@ class AutoWU(Policy):
     # -- the protocol -----------------------------------------------------------------------------------------
     def step(self, observation: StepObservation) -> None:
         if observation.loss is None:
-            raise ValueError("AutoWU needs the training loss every step: DDP ctl.step(loss), Horovod "
+            raise ValueError("AutoWU needs the training loss every step: DDP driver.step(loss), Horovod "
                              "opt.step(loss=loss), DeepSpeed engine.backward(loss), or StepObservation(loss=...)")
         t = self.steps
         if self.phase == WARMUP:
@@ -155,6 +164,15 @@ class AutoWU(Policy):
         self.phase, self.switch_step, self.peak_lr = DECAY, t, peak_lr
 
     def learning_rate(self, base_lr: float) -> float:
+        """The absolute learning rate of the current step, the same for every param group: ``base_lr`` (the
+        group's own lr) is not used. The first time groups with different lrs show up, one warning is logged."""
+        if self._seen_base_lr is None:
+            self._seen_base_lr = base_lr
+        elif base_lr != self._seen_base_lr and not self._warned_base_lr:
+            self._warned_base_lr = True
+            log.warning("AutoWU sets the same absolute learning rate in every param group (from warmup_min_lr = "
+                        "%g up to warmup_max_lr = %g); their own lrs (%g, %g, ...) are not used",
+                        self.warmup_min_lr, self.warmup_max_lr, self._seen_base_lr, base_lr)
         return self._lr
 
     @property

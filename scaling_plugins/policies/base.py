@@ -62,9 +62,10 @@ class Policy(ABC):
                 f"world_size and accumulation_steps must be >= 1, got {world_size!r}, {accumulation_steps!r}")
         self.world_size, self.accumulation_steps = int(world_size), int(accumulation_steps)
 
-    def set_micro_batch(self, micro_batch: int) -> None:
+    def set_micro_batch_size(self, micro_batch_size: int) -> None:
         """The samples per micro-batch on each worker, where the engine knows it (DeepSpeed's
-        ``train_micro_batch_size_per_gpu``); only a policy that counts samples uses it."""
+        ``train_micro_batch_size_per_gpu``, given before ``configure``); only a policy that counts samples uses
+        it."""
 
     @property
     def requested_accumulation_steps(self) -> Optional[int]:
@@ -78,7 +79,11 @@ class Policy(ABC):
 
     @abstractmethod
     def learning_rate(self, base_lr: float) -> float:
-        """The learning rate of the current step for a param group whose configured rate is ``base_lr``."""
+        """The learning rate of the current step for a param group whose configured rate is ``base_lr``.
+
+        Most policies scale ``base_lr`` (a multiplier per step, so param groups keep their ratios). An absolute
+        policy (``AutoWU``: its own ``warmup_min_lr``/``warmup_max_lr``, as DeepSpeed's WarmupLR) ignores
+        ``base_lr`` and gives the same learning rate to every param group."""
 
     @property
     def progress(self) -> float:

@@ -13,7 +13,9 @@ warmup starts, as a fraction of the unscaled rate) and W_k the warmup in base-sc
 otherwise (LEGW: k × it).
 
 k is ``scale`` when given; else ``micro_batch_size`` × workers × accumulation steps / ``base_batch`` when
-those are given; else workers × accumulation steps (each worker's micro-batch is the base batch).
+``base_batch`` is given; else workers × accumulation steps (each worker's micro-batch is the base batch).
+``micro_batch_size`` comes from the engine where it knows it (DeepSpeed: ``train_micro_batch_size_per_gpu``,
+through ``set_micro_batch_size``), so there ``base_batch`` alone is enough; under DDP and Horovod give both.
 """
 from __future__ import annotations
 
@@ -29,7 +31,8 @@ class ScalingRule(BaseScaleProgress):
 
     Args (all optional):
         scale: k = effective batch / base batch (>= 1); default from the run's shape (module docstring).
-        base_batch, micro_batch_size: B0 and the per-worker micro-batch, in samples, to derive k instead.
+        base_batch, micro_batch_size: B0 and the per-worker micro-batch, in samples, to derive k instead
+            (DeepSpeed fills ``micro_batch_size`` from ``train_micro_batch_size_per_gpu``).
         schedule: the base schedule of τ (base-scale steps), as tuned at B0: a name, ``{"type": ...}`` or a
             callable; default constant.
         warmup_num_steps: the warmup, in base-scale steps (see the rule for how k changes it); default 0.
@@ -48,15 +51,10 @@ class ScalingRule(BaseScaleProgress):
         super().__init__(total_num_steps)
         if scale is not None and not scale >= 1:
             raise ValueError(f"scale (k) must be >= 1, got {scale!r}")
-        if (base_batch is None) != (micro_batch_size is None):
-            raise ValueError(f"base_batch and micro_batch_size go together, got base_batch={base_batch!r}, "
-                             f"micro_batch_size={micro_batch_size!r}")
-        if base_batch is not None:
-            if scale is not None:
-                raise ValueError("give either scale or base_batch with micro_batch_size, not both")
-            if not (base_batch > 0 and micro_batch_size > 0):
-                raise ValueError(f"base_batch and micro_batch_size must be > 0, got {base_batch!r}, "
-                                 f"{micro_batch_size!r}")
+        if base_batch is not None and scale is not None:
+            raise ValueError("give either scale or base_batch with micro_batch_size, not both")
+        if not ((base_batch is None or base_batch > 0) and (micro_batch_size is None or micro_batch_size > 0)):
+            raise ValueError(f"base_batch and micro_batch_size must be > 0, got {base_batch!r}, {micro_batch_size!r}")
         if not warmup_num_steps >= 0:
             raise ValueError(f"warmup_num_steps must be >= 0, got {warmup_num_steps!r}")
         if warmup_start_factor is None:
@@ -67,8 +65,19 @@ class ScalingRule(BaseScaleProgress):
         self.warmup_num_steps = warmup_num_steps
         self.warmup_start_factor = warmup_start_factor
         self._user_scale = scale
-        self._batch_ratio = None if base_batch is None else micro_batch_size / base_batch
+        self.base_batch = base_batch
+        self.micro_batch_size = micro_batch_size
+        self._given_micro_batch_size = micro_batch_size   # the user's, not the engine's (set_micro_batch_size)
         self._rescale(check=base_batch is None)  # a k from batch sizes is checked once configure() knows n
+
+    def set_micro_batch_size(self, micro_batch_size: int) -> None:
+        """The engine's samples per micro-batch on each worker (DeepSpeed's ``train_micro_batch_size_per_gpu``,
+        before ``configure``): fills ``micro_batch_size`` when it was left out; a different one is refused."""
+        if self.micro_batch_size is not None and self.micro_batch_size != micro_batch_size:
+            raise ValueError(f"micro_batch_size = {self.micro_batch_size:g} but the engine's micro-batch is "
+                             f"{micro_batch_size} (train_micro_batch_size_per_gpu): leave micro_batch_size out or "
+                             "make them equal")
+        self.micro_batch_size = micro_batch_size
 
     @staticmethod
     def warmup_growth(k: float) -> float:
@@ -86,6 +95,16 @@ class ScalingRule(BaseScaleProgress):
         return self.scale ** self.exponent
 
     def configure(self, world_size: int, accumulation_steps: int) -> None:
+        """Check that the batch sizes pair up (here, not at construction: DeepSpeed fills ``micro_batch_size``
+        between the two), then fix k and the warmup for this shape."""
+        if self.base_batch is not None and self.micro_batch_size is None:
+            raise ValueError(f"base_batch = {self.base_batch:g} is in samples, so micro_batch_size is needed too "
+                             "(samples per micro-batch on each worker; DeepSpeed takes it from "
+                             "train_micro_batch_size_per_gpu): base_batch and micro_batch_size go together")
+        if self.base_batch is None and self._given_micro_batch_size is not None:
+            raise ValueError(f"micro_batch_size = {self._given_micro_batch_size:g} without base_batch: base_batch "
+                             "and micro_batch_size go together (k = micro_batch_size × workers × accumulation "
+                             "steps / base_batch); give base_batch too, or leave micro_batch_size out")
         super().configure(world_size, accumulation_steps)
         self._rescale()
 
@@ -94,8 +113,8 @@ class ScalingRule(BaseScaleProgress):
         n = self.world_size * self.accumulation_steps
         if self._user_scale is not None:
             k = float(self._user_scale)
-        elif self._batch_ratio is not None:
-            k = n * self._batch_ratio
+        elif self.base_batch is not None and self.micro_batch_size is not None:
+            k = n * (self.micro_batch_size / self.base_batch)
         else:
             k = float(n)
         if check and not k >= 1:

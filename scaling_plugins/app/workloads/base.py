@@ -2,7 +2,7 @@
 
 The sampler reads one global stream of training samples: epoch e is a permutation of the training set drawn
 from ``(seed, e)``. An optimizer step at scale S = world × accumulation consumes the next S·B0 samples of the
-stream from where the previous step stopped, where B0 = ``micro_batch``; micro-batch m of rank r takes the
+stream from where the previous step stopped, where B0 = ``micro_batch_size``; micro-batch m of rank r takes the
 (m·world + r)-th slice of B0 of them. So the S = 1 reference (one rank, no accumulation) and a run at any scale,
 fixed or changing from step to step, read the same samples in the same order, just grouped into larger steps.
 """
@@ -29,7 +29,7 @@ class Workload(ABC):
 
     Attributes:
         name: registry name.
-        micro_batch: B0, samples per micro-batch (the base batch of the S = 1 reference).
+        micro_batch_size: B0, samples per micro-batch (the base batch of the S = 1 reference).
         base_lr: learning rate tuned for B0 with SGD and ``momentum``.
         momentum: SGD momentum.
         default_budget: training length in base-scale steps (samples seen by the reference / B0).
@@ -37,7 +37,7 @@ class Workload(ABC):
     """
 
     name: str
-    micro_batch: int
+    micro_batch_size: int
     base_lr: float
     momentum: float
     default_budget: int
@@ -102,8 +102,8 @@ class Workload(ABC):
         if not (0 <= rank < world and micro >= 0 and seen >= 0):
             raise ValueError(f"need 0 <= rank < world, micro >= 0 and seen >= 0, got rank={rank}, world={world}, "
                              f"micro={micro}, seen={seen}")
-        start = seen + (micro * world + rank) * self.micro_batch
-        index = self.stream_indices(start, self.micro_batch)
+        start = seen + (micro * world + rank) * self.micro_batch_size
+        index = self.stream_indices(start, self.micro_batch_size)
         return self.train_x[index], self.train_y[index]
 
     @torch.no_grad()

@@ -63,7 +63,7 @@ class CharLM(Workload):
     """Next-character prediction; loss is mean cross-entropy per character (nats), accuracy per character."""
 
     name = "charlm"
-    micro_batch = 4
+    micro_batch_size = 4
     base_lr = 0.5
     momentum = 0.9
     default_budget = 1200

@@ -36,7 +36,7 @@ class Digits(Workload):
     """10-way classification of scikit-learn's digits (pixel values scaled to [0, 1])."""
 
     name = "digits"
-    micro_batch = 8
+    micro_batch_size = 8
     base_lr = 0.02
     momentum = 0.9
     default_budget = 1600

@@ -34,7 +34,7 @@ class NoisyQuadratic(Workload):
     """Minimise E_x ½‖w − x‖²; ``exact_gain`` gives the gain the estimator should converge to."""
 
     name = "quadratic"
-    micro_batch = 1
+    micro_batch_size = 1
     base_lr = 0.05
     momentum = 0.0
     default_budget = 800

@@ -1,31 +1,16 @@
 """Squared gradient norms read with a fixed number of fused ops per chunk of gradients, not per parameter.
 
-``squared_norm_sum(tensors)`` = Σ_t ⟨t, t⟩ as one float64 scalar, from at most three ``torch._foreach_norm``
-calls, one ``cat`` and one ``dot`` per call, whatever the number of small tensors:
+``squared_norm_sum(tensors)`` = Σ_t ⟨t, t⟩ as one float64 scalar, from a few ``torch._foreach_norm`` calls
+whatever the number of tensors: tensors of at most ``EXACT_NUMEL`` elements in float64; larger fp32/fp64 ones in
+their own dtype, except on CPU above ``rows_above`` elements, read in rows of ``ROW_NUMEL`` whose squares are
+summed in float64 (torch's CPU norm kernel adds a whole tensor in fp32 lanes, so its error grows with the
+length); fp16/bf16 ones in views of ``PIECE_NUMEL`` accumulated in fp32, never a full fp32 copy. Squares are
+summed in float64: Σ_t ‖t‖² = ‖(‖t₁‖, …, ‖t_k‖)‖². Measured errors and costs: benchmarks/RESULTS.md.
 
-- tensors of at most ``EXACT_NUMEL`` elements: norms taken in float64 (``dtype=torch.float64``; on CPU that casts
-  each small tensor, never more than ``EXACT_NUMEL`` elements at a time), so small cases are exact to float64;
-- larger fp32/fp64 tensors: norms in their own dtype, one read. On a GPU the norm kernel's tree reduction keeps
-  the fp32 error near one rounding. torch's CPU kernel adds a whole tensor up in fp32 lanes, so its error grows
-  with the length, about 1.5e-11 × elements: 2.5e-7 relative for the square of a 16K-element tensor, 8e-6 at
-  ``CHUNK_NUMEL`` (512K), 8e-4 for a 10.5M-element one (a DDP bucket; ``torch.dot``: 3.6e-5; measured here). On
-  CPU, then, a tensor of more than ``CHUNK_NUMEL`` elements is reduced as rows of ``ROW_NUMEL`` elements: one
-  ``linalg.vector_norm(…, dim=1)`` per such tensor, as fast as the whole-tensor norm, the rows' squares summed
-  in float64: relative error 2e-9 on the 10.5M-element tensor. The elements past the last whole row count as a
-  small tensor. (Rows for every tensor above ``EXACT_NUMEL`` would cost a few ops per tensor, which a model of
-  many mid-sized tensors pays at every read: +9% of a Horovod step on the 194-tensor benchmark model.)
-- larger fp16/bf16 tensors: read as views of at most ``PIECE_NUMEL`` elements, norms accumulated and returned in
-  float32 (``dtype=torch.float32``): fp32 range and precision, and on CPU (where that cast materialises) no copy
-  larger than one piece — never a full fp32 copy of a gradient.
-
-The squares of the norms are summed in float64: Σ_t ‖t‖² = ‖(‖t₁‖, …, ‖t_k‖)‖².
-
-``ChunkedNormMeter`` measures each backward pass's own local Σ‖g‖² (AdaScale's L, Johnson et al., ICML 2020)
-with that function, in chunks: its tensor hook only records each gradient (a Python append, no tensor op), and a
-chunk is measured when it reaches ``CHUNK_NUMEL`` elements or the pass ends, so a backward pass costs
-⌈elements / CHUNK_NUMEL⌉ fused measurements, not one per parameter, and holds at most one chunk of gradients that
-autograd would otherwise have freed (no gradient-sized extra buffer). ``BucketNormMeter`` (DDP) reads a pass
-whose gradients became ``.grad`` from the engine's buckets instead: one measurement per bucket.
+``ChunkedNormMeter`` measures each backward pass's own local Σ‖g‖² (AdaScale's L, Johnson et al., ICML 2020):
+its tensor hook only records each gradient, and a chunk is measured when it reaches ``CHUNK_NUMEL`` elements or
+the pass ends, so a pass costs ⌈elements / CHUNK_NUMEL⌉ fused reads and holds at most one chunk of gradients.
+``BucketNormMeter`` (DDP) reads a pass whose gradients became ``.grad`` from the engine's buckets instead.
 """
 from __future__ import annotations
 

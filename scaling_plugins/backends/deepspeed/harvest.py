@@ -1,44 +1,17 @@
-"""How one DeepSpeed optimizer step's numbers reach the policy without an extra collective.
+"""DeepSpeed's harvest: how one optimizer step's numbers reach the policy without an extra collective.
 
-Per optimizer step a policy may need L = Σ_i ‖g_i‖² (every micro-batch of every rank), T = ‖ḡ‖² and the
-mean training loss. Each rank's share of L and of the loss is a *payload* of one or two float64 numbers;
-the payload rides a reduction DeepSpeed already does, and T comes from what that reduction produced:
+Each rank's share of L = Σ_i ‖g_i‖² and of the loss (:class:`LocalNumbers`, accumulated over the micro-batches
+of a step) rides a reduction DeepSpeed already makes, and T = ‖ḡ‖² comes from what that reduction produced
+(:class:`ReducedNumbers`). The carrier depends on the optimizer:
 
-- ``FlatRider`` (ZeRO stage 0 in fp32/fp16/bf16, and DeepSpeed's BF16_Optimizer): DeepSpeed's flat gradient
-  all-reduce asks the optimizer for ``get_grads_for_reduction()`` when it has one. The rider supplies it (or
-  wraps the one BF16_Optimizer has) and appends the payload, in the gradients' dtype, to the list; it is
-  averaged with the gradients in the same flat buffer. Where that buffer is communicated in fp16/bf16
-  (``communication_data_type``, bf16 by default for bf16 runs) one element would keep 8 significant bits (and
-  fp16 overflows above 65,504): the payload then travels as small integers in a block per rank
-  (``wide_payload.WidePayload``: 28 significant bits, any exponent, exact through the sum and the 1/W scaling,
-  W·9 elements per number, no collective). T is read from the reduced flat buffers themselves, one read of each
-  right after its all-reduce and before DeepSpeed copies it back into the gradients (a contiguous buffer just
-  written, read on CPU in rows of ``fused_norms.ROW_NUMEL`` with float64 sums: one op, where a read of the
-  gradient tensors afterwards costs a norm and a cast per tensor); a reduced gradient that went through no flat
-  buffer (a sparse one) is read after the reduction (``fused_norms.squared_norm_sum``).
-- ``NormRider`` (ZeRO stages 1, 2, 3, with or without CPU offload): the optimizer all-reduces a 1-element
-  squared gradient norm per parameter group (``get_grad_norm_direct`` or its CPU-offload twin, called from
-  ``scaled_global_norm`` in stages 1/2 and ``_get_norm_groups`` in stage 3). While that method runs, the
-  first such all-reduce is widened to [squared norm, payload] in float64 — one collective, as before. T is
-  the square of the global norm that method returned (the unclipped norm DeepSpeed itself keeps).
-  With ``zero_optimization.compute_grad_norm = false`` there is no norm reduction; the rider then calls
-  ``scaled_global_norm`` itself once per step (one 1-element all-reduce per parameter group, logged once).
+- :class:`FlatBufferCarrier` (ZeRO-0, BF16_Optimizer): the numbers are appended to the list of gradients of
+  DeepSpeed's flat all-reduce (as a ``WidePayload`` block where it communicates in fp16/bf16); T is read from
+  each reduced flat buffer before DeepSpeed copies it back.
+- :class:`NormReductionCarrier` (ZeRO-1/2/3): the first 1-element all-reduce of DeepSpeed's squared gradient
+  norm is widened to [squared norm, numbers], one collective as before; T is DeepSpeed's unclipped global norm².
 
-Local norms. ``StepMeter`` (``fused_norms.ChunkedNormMeter``) reads each micro-batch's Σ‖g‖² with a few fused
-ops per chunk of gradients (``torch._foreach_norm``; fp16/bf16 accumulated in fp32 in pieces, never a full fp32
-copy), once per ``CHUNK_NUMEL`` elements held by value and at the end of each backward, not per parameter; a
-gradient that is the parameter's ``.grad`` costs no memory to hold, so those wait for the backward's end and are
-read together (ZeRO-0 reduces only after the backward). Where ``.grad`` is taken away during the backward
-(ZeRO-1/2/3, whose hooks move it into gradient buckets; BF16_Optimizer with ``bf16.immediate_grad_update``, which
-adds it into its fp32 buffer and sets it to None) it reads each gradient in its own hook.
-
-Units. DeepSpeed divides each micro-batch loss by gradient_accumulation_steps (gas) and, in fp16 (its own loss
-scaler, or the torch GradScaler it runs for ZeRO-0 under ``torch_autocast`` fp16), multiplies it by the loss scale s, so a hook sees g_i·s/gas: the payload is Σ‖hooked‖²/s², each micro-batch's gradient
-in the "mean" loss convention of ``driver.accumulation_sample`` (which multiplies the gas² back). The reduced gradient is
-c·Σ_ranks(s·mean_i g_i) with c = 1/W when DeepSpeed averages gradients (the default) and 1 when it sums, so
-T = ‖reduced‖²/(c·W·s)². The loss scale is read when the payload is taken, before DeepSpeed updates it.
-``engine.backward(loss, scale_wrt_gas=False)`` skips the 1/gas: L and T then both come out gas² too large, so
-the gain (a ratio of them) is unchanged but the reported σ², μ² are scaled by gas².
+Units: a hook sees g_i·s/gas (loss scale s, gas accumulation steps); the numbers are divided by s², and
+T = ‖reduced‖²/(c·W·s)² with c what DeepSpeed multiplies the sum over ranks by. docs/deepspeed.md.
 """
 from __future__ import annotations
 
@@ -48,9 +21,9 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from . import deepspeed_compat as compat
-from .fused_norms import EXACT_NUMEL, LOW_PRECISION, ChunkedNormMeter, squared_norm_sum
-from .wide_payload import WidePayload
+from . import compat
+from ..shared.fused_norms import EXACT_NUMEL, LOW_PRECISION, ChunkedNormMeter, squared_norm_sum
+from ..shared.wide_payload import WidePayload
 
 log = logging.getLogger(__name__)
 
@@ -83,14 +56,14 @@ class StepMeter(ChunkedNormMeter):
 
 
 @dataclass
-class Harvest:
+class ReducedNumbers:
     """One step's reduced numbers: ``payload`` summed over ranks (float64: [L] and/or [loss sum]) and T."""
 
     payload: torch.Tensor
     mean_sq_norm: Optional[torch.Tensor]
 
 
-class Payload:
+class LocalNumbers:
     """This rank's share of the step's numbers, accumulated over the micro-batches of one optimizer step."""
 
     def __init__(self, engine: Any, needs_norms: bool, needs_loss: bool) -> None:
@@ -130,29 +103,30 @@ class Payload:
         return torch.stack([p.to(device) for p in parts])
 
 
-class Rider:
-    """Carries a ``Payload`` on one of the engine's reductions and ``deliver``s each step's ``Harvest``.
+class Carrier:
+    """Carries this rank's ``LocalNumbers`` on one of the engine's reductions and ``deliver``s each step's
+    ``ReducedNumbers``.
 
     grad_multiplier: c, what DeepSpeed's gradient reduction multiplies the sum over ranks by (1/W or 1).
     """
 
     extra_collectives = 0
 
-    def __init__(self, engine: Any, payload: Payload, deliver: Callable[[Harvest], None],
+    def __init__(self, engine: Any, local: LocalNumbers, deliver: Callable[[ReducedNumbers], None],
                  grad_multiplier: float) -> None:
         self.engine = engine
-        self.payload = payload
+        self.local = local
         self.deliver = deliver
         self.grad_multiplier = grad_multiplier
 
 
-class FlatRider(Rider):
+class FlatBufferCarrier(Carrier):
     """ZeRO-0 (and BF16_Optimizer): the payload rides DeepSpeed's flat gradient all-reduce."""
 
-    def __init__(self, engine: Any, payload: Payload, deliver: Callable[[Harvest], None],
+    def __init__(self, engine: Any, local: LocalNumbers, deliver: Callable[[ReducedNumbers], None],
                  grad_multiplier: float) -> None:
-        super().__init__(engine, payload, deliver, grad_multiplier)
-        self._carrier: Optional[torch.Tensor] = None
+        super().__init__(engine, local, deliver, grad_multiplier)
+        self._payload: Optional[torch.Tensor] = None
         self._wide: Optional[WidePayload] = None
         self._unread: dict[int, torch.Tensor] = {}      # id → reduced gradient not read from a flat buffer yet
         self._reduced_sq: list[torch.Tensor] = []       # ‖reduced flat buffer‖² of each of them, this reduction
@@ -167,18 +141,18 @@ class FlatRider(Rider):
         if not grads:
             raise RuntimeError("DeepSpeed gave no gradients to reduce; nothing to measure")
         self._loss_scale = compat.loss_scale(self.engine)
-        if self.payload.meter is not None:
+        if self.local.meter is not None:
             self._unread = {id(grad): grad for grad in grads}
-        values = self.payload.take(self._loss_scale).to(grads[-1].device)
+        values = self.local.take(self._loss_scale).to(grads[-1].device)
         carried = compat.communication_dtype(self.engine)
         if carried in LOW_PRECISION or grads[-1].dtype in LOW_PRECISION:
-            self._wide = WidePayload(self.payload.size, compat.data_parallel_rank(self.engine),
+            self._wide = WidePayload(self.local.size, compat.data_parallel_rank(self.engine),
                                      self.engine.dp_world_size)
-            self._carrier = self._wide.encode(values).to(grads[-1].dtype)
+            self._payload = self._wide.encode(values).to(grads[-1].dtype)
         else:
             self._wide = None
-            self._carrier = values.to(grads[-1].dtype)
-        return grads + [self._carrier], expert_grads
+            self._payload = values.to(grads[-1].dtype)
+        return grads + [self._payload], expert_grads
 
     def _read_reduced_bucket(self, flat: torch.Tensor, bucket: list) -> None:
         """‖g‖² of the gradients in one reduced flat buffer, while it is fresh (the payload's elements left out)."""
@@ -186,31 +160,31 @@ class FlatRider(Rider):
             return      # not this step's gradients (expert gradients), or no norm wanted
         for grad in bucket:
             self._unread.pop(id(grad), None)
-        numel = flat.numel() - (self._carrier.numel() if bucket[-1] is self._carrier else 0)
+        numel = flat.numel() - (self._payload.numel() if bucket[-1] is self._payload else 0)
         self._reduced_sq.append(squared_norm_sum([flat[:numel]], rows_above=EXACT_NUMEL))
 
     def _after_reduction(self) -> None:
-        if self._carrier is None:
+        if self._payload is None:
             return
         if self._wide is not None:
-            payload = self._wide.decode(self._carrier, self.grad_multiplier)
+            payload = self._wide.decode(self._payload, self.grad_multiplier)
         else:
-            payload = self._carrier.to(torch.float64) / self.grad_multiplier
+            payload = self._payload.to(torch.float64) / self.grad_multiplier
         mean_sq = None
-        if self.payload.meter is not None:
+        if self.local.meter is not None:
             reduced_sq = torch.stack([*self._reduced_sq, squared_norm_sum(self._unread.values())]).sum()
             world = self.engine.dp_world_size
             mean_sq = reduced_sq / (self.grad_multiplier * world * self._loss_scale) ** 2
-        self._carrier, self._unread, self._reduced_sq = None, {}, []
-        self.deliver(Harvest(payload, mean_sq))
+        self._payload, self._unread, self._reduced_sq = None, {}, []
+        self.deliver(ReducedNumbers(payload, mean_sq))
 
 
-class NormRider(Rider):
+class NormReductionCarrier(Carrier):
     """ZeRO-1/2/3: the payload rides the 1-element all-reduce of DeepSpeed's squared gradient norm."""
 
-    def __init__(self, engine: Any, payload: Payload, deliver: Callable[[Harvest], None],
+    def __init__(self, engine: Any, local: LocalNumbers, deliver: Callable[[ReducedNumbers], None],
                  grad_multiplier: float) -> None:
-        super().__init__(engine, payload, deliver, grad_multiplier)
+        super().__init__(engine, local, deliver, grad_multiplier)
         optimizer = engine.optimizer
         compat.wrap_norm_computation(optimizer, self._norm_with_payload)
         if not compat.norm_is_computed(optimizer):
@@ -221,7 +195,7 @@ class NormRider(Rider):
 
     def _norm_with_payload(self, original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         loss_scale = compat.loss_scale(self.engine)
-        local = self.payload.take(loss_scale)
+        local = self.local.take(loss_scale)
         reduced: list[torch.Tensor] = []
 
         def widen_first_norm(real_all_reduce: Callable[..., Any], tensor: torch.Tensor, op: Any, group: Any,
@@ -243,13 +217,13 @@ class NormRider(Rider):
         valid = torch.isfinite(total) & (total >= 0)
         scale = self.grad_multiplier * self.engine.dp_world_size * loss_scale
         mean_sq = torch.where(valid, (total / scale) ** 2, torch.full_like(total, float("inf")))
-        self.deliver(Harvest(reduced[0], mean_sq if self.payload.meter is not None else None))
+        self.deliver(ReducedNumbers(reduced[0], mean_sq if self.local.meter is not None else None))
         return norm
 
 
-def build_rider(engine: Any, payload: Payload, deliver: Callable[[Harvest], None]) -> Rider:
-    """The rider for this engine's optimizer: the ZeRO norm reduction for stages 1–3, else the flat all-reduce."""
+def build_carrier(engine: Any, local: LocalNumbers, deliver: Callable[[ReducedNumbers], None]) -> Carrier:
+    """The carrier for this engine's optimizer: the ZeRO norm reduction for stages 1–3, else the flat all-reduce."""
     grad_multiplier = compat.gradient_multiplier(engine)
     if compat.is_zero_optimizer(engine.optimizer):
-        return NormRider(engine, payload, deliver, grad_multiplier)
-    return FlatRider(engine, payload, deliver, grad_multiplier)
+        return NormReductionCarrier(engine, local, deliver, grad_multiplier)
+    return FlatBufferCarrier(engine, local, deliver, grad_multiplier)

@@ -29,7 +29,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     raise ImportError("scaling_plugins.backends.deepspeed needs DeepSpeed: "
                       "pip install 'scaling_plugins[deepspeed]'") from err
 
-from ..call_stack import calling_instance  # noqa: E402
+from ...call_stack import calling_instance  # noqa: E402
 
 SUPPORTED_VERSIONS = ("0.19.",)     # version prefixes; verified on 0.19.8
 

@@ -1,42 +1,14 @@
-"""The DDP communication hook that carries each rank's local Σ‖g_i‖² in the last gradient bucket, alone or
-around another hook (fp16/bf16 compression), and reads T = ‖ḡ‖² from the reduced buckets.
+"""DDP's harvest: the communication hook that carries each rank's local Σ‖g_i‖² in the last gradient bucket,
+alone or around another hook (fp16/bf16 compression), and reads T = ‖ḡ‖² from the reduced buckets.
 
     ddp_model.register_comm_hook(carrier, norm_carrying_wrapper(inner_hook))   # what ``ddp.attach`` does
 
-Per bucket (AdaScale, Johnson et al., ICML 2020: L = Σ_i ‖g_i‖², T = ‖ḡ‖²):
-
-- Before it is reduced, the bucket is offered to the ``BucketNormMeter``: when it holds exactly the running
-  pass's gradients (each became its parameter's ``.grad``), one read of it is this rank's Σ‖g‖² of its parameters,
-  taken while DDP's copy into it is still in the cache; otherwise the meter reads the pass's own gradients.
-- The last bucket DDP launches (``bucket.is_last()``; every parameter's gradient of this backward exists by then)
-  is reduced as a *payload*: the bucket's gradients followed by this rank's local sum, taken from the meter at
-  that moment. The payload is the bucket's own memory: its storage (DDP allocates each bucket as a storage of its
-  own) is grown once, after each bucket rebuild, by the elements the sum takes, so no step copies the bucket
-  (``with_room_after``). With fp32/fp64 gradients and no inner hook the sum is one element. Where the reduction
-  may run in fp16/bf16 (bf16/fp16 gradients, or an inner hook, which may compress) one element would keep 8
-  significant bits (and fp16 overflows above 65,504), so the sum travels as small integers in a block per rank
-  (``wide_payload.WidePayload``: 28 significant bits at any magnitude, W·9 elements, exact through the sum and
-  the 1/W averaging). No extra collective either way.
-- Without an inner hook a bucket is averaged by the backend's own averaging all-reduce (``ReduceOp.AVG``), as
-  DDP's default reduction averages: the 1/W is applied by the reduction (NCCL) or on the communication thread
-  (gloo), not by a separate pass over the bucket in the backward; a backend without AVG gets torch's
-  ``allreduce_hook`` (divide, then sum).
-- The reduced buckets give T: each reduction's completion callback reads its bucket's squared norm (fp32
-  accumulation for fp16/bf16) while the bucket is fresh, on the thread that completed it (gloo's communication
-  thread, or NCCL's stream); the optimizer step adds them in bucket order, so every rank adds the same numbers in
-  the same order.
-- A step whose micro-batches are all reduced (accumulation without ``no_sync()``) reduces several times: the local
-  sums of all its reductions add up (each carries the passes since the previous one), and T is the last
-  reduction's, which holds the whole accumulated gradient (each reduction reads its buckets' norms; the last
-  one's are kept).
-- With ``gradient_as_bucket_view=True`` a bucket is reduced in place in ``.grad``, so a bucket the meter did not
-  take makes it read everything it recorded before the bucket leaves.
-
-An inner hook (``comm_hook=`` of ``ddp.attach``) gets the last bucket with the payload as its buffer; it must
-return the *average* over ranks of what it was given, element by element, as torch's ``allreduce_hook``,
-``fp16_compress_hook`` and ``bf16_compress_hook`` do. PowerSGD is refused: its reduced gradient is a low-rank
-approximation, so the squared norm of what it returns is not ‖ḡ‖², and measuring ‖ḡ‖² exactly would need the
-uncompressed gradients reduced, which is the collective PowerSGD exists to avoid.
+The hook's state is a :class:`BucketCarrier`. The last bucket is reduced as a *payload*: its gradients followed
+by the local sum, in the bucket's own grown storage (``with_room_after``), one element in fp32/fp64 or a
+``WidePayload`` block per rank where the reduction may run in fp16/bf16. Buckets are averaged with the
+backend's ``ReduceOp.AVG`` (or the inner hook, which must return the element-wise average); each reduction's
+completion callback reads its bucket's squared norm. PowerSGD is refused: what it returns is not ḡ.
+docs/ddp.md has the whole path (AdaScale: Johnson et al., ICML 2020).
 
 (No ``from __future__ import annotations``: DDP checks the hook's annotations.)
 """
@@ -48,8 +20,8 @@ import torch
 import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as powersgd
 
-from .fused_norms import LOW_PRECISION, BucketNormMeter, squared_norm_sum
-from .wide_payload import WidePayload
+from ..shared.fused_norms import LOW_PRECISION, BucketNormMeter, squared_norm_sum
+from ..shared.wide_payload import WidePayload
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +41,7 @@ def check_inner_hook(hook: Optional[CommHook], state: Any) -> None:
         raise ValueError(f"comm_hook must be a DDP communication hook (state, bucket) -> Future, got {hook!r}")
 
 
-class LocalNormCarrier:
+class BucketCarrier:
     """The hook's state: the meter it takes the local sum from, what the reductions of the current step produced,
     and the inner hook's own state. Holds no reference to the DDP model (model → reducer → hook state is no cycle).
 
@@ -90,12 +62,12 @@ class LocalNormCarrier:
         self._carried: list[torch.Tensor] = []         # the reduced local sums of each reduction of the step
         # this step's last bucket: (payload, its gradients, its local sum)
         self._payload: Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
-        self._carrier = WidePayload(1, self.rank, self.world_size)
+        self._wide = WidePayload(1, self.rank, self.world_size)
         self._backend_averages = True                  # until the backend refuses ReduceOp.AVG (``average``)
 
     def carried_numel(self, dtype: torch.dtype) -> int:
         """Elements the local sum takes in the payload."""
-        return self._carrier.numel if self.wide or dtype in LOW_PRECISION else 1
+        return self._wide.numel if self.wide or dtype in LOW_PRECISION else 1
 
     def payload(self, buffer: torch.Tensor) -> torch.Tensor:
         """The last bucket's gradients followed by this rank's local sum, in the bucket's own memory
@@ -107,7 +79,7 @@ class LocalNormCarrier:
         if self._carried and self._carried[-1].data_ptr() == carried_view.data_ptr():
             self._carried[-1] = self._carried[-1].clone()     # an earlier reduction of this step: keep its sums
         local = self.meter.take()
-        carried_view.copy_(local if carried_view.numel() == 1 else self._carrier.encode(local))
+        carried_view.copy_(local if carried_view.numel() == 1 else self._wide.encode(local))
         return payload
 
     def average(self, tensor: torch.Tensor) -> torch.futures.Future:
@@ -161,7 +133,7 @@ class LocalNormCarrier:
         """The mean over ranks of the local sums one reduction carried."""
         if carried.numel() == 1:
             return carried.to(torch.float64).reshape(())
-        return self._carrier.decode(carried, 1.0 / self.world_size).reshape(()) / self.world_size   # decodes Σ
+        return self._wide.decode(carried, 1.0 / self.world_size).reshape(()) / self.world_size   # decodes Σ
 
 
 def with_room_after(buffer: torch.Tensor, extra: int) -> torch.Tensor:
@@ -194,11 +166,11 @@ class _PayloadBucket:
 
 def norm_carrying_wrapper(hook: Optional[CommHook] = None) -> CommHook:
     """A DDP communication hook that reduces each bucket with ``hook`` (when None, the averaging all-reduce of
-    :meth:`LocalNormCarrier.average`) and carries this rank's local Σ‖g_i‖² in the last bucket (module
-    docstring). Its state is a :class:`LocalNormCarrier`, whose ``inner_state`` is what ``hook`` gets as its own
+    :meth:`BucketCarrier.average`) and carries this rank's local Σ‖g_i‖² in the last bucket (module
+    docstring). Its state is a :class:`BucketCarrier`, whose ``inner_state`` is what ``hook`` gets as its own
     state."""
 
-    def carry_local_norm(state: LocalNormCarrier, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    def carry_local_norm(state: BucketCarrier, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
         buffer, last = bucket.buffer(), bucket.is_last()
         if not state.meter.claim(bucket.parameters(), buffer) and state.flush_each_bucket:
             state.meter.flush()    # before the bucket, which is .grad, is reduced in place

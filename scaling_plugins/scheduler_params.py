@@ -39,9 +39,9 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Optional
 
-from ..config import allowed_keys
-from ..policies import policy_class
-from ..schedules import SCHEDULES
+from .config import allowed_keys
+from .policies import policy_class
+from .schedules import SCHEDULES
 
 log = logging.getLogger(__name__)
 

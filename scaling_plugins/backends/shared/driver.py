@@ -1,20 +1,15 @@
-"""One policy driving one optimizer's learning rates: the per-step logic every backend shares.
+"""One policy driving one optimizer's learning rates: the per-step logic every engine's driver shares.
 
-Per optimizer step a backend calls :meth:`PolicyDriver.advance`, which does (policy protocol,
-``scaling_plugins.policies.base``):
+Per optimizer step an engine's driver calls :meth:`PolicyDriver.advance`:
 
-    L, T  = backend.reduced_norms()                 the step's reduced numbers, read with one host sync
-    loss  = backend.reduced_loss(loss)              the mean training loss over ranks (policies that use it)
+    L, T  = driver.reduced_norms()                  the step's reduced numbers, read with one host sync
+    loss  = driver.reduced_loss(loss)               the mean training loss over ranks (policies that use it)
     policy.step(StepObservation(GradientSample(L, T, n), loss))
     for each param group: group["lr"] = policy.learning_rate(group["initial_lr"])
 
-and the backend then steps the optimizer. A backend keeps only what is specific to its engine: where the
-numbers ride (``reduced_norms``, ``all_reduce_mean``) and when the step happens.
-
-The base learning rate of each param group is the group's own ``initial_lr`` (the key torch's LR schedulers
-keep it under), set from the group's ``lr`` the first time the driver sees the group; a group added to the
-optimizer after attach follows the policy from its first step, and a second driver on the same optimizer
-starts from the same base rates instead of the first driver's scaled ones.
+and then steps the optimizer. An engine's driver provides only where the numbers come from and how its ranks
+communicate. Each group's base learning rate is its ``initial_lr`` (torch's LR schedulers' key), taken from its
+``lr`` when the driver first sees the group. docs/design.md.
 """
 from __future__ import annotations
 
@@ -27,10 +22,10 @@ from typing import Any, ClassVar, ContextManager, Optional
 
 import torch
 
-from ..policies import build_policy
-from ..policies.base import StepObservation
-from ..policies.registry import PolicySpec
-from ..stats import GradientSample
+from ...policies import build_policy
+from ...policies.base import StepObservation
+from ...policies.registry import PolicySpec
+from ...stats import GradientSample
 from .fused_norms import BackwardCounter
 
 log = logging.getLogger(__name__)
@@ -170,7 +165,7 @@ class PolicyDriver:
 
     def __init__(self, optimizer: torch.optim.Optimizer, policy: PolicySpec, world_size: int,
                  accumulation_steps: int = 1, loss_reduction: str = "mean",
-                 device: Optional[torch.device] = None, micro_batch: Optional[int] = None) -> None:
+                 device: Optional[torch.device] = None, micro_batch_size: Optional[int] = None) -> None:
         check_accumulation_steps(accumulation_steps)
         check_loss_reduction(loss_reduction)
         if optimizer in _DRIVEN:
@@ -182,14 +177,14 @@ class PolicyDriver:
         self.loss_reduction = loss_reduction
         self.world_size = world_size
         self.policy = build_policy(policy)
-        if micro_batch is not None:   # the engine knows it (DeepSpeed)
-            self.policy.set_micro_batch(micro_batch)
+        if micro_batch_size is not None:   # the engine knows it (DeepSpeed)
+            self.policy.set_micro_batch_size(micro_batch_size)
         self.policy.configure(world_size, accumulation_steps)
         self._mismatched_steps = 0
         self._warned_passes = False
         self._warned_zero_lr = False
         self._warned_done = False
-        self.apply_learning_rate()
+        PolicyDriver.apply_learning_rate(self)   # this class's own: a subclass's override would run half-built
 
     # -- what each engine provides --------------------------------------------------------------------------
     def reduced_norms(self) -> Optional[tuple[float, float]]:
@@ -214,7 +209,7 @@ class PolicyDriver:
         return None
 
     def extra_backward(self) -> ContextManager[None]:
-        """``with ctl.extra_backward(): loss.backward()`` — a backward pass that is not one of the step's own
+        """``with driver.extra_backward(): loss.backward()`` — a backward pass that is not one of the step's own
         micro-batches (SAM's first pass, which only finds the perturbation; any pass whose gradients the step
         does not apply): it is neither counted against the accumulation nor measured into the statistics.
         ``torch.autograd.grad`` needs no such marking (it accumulates nothing into ``.grad``)."""

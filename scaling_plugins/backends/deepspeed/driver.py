@@ -1,59 +1,15 @@
-"""DeepSpeed backend: every scaling_plugins policy is a DeepSpeed ``"scheduler"`` config entry.
+"""DeepSpeed's driver: every policy is a DeepSpeed ``"scheduler"`` type, and :class:`DeepSpeedDriver` is the
+object DeepSpeed holds as its lr scheduler.
 
     import scaling_plugins.backends.deepspeed        # registers every policy name with DeepSpeed
+    # ds.json: "scheduler": {"type": "AdaScale", "params": {}}
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=params, config="ds.json")
-    for batch in loader:                              # the usual loop, under the `deepspeed` launcher
-        engine.backward(engine(batch)); engine.step()
 
-with, in the config (every parameter optional, though DeepSpeed itself needs the ``"params"`` key: ``{}`` means
-every default; names as DeepSpeed's own schedulers use them)::
-
-    "optimizer": {"type": "SGD", "params": {"lr": 0.1, "momentum": 0.9}},
-    "scheduler": {"type": "AdaScale", "params": {"schedule": {"type": "WarmupCosineLR",
-                  "params": {"total_num_steps": 10000, "warmup_num_steps": 500}}, "total_num_steps": 10000}}
-
-``"type"`` is any name in ``scaling_plugins.POLICIES`` (AdaScale, AdaScaleAdam, AutoWU, LEGW, LinearScaling,
-SqrtScaling, and any policy registered later: names are looked up when DeepSpeed asks for them), ``"params"`` are
-that policy's constructor keywords plus DeepSpeed's ``last_batch_iteration`` (only -1: a run resumes from
-``engine.load_checkpoint``, which restores the policy's whole state). HF's flat schedule keys
-(``warmup_min_lr``, ...) and "auto" are read as ``deepspeed_params`` documents, so HF's ds_config templates work
-with only their ``"type"`` changed. Schedules inside are multipliers of the optimizer's lr
-(``scaling_plugins.schedules``; DeepSpeed's WarmupLR/WarmupDecayLR/WarmupCosineLR are there by name). No
-optimizer wrapper is needed: the config's own optimizer is used as is. In code, use :func:`initialize`
-(``deepspeed.initialize`` with ``policy=``).
-
-How it works. DeepSpeed steps its scheduler after ``optimizer.step()``, too late for this step's learning rate,
-so the scheduler object only writes telemetry; the policy runs in a step pre-hook on DeepSpeed's basic
-optimizer, once per optimizer step (ZeRO calls the basic optimizer once per parameter group), fed by numbers
-that rode DeepSpeed's own reductions (``deepspeed_harvest``). Each group's lr becomes
-``policy.learning_rate(group["initial_lr"])`` (the configured lr, kept under torch's key). A step DeepSpeed skips
-for fp16/bf16 overflow never reaches the basic optimizer, so the policy does not advance, on any rank, and the
-skipped step's local norms are dropped. DeepSpeed builds the scheduler inside ``deepspeed.initialize`` with
-only the optimizer; the scheduler finds its engine on the call stack. Policies that use the training loss
-(AutoWU) read it in ``engine.backward(loss)``; it rides the same reduction as the norms, so this step's
-learning rate sees this step's mean loss over ranks. ``engine.step(lr_kwargs={"loss": loss})``, the way
-DeepSpeed hands a scheduler its arguments, is accepted too: it arrives after the optimizer step, too late to
-feed the policy, so it is checked against the loss last given to ``engine.backward`` on this rank, and a
-different value logs a warning (the policy keeps using the all-reduced ``engine.backward`` loss).
-
-Gradient clipping. The statistics use unclipped gradients (DeepSpeed's norm before clipping; ZeRO-0 measures
-right after the reduction, before clipping). The update is then clipped by DeepSpeed with the gain already in
-the learning rate, so with ``gradient_clipping`` active the effective step is min(1, c/‖ḡ‖)·lr·ḡ: clipping
-caps the update's size, AdaScale sets its rate; a clip that binds every step hides part of the gain.
-
-Telemetry. When the config enables a DeepSpeed monitor (csv, TensorBoard, W&B, Comet), every applied step
-writes ``scaling_plugins/<field>`` events (lr, gain, sigma_sq, mu_sq, noise_scale, progress, skipped_update,
-loss) beside DeepSpeed's own, against the same sample count.
-
-Batch-size control (``"type": "AdaptiveBatch"``): the policy's choice is applied right after the ``engine.step()``
-that ended the optimizer step, with ``engine.set_train_batch_size``; a loop that calls ``engine.backward`` and
-``engine.step`` per micro-batch needs no change (it can read ``engine.gradient_accumulation_steps()``).
-``micro_batch`` is the config's ``train_micro_batch_size_per_gpu``. A checkpoint brings the batch back.
-
-Not supported (refused at ``deepspeed.initialize``): pipeline parallelism, MoE layers, model parallelism,
-sparse gradients (``nn.Embedding(sparse=True)``), AdaptiveBatch with ZeRO's ``offload_optimizer``;
-``extra_backward()`` (two-pass optimizers such as SAM) is refused.
-fp16 paths follow DeepSpeed's loss scale but cannot run on CPU, so they are untested here.
+DeepSpeed steps its scheduler after the optimizer step, too late for this step's learning rate, so the policy
+runs in a step pre-hook on DeepSpeed's basic optimizer, once per optimizer step, fed by the numbers the carrier
+of ``harvest`` brought back on DeepSpeed's own reductions; ``step()`` only counts and writes telemetry. The
+micro-batch size is the config's ``train_micro_batch_size_per_gpu``. Config keys, "auto", the loss, clipping,
+telemetry, batch-size control and what is refused: docs/deepspeed.md.
 """
 from __future__ import annotations
 
@@ -66,15 +22,15 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from . import deepspeed_compat as compat  # first: checks that DeepSpeed is here, in a supported version
+from . import compat  # first: checks that DeepSpeed is here, in a supported version
 
 import deepspeed  # noqa: E402  (after compat's version check)
-from ..policies import POLICIES, build_policy, policy_class
-from ..policies.registry import PolicySpec
-from ..telemetry import monitor_events, record_from
-from .deepspeed_harvest import Harvest, Payload, build_rider
-from .deepspeed_params import resolve_scheduler_params
-from .driver import PolicyDriver, check_dense_gradients, torch_all_gather_rows, torch_all_reduce_mean
+from ...policies import POLICIES, build_policy, policy_class
+from ...policies.registry import PolicySpec
+from ...telemetry import monitor_events, record_from
+from .harvest import LocalNumbers, ReducedNumbers, build_carrier
+from ...scheduler_params import resolve_scheduler_params
+from ..shared.driver import PolicyDriver, check_dense_gradients, torch_all_gather_rows, torch_all_reduce_mean
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +59,7 @@ class DeepSpeedDriver(PolicyDriver):
                                                   "ride")
         super().__init__(self.engine.optimizer, policy, int(self.engine.dp_world_size),
                          int(self.engine.gradient_accumulation_steps()), device=self.engine.device,
-                         micro_batch=int(self.engine.train_micro_batch_size_per_gpu()))
+                         micro_batch_size=int(self.engine.train_micro_batch_size_per_gpu()))
         if self.policy.controls_batch and compat.offloads_optimizer(self.engine):
             raise ValueError(f"policy {self.policy.name!r} changes gradient_accumulation_steps during training, but "
                              "ZeRO's offload_optimizer fixes its accumulation path at deepspeed.initialize: turn "
@@ -113,22 +69,22 @@ class DeepSpeedDriver(PolicyDriver):
         self.last_loss: Optional[float] = None
         self._backward_loss: Optional[torch.Tensor] = None
         self._warned_step_loss = False
-        self._harvest: Optional[Harvest] = None
+        self._reduced: Optional[ReducedNumbers] = None
         self._values: Optional[list[float]] = None
         self._stepped_at: Optional[int] = None
         self._backward_window = (self.engine.global_steps, 0)   # (optimizer step, engine.backward calls in it)
-        self.rider = None
+        self.carrier = None
         if self.policy.needs_gradient_norms or self.policy.needs_loss:
-            self.payload = Payload(self.engine, self.policy.needs_gradient_norms, self.policy.needs_loss)
-            self.rider = build_rider(self.engine, self.payload, self._receive)
+            self.local = LocalNumbers(self.engine, self.policy.needs_gradient_norms, self.policy.needs_loss)
+            self.carrier = build_carrier(self.engine, self.local, self._receive)
         compat.call_before(self.engine, "backward", self._on_backward)
         compat.basic_optimizer(self.engine).register_step_pre_hook(self._before_optimizer_step)
         if self.policy.controls_batch:   # after the whole engine.step(): its sample count is the step's own batch
             compat.call_after(self.engine, "step", self.follow_batch_request)
 
     # -- per step -------------------------------------------------------------------------------------------
-    def _receive(self, harvest: Harvest) -> None:
-        self._harvest = harvest
+    def _receive(self, reduced: ReducedNumbers) -> None:
+        self._reduced = reduced
 
     def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         """Once per optimizer step: feed the policy; every call: set the lr of the groups about to step."""
@@ -137,19 +93,19 @@ class DeepSpeedDriver(PolicyDriver):
             return
         self._stepped_at = self.engine.global_steps
         self.resize(self.world_size, int(self.engine.gradient_accumulation_steps()))  # set_train_batch_size
-        self._values = self._take_harvest()
+        self._values = self._take_reduced()
         self.advance()
 
-    def _take_harvest(self) -> Optional[list[float]]:
-        """The step's reduced payload (and T), read with the one host sync of the step; None without a rider."""
-        if self.rider is None:
+    def _take_reduced(self) -> Optional[list[float]]:
+        """The step's reduced payload (and T), read with the one host sync of the step; None without a carrier."""
+        if self.carrier is None:
             return None
-        harvest, self._harvest = self._harvest, None
-        if harvest is None:
+        reduced, self._reduced = self._reduced, None
+        if reduced is None:
             return None
-        parts = [harvest.payload.reshape(-1)]
-        if harvest.mean_sq_norm is not None:
-            parts.append(harvest.mean_sq_norm.reshape(1).to(harvest.payload.device))
+        parts = [reduced.payload.reshape(-1)]
+        if reduced.mean_sq_norm is not None:
+            parts.append(reduced.mean_sq_norm.reshape(1).to(reduced.payload.device))
         return torch.cat(parts).tolist()
 
     def reduced_norms(self) -> Optional[tuple[float, float]]:
@@ -164,7 +120,7 @@ class DeepSpeedDriver(PolicyDriver):
         if self._values is None:
             raise RuntimeError(f"no training loss reached policy {self.policy.name!r} this step: "
                                f"{self.backward_hint}")
-        self.last_loss = self._values[self.payload.size - 1] / (self.world_size * self.accumulation_steps)
+        self.last_loss = self._values[self.local.size - 1] / (self.world_size * self.accumulation_steps)
         return self.last_loss
 
     def _on_backward(self, loss: torch.Tensor, *args: Any, **kwargs: Any) -> None:
@@ -172,7 +128,7 @@ class DeepSpeedDriver(PolicyDriver):
         step, calls = self._backward_window
         self._backward_window = (self.engine.global_steps, calls + 1 if step == self.engine.global_steps else 1)
         if self.policy.needs_loss:
-            self.payload.add_loss(loss)
+            self.local.add_loss(loss)
             self._backward_loss = loss.detach()
 
     def extra_backward(self) -> Any:
@@ -188,7 +144,7 @@ class DeepSpeedDriver(PolicyDriver):
         return calls if step == self.engine.global_steps else 0
 
     def set_accumulation_steps(self, accumulation_steps: int) -> None:
-        """Through ``engine.set_train_batch_size`` (``deepspeed_compat.set_accumulation_steps``), at the boundary
+        """Through ``engine.set_train_batch_size`` (``compat.set_accumulation_steps``), at the boundary
         just passed; the policy follows at once."""
         compat.set_accumulation_steps(self.engine, accumulation_steps)
         self.resize(self.world_size, accumulation_steps)
@@ -247,7 +203,7 @@ class DeepSpeedDriver(PolicyDriver):
     @property
     def extra_collectives_per_step(self) -> int:
         """Collectives this backend adds per step: 0 where a DeepSpeed reduction carries the statistics."""
-        return getattr(self.rider, "extra_collectives", 0)
+        return getattr(self.carrier, "extra_collectives", 0)
 
     def _write_monitor(self) -> None:
         monitor = getattr(self.engine, "monitor", None)
@@ -296,8 +252,26 @@ compat.install_scheduler_lookup(_lookup)
 
 # -- the code path --------------------------------------------------------------------------------------------
 def initialize(*args: Any, policy: Optional[PolicySpec] = None, **kwargs: Any) -> tuple:
-    """``deepspeed.initialize(*args, **kwargs)`` with ``policy`` (a name, ``{"type", "params"}`` or a Policy) as
-    the LR scheduler, for users who prefer code to a ``"scheduler"`` config entry. Returns DeepSpeed's tuple."""
+    """``deepspeed.initialize(*args, **kwargs)`` with a policy as the lr scheduler, for code instead of a
+    ``"scheduler"`` config entry.
+
+    Args:
+        *args, **kwargs: ``deepspeed.initialize``'s own (no ``lr_scheduler``, and no ``"scheduler"`` entry in the
+            config, when ``policy`` is given).
+        policy: a registered name (``scaling_plugins.POLICIES``), ``{"type": name, "params": {...}}`` or a Policy;
+            None leaves ``deepspeed.initialize`` as it is.
+
+    Returns:
+        DeepSpeed's tuple (engine, optimizer, dataloader, lr_scheduler); the lr_scheduler is the
+        :class:`DeepSpeedDriver`.
+
+    Example::
+
+        engine, _, _, driver = initialize(model=model, model_parameters=model.parameters(), config="ds.json",
+                                          policy="AdaScale")
+        engine.backward(loss_fn(engine(x), y))
+        engine.step()
+    """
     if policy is None:
         return deepspeed.initialize(*args, **kwargs)
     if kwargs.get("lr_scheduler") is not None:

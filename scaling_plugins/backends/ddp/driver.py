@@ -1,52 +1,15 @@
-"""PyTorch DistributedDataParallel backend (no `from __future__ import annotations`: DDP checks the hook's annotations).
+"""PyTorch DDP's driver: :func:`attach` makes a :class:`DDPDriver` that sets the learning rate of a DDP model's
+optimizer from a policy, fed by the carrier of ``harvest`` (no extra collective).
 
-    ctl = scaling_plugins.backends.ddp.attach(ddp_model, optimizer, "AdaScale", accumulation_steps=2)
-    for micro-step in range(accumulation_steps):   # all but the last under ddp_model.no_sync()
-        loss = loss_fn(ddp_model(x), y) / accumulation_steps
-        loss.backward()
-    ctl.step()                                      # this step's learning rate from the fresh gain, then optimizer.step()
+    driver = scaling_plugins.backends.ddp.attach(ddp_model, optimizer, "AdaScale", accumulation_steps=2)
+    for micro_step in range(2):       # all but the last under ddp_model.no_sync()
+        (loss_fn(ddp_model(x), y) / 2).backward()
+    driver.step()                     # this step's learning rate from the fresh gain, then optimizer.step()
     optimizer.zero_grad()
 
-With a batch-size controller (policy ``AdaptiveBatch``) read ``ctl.accumulation_steps`` at the start of each step
-and run that many micro-batches (each loss divided by it); ``ctl.step()`` sets it for the next step.
-
-How the numbers move, with no extra collective (``ddp_hooks`` has the details):
-- Each rank's local Σ‖g‖² (a float64 scalar), with ops that grow with DDP's buckets, not with the parameters
-  (``fused_norms.BucketNormMeter``): a tensor hook per parameter records each backward pass's own gradient (a
-  Python append, no tensor op). In a pass whose gradients become ``.grad`` (after ``zero_grad()``; no
-  accumulation) each bucket is read once, in the communication hook, right after DDP has copied the gradients into
-  it; the gradients of any other pass (the micro-batches of an accumulation) are read per chunk, a few fused ops
-  each. Only the parameters DDP reduces are measured (not those in ``_ddp_params_and_buffers_to_ignore``).
-- A DDP communication hook (``ddp_hooks.norm_carrying_wrapper``) averages each bucket as DDP's default hook does,
-  with the backend's averaging all-reduce (``ReduceOp.AVG``; divide-then-sum where a backend has none), or with
-  the ``comm_hook`` given to :func:`attach` (e.g. ``fp16_compress_hook``), and carries that scalar in the last
-  bucket, in the bucket's own memory. T = ‖ḡ‖² comes from the reduced buckets, one fused read per bucket in its
-  reduction's completion callback, summed in bucket order so every rank gets the same gain bit for bit.
-- ``step()`` reads L and T with one host sync, feeds the policy, sets each param group's learning rate to
-  ``policy.learning_rate(initial lr of that group)`` and steps the optimizer.
-
-Accumulation: under ``no_sync()`` for all but the last micro-batch (PyTorch's recipe), or without it (DDP then
-reduces every micro-batch; the local sums of every reduction add up and T is read from the last one). Only
-backward passes that accumulate into ``.grad`` count: ``torch.autograd.grad`` with respect to the parameters (a
-gradient penalty) is neither counted nor measured, and a pass run under ``with ctl.extra_backward():`` (SAM's
-first backward, which only finds the perturbation) is left out explicitly; the step's last reduction must be of
-the step's own gradients.
-
-Loss convention: by default each micro-batch's loss is divided by ``accumulation_steps`` (PyTorch's
-accumulation recipe, and what DeepSpeed does internally), so the accumulated gradient is the mean over all
-n = world × accumulation_steps micro-batches. With ``loss_reduction="sum"`` the micro-batch losses are
-summed (not divided); the accumulated gradient is then accumulation_steps × the mean, and the statistics
-divide that out. The gain is the same under both.
-
-Mixed precision with a loss scaler (``torch.amp.GradScaler``): ``attach(..., grad_scaler=scaler)``, then per
-step ``scaler.scale(loss).backward()`` for each micro-batch, ``ctl.step()``, ``optimizer.zero_grad()``.
-``ctl.step()`` unscales, and on a finite step applies the policy's learning rate and steps and updates
-through the scaler; an overflow step (inf/NaN in any rank's gradients, hence in every rank's reduced ones)
-changes no parameter and moves the policy on no rank. The statistics are in unscaled units
-(``scaling_plugins.backends.grad_scaler``). Do not call ``scaler.step``/``scaler.update`` yourself.
-
-Policies that use the training loss (``needs_loss``) take it as ``ctl.step(loss)``; it is averaged over ranks
-with one 1-element all-reduce per step (the only collective this backend adds, and only for those policies).
+Loss conventions, accumulation, mixed precision (``grad_scaler=``), communication hooks (``comm_hook=``) and
+two-pass optimizers (``driver.extra_backward()``): docs/ddp.md.
+(No ``from __future__ import annotations``: DDP checks the hook's annotations.)
 """
 
 from typing import Any, Optional
@@ -54,18 +17,18 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from ..policies.registry import PolicySpec
-from .driver import PolicyDriver, check_dense_gradients, torch_all_gather_rows, torch_all_reduce_mean
-from .ddp_hooks import CommHook, LocalNormCarrier, check_inner_hook, norm_carrying_wrapper
-from .fused_norms import BackwardCounter, BucketNormMeter
-from .grad_scaler import check_grad_scaler, unscale_and_find_overflow
+from ...policies.registry import PolicySpec
+from ..shared.driver import PolicyDriver, check_dense_gradients, torch_all_gather_rows, torch_all_reduce_mean
+from .harvest import CommHook, BucketCarrier, check_inner_hook, norm_carrying_wrapper
+from ..shared.fused_norms import BackwardCounter, BucketNormMeter
+from ..shared.grad_scaler import check_grad_scaler, unscale_and_find_overflow
 
 
 class DDPDriver(PolicyDriver):
     """Drives one policy for one DDP model and its optimizer. Build it with :func:`attach`."""
 
-    backward_hint = "call loss.backward() (outside no_sync() on the last micro-step) before ctl.step()"
-    loss_hint = "call ctl.step(loss)"
+    backward_hint = "call loss.backward() (outside no_sync() on the last micro-step) before driver.step()"
+    loss_hint = "call driver.step(loss)"
 
     def __init__(self, ddp_model: torch.nn.parallel.DistributedDataParallel, optimizer: torch.optim.Optimizer,
                  policy: PolicySpec = "AdaScale", accumulation_steps: int = 1, loss_reduction: str = "mean",
@@ -77,23 +40,23 @@ class DDPDriver(PolicyDriver):
         check_inner_hook(comm_hook, comm_hook_state)
         if grad_scaler is not None:
             check_grad_scaler(grad_scaler)
+        super().__init__(optimizer, policy, dist.get_world_size(ddp_model.process_group), accumulation_steps,
+                         loss_reduction)
         self.grad_scaler = grad_scaler
         self.skipped_steps = 0
         self._loss_scale = 1.0
-        super().__init__(optimizer, policy, dist.get_world_size(ddp_model.process_group), accumulation_steps,
-                         loss_reduction)
         self.model = ddp_model
         self.process_group = ddp_model.process_group
         self.agree_across_ranks()
         params = reduced_parameters(ddp_model)
-        self._carrier: Optional[LocalNormCarrier] = None
+        self.carrier: Optional[BucketCarrier] = None
         self._reduced: Optional[tuple[float, float]] = None
         if self.policy.needs_gradient_norms:
             self._counter: BackwardCounter = BucketNormMeter(params)
-            self._carrier = LocalNormCarrier(self._counter, self.process_group, comm_hook_state,
+            self.carrier = BucketCarrier(self._counter, self.process_group, comm_hook_state,
                                              wide=comm_hook is not None,
                                              flush_each_bucket=ddp_model.gradient_as_bucket_view)
-            register_comm_hook(ddp_model, self._carrier, norm_carrying_wrapper(comm_hook))
+            register_comm_hook(ddp_model, self.carrier, norm_carrying_wrapper(comm_hook))
         else:
             self._counter = BackwardCounter(params)
             if comm_hook is not None:
@@ -104,7 +67,7 @@ class DDPDriver(PolicyDriver):
         (through the grad scaler when there is one: an overflow step is skipped and the policy stays); then a
         batch-size controller's choice becomes ``accumulation_steps`` for the next step."""
         # the reductions' numbers, read in their completion callbacks, before the scaler's unscale changes .grad
-        self._reduced = self._carrier.take() if self._carrier is not None else None
+        self._reduced = self.carrier.take() if self.carrier is not None else None
         if self.grad_scaler is None:
             self.advance(loss)
             self.optimizer.step()
@@ -134,7 +97,7 @@ class DDPDriver(PolicyDriver):
 
     def backward_passes(self) -> int:
         passes = self._counter.take_passes()
-        if passes and self._carrier is not None and self._reduced is None:
+        if passes and self.carrier is not None and self._reduced is None:
             raise RuntimeError(f"{passes} backward pass(es) ran but DDP reduced no gradients in this step: either "
                                "every micro-step ran under no_sync() (run the last one outside it), or a parameter "
                                "DDP expects a gradient for got none on this rank (requires_grad changed after the "
@@ -190,12 +153,32 @@ def attach(ddp_model: torch.nn.parallel.DistributedDataParallel, optimizer: torc
            policy: PolicySpec = "AdaScale", accumulation_steps: int = 1, loss_reduction: str = "mean",
            grad_scaler: Optional[torch.amp.GradScaler] = None, comm_hook: Optional[CommHook] = None,
            comm_hook_state: Any = None) -> DDPDriver:
-    """Drive ``optimizer``'s learning rate by ``policy`` (a name, ``{"type", "params"}`` or a Policy); with
-    ``grad_scaler`` the steps go through that ``torch.amp.GradScaler`` (module docstring); with ``comm_hook``
-    (e.g. ``default_hooks.fp16_compress_hook`` or ``bf16_compress_hook``, and its ``comm_hook_state``) DDP reduces
-    through that hook, with the statistics carried around it (``ddp_hooks.norm_carrying_wrapper``).
+    """Drive ``optimizer``'s learning rates by ``policy``, with the statistics carried in DDP's gradient buckets.
 
-    Call before the first backward pass (it registers DDP's communication hook, which DDP allows once).
+    Call before the first backward pass: it registers DDP's communication hook, which DDP allows once.
+
+    Args:
+        ddp_model: the ``DistributedDataParallel`` model whose gradients ``optimizer`` steps.
+        optimizer: the optimizer; each param group's lr is its base learning rate.
+        policy: a registered name (``scaling_plugins.POLICIES``), ``{"type": name, "params": {...}}`` or a Policy.
+        accumulation_steps: micro-batches per optimizer step on each rank.
+        loss_reduction: "mean" (each micro-batch loss divided by ``accumulation_steps``) or "sum".
+        grad_scaler: an enabled ``torch.amp.GradScaler``; ``driver.step()`` then unscales, skips overflow steps
+            and updates the scaler (do not call ``scaler.step`` yourself).
+        comm_hook, comm_hook_state: a DDP communication hook that returns the averaged bucket (e.g.
+            ``fp16_compress_hook``) and its state; the statistics are carried around it.
+
+    Returns:
+        the :class:`DDPDriver`: ``step(loss=None)``, ``done``, ``gain``, ``lr``, ``metrics()``, ``state_dict()``.
+
+    Example::
+
+        ddp_model = DistributedDataParallel(model)
+        optimizer = torch.optim.SGD(ddp_model.parameters(), lr=0.1)
+        driver = attach(ddp_model, optimizer, "AdaScale")
+        loss_fn(ddp_model(x), y).backward()
+        driver.step()
+        optimizer.zero_grad()
     """
     return DDPDriver(ddp_model, optimizer, policy, accumulation_steps, loss_reduction, grad_scaler, comm_hook,
                      comm_hook_state)

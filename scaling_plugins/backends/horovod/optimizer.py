@@ -1,0 +1,157 @@
+"""A drop-in ``hvd.DistributedOptimizer`` whose learning rate follows a policy.
+
+    import scaling_plugins.backends.horovod as sph
+    opt = sph.DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters(), policy="AdaScale")
+
+The returned object *is* Horovod's optimizer (same class, same methods) with members added in place (Horovod's
+methods call ``super(self.__class__, self)``, so its class cannot be subclassed): ``step()`` feeds the policy
+before the update, each gradient's all-reduce goes through the carrier (``harvest``), ``opt.scaling`` is the
+driver and ``state_dict()`` carries the policy state under ``"scaling_plugins"``. docs/horovod.md.
+"""
+from __future__ import annotations
+
+import abc
+import contextlib
+import inspect
+import math
+from typing import Any, Callable, Optional
+
+import torch
+
+from ...policies import build_policy
+from ...policies.registry import PolicySpec
+from ..shared.driver import check_loss_reduction
+from . import compat
+from .compat import horovod_torch
+from .driver import HorovodDriver
+from .elastic import register_state_handler
+
+STATE_KEY = "scaling_plugins"
+READ_THROUGH = ("gain", "lr", "progress", "scale", "done", "extra_backward",
+                "accumulation_steps")   # opt.<name> reads opt.scaling.<name>
+
+
+class ScaledOptimizer(abc.ABC):
+    """Marker type: ``isinstance(opt, ScaledOptimizer)`` is true for optimizers made by :func:`DistributedOptimizer`."""
+
+
+class _ScaledMembers:
+    """What :func:`DistributedOptimizer` adds to the class Horovod built for one optimizer."""
+
+    def synchronize(self) -> None:
+        """Horovod's ``synchronize()``, with the norm all-reduce (enqueued here if backward did not) and T."""
+        carrier = self.scaling.carrier
+        if carrier is not None:
+            carrier.before_synchronize()
+        self._horovod_synchronize()
+        if carrier is not None:
+            carrier.after_synchronize(self)
+
+    def step(self, closure: Optional[Callable[[], float]] = None, loss: Optional[torch.Tensor | float] = None) -> Any:
+        """Synchronize, feed the policy, set this step's learning rates, then Horovod's step (the update)."""
+        synchronize_here = compat.synchronizes_in_step(self)
+        if synchronize_here:
+            self.synchronize()
+        self.scaling.observe_step(loss)
+        with self.skip_synchronize() if synchronize_here else contextlib.nullcontext():
+            result = self._horovod_step(closure)
+        self.scaling.follow_batch_request()
+        return result
+
+    def _allreduce_grad_async(self, p: torch.Tensor) -> tuple[Any, Any]:
+        carrier = self.scaling.carrier
+        return self._horovod_allreduce_grad_async(p) if carrier is None else carrier.allreduce_gradient(self, p)
+
+    def _grouped_allreduce_grad_async(self, params: tuple) -> tuple[Any, tuple]:
+        carrier = self.scaling.carrier
+        if carrier is None:
+            return self._horovod_grouped_allreduce_grad_async(params)
+        return carrier.grouped_allreduce(self, params)
+
+    def set_backward_passes_per_step(self, passes: int) -> None:
+        """Horovod's ``set_backward_passes_per_step``; the policy's n (and default scale) follows."""
+        self._horovod_set_backward_passes_per_step(passes)
+        self.scaling.resize(self.scaling.world_size, passes)
+
+    def metrics(self) -> dict[str, Any]:
+        """The step's telemetry numbers: step, learning rate and the policy's own (gain, progress, σ², ...)."""
+        return self.scaling.metrics()
+
+
+def _save_scaling_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    state[STATE_KEY] = optimizer.scaling.state_dict()
+    return state
+
+
+def _load_scaling_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
+    if STATE_KEY not in state:
+        raise ValueError(f"optimizer state has no {STATE_KEY!r} entry (not saved from a scaling_plugins "
+                         "optimizer); load it into the wrapped optimizer before DistributedOptimizer(...)")
+    state = dict(state)
+    optimizer.scaling.load_state_dict(state.pop(STATE_KEY))
+    return state
+
+
+def _extend(optimizer: torch.optim.Optimizer, driver: HorovodDriver) -> None:
+    """Add the policy to the optimizer Horovod made: its class gets ``_ScaledMembers``, the optimizer its driver
+    (``opt.scaling``) and the state hooks that carry the policy state in ``state_dict()``."""
+    compat.extend_optimizer_class(optimizer, _ScaledMembers, READ_THROUGH, ScaledOptimizer)
+    optimizer.scaling = driver
+    optimizer.register_state_dict_post_hook(_save_scaling_state)
+    optimizer.register_load_state_dict_pre_hook(_load_scaling_state)
+
+
+def DistributedOptimizer(optimizer: torch.optim.Optimizer, *args: Any, policy: PolicySpec = "AdaScale",
+                         loss_reduction: str = "mean", **kwargs: Any):
+    """``hvd.DistributedOptimizer(optimizer, *args, **kwargs)`` whose learning rate follows ``policy``.
+
+    Args:
+        optimizer, *args, **kwargs: every argument of ``hvd.DistributedOptimizer``, same names and defaults
+            (``op`` must be ``hvd.Average`` or ``hvd.Sum``).
+        policy: a registered name (``scaling_plugins.POLICIES``), ``{"type": name, "params": {...}}`` or a Policy;
+            its scale defaults to workers × ``backward_passes_per_step``.
+        loss_reduction: "mean" (each pass's loss divided by ``backward_passes_per_step``) or "sum".
+
+    Returns:
+        Horovod's optimizer with the policy added: ``opt.step(loss=None)`` sets this step's learning rate before
+        the update; ``opt.scaling`` is the driver; ``opt.gain``, ``opt.lr``, ``opt.done``, ``opt.metrics()``;
+        ``opt.state_dict()`` carries the policy state.
+
+    Example::
+
+        opt = DistributedOptimizer(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   named_parameters=model.named_parameters(), policy="AdaScale")
+        loss_fn(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    """
+    hvd = horovod_torch()
+    signature = inspect.signature(hvd.DistributedOptimizer)
+    try:
+        bound = signature.bind(optimizer, *args, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"{err}; allowed: hvd.DistributedOptimizer's arguments {list(signature.parameters)} "
+                        "and policy, loss_reduction") from None
+    bound.apply_defaults()
+    hvd_args = bound.arguments
+    if hvd_args["op"] not in (hvd.Average, hvd.Sum):
+        op_name = next((name for name in ("Adasum", "Min", "Max", "Product") if getattr(hvd, name) == hvd_args["op"]),
+                       hvd_args["op"])
+        raise ValueError(f"op=hvd.{op_name} is not supported (allowed: hvd.Average, hvd.Sum): the policies set the "
+                         "learning rate of the averaged gradient, and Adasum (or min/max/product) does not average, "
+                         "so AdaScale's gain has no meaning there")
+    check_loss_reduction(loss_reduction)
+    predivide = hvd_args["gradient_predivide_factor"]
+    if not (isinstance(predivide, (int, float)) and math.isfinite(predivide) and predivide > 0):
+        raise ValueError(f"gradient_predivide_factor must be a finite number > 0, got {predivide!r}")
+    process_set = hvd_args["process_set"]
+    if not process_set.included():
+        raise ValueError("this rank is not in process_set: a policy needs the reduced gradients of its own set")
+    policy = build_policy(policy)              # bad policy input fails before Horovod registers hooks
+    distributed = hvd.DistributedOptimizer(**hvd_args)
+    driver = HorovodDriver(distributed, policy, hvd_args["backward_passes_per_step"],
+                           hvd_args["gradient_predivide_factor"], process_set, loss_reduction)
+    _extend(distributed, driver)
+    register_state_handler(ScaledOptimizer)
+    return distributed
