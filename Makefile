@@ -12,8 +12,8 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-# Horovod 0.28.1 built once from its sdist with the C++17 fix (README "## Horovod"); the wheel is cached, so
-# later installs take seconds. Needs the pinned torch first: the build compiles against it.
+# Horovod 0.28.1 built once from its sdist with the C++17 fix (docs/horovod.md, "Installing Horovod"); the wheel
+# is cached, so later installs take seconds. Needs the pinned torch first: the build compiles against it.
 $(HOROVOD): $(BIN)/python tools/build_horovod.sh
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
 	tools/build_horovod.sh $(VENV)

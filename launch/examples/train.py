@@ -17,7 +17,7 @@ Faults: --checkpoint-every K saves every K steps to OUT/checkpoint and a restart
 --max-restarts, or the same command again) resumes there, bit for bit; --timeout S bounds how long a rank waits
 for a lost peer, after which it prints one line naming the failure and exits 1; --fault-kill RANK:STEP is a
 drill (that rank SIGKILLs itself once); a rank the launcher or the batch system stops with SIGTERM says so in one
-line, unless it is already reporting its own failure. FAULTS.md has what each fault looks like and how to resume.
+line, unless it is already reporting its own failure. docs/faults.md has what each fault looks like and how to resume.
 """
 import argparse
 import json
