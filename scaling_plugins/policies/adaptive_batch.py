@@ -64,6 +64,15 @@ class AdaptiveBatch(AdaScale):
         micro_batch_size: m, samples per micro-batch on each worker (DeepSpeed: its train_micro_batch_size_per_gpu).
         base_batch: B0 in samples, the batch the base learning rate was tuned at (default: m); S = W·A·m/B0.
         smoothing, schedule, total_num_steps: as AdaScale's.
+
+    Every ``change_interval`` steps: A = clamp(round(k·B_simple / (W·m)), A_low, A_high), B_simple = B0·σ²/μ²
+    (McCandlish et al., "An Empirical Model of Large-Batch Training", 2018); the rest is AdaScale.
+
+    Example::
+
+        policy = AdaptiveBatch(micro_batch_size=32, max_batch=2048, total_num_steps=5000)
+        driver = attach(ddp_model, optimizer, policy)
+        # each step: run driver.accumulation_steps micro-batches, then driver.step()
     """
 
     name = "AdaptiveBatch"

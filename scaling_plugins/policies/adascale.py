@@ -39,6 +39,14 @@ class AdaScale(BaseScaleProgress):
         total_num_steps: budget T_SI in base-scale steps; ``done`` once τ ≥ it.
         single_gradient: "unit_gain" (default fallback when n = 1) or "error".
         base_batch: B0 in samples, only to report the noise scale B_simple = B0·σ²/μ² in samples.
+
+    Each step: gain r = (σ² + μ²)/(σ²/S + μ²) ∈ [1, S], lr = base lr · r · schedule(τ), τ += r (Johnson et al.,
+    "AdaScale SGD", ICML 2020).
+
+    Example::
+
+        policy = AdaScale(schedule={"type": "cosine", "total_num_steps": 5000}, total_num_steps=5000)
+        driver = scaling_plugins.backends.ddp.attach(ddp_model, optimizer, policy)
     """
 
     name = "AdaScale"

@@ -27,7 +27,15 @@ SGD_ONLY_WARNING = ("AdaScaleAdam is experimental: the AdaScale paper validated 
 
 @register
 class AdaScaleAdam(AdaScale):
-    """AdaScale's gain under the square-root rule, for Adam/AdamW/LAMB; parameters as :class:`AdaScale`."""
+    """AdaScale's gain under the square-root rule, for Adam/AdamW/LAMB; parameters as :class:`AdaScale`.
+
+    lr = base lr · √r · schedule(τ), τ += r (the square-root rule for adaptive optimizers: Malladi et al., "On the
+    SDEs and Scaling Rules for Adaptive Gradient Algorithms", NeurIPS 2022).
+
+    Example::
+
+        driver = attach(ddp_model, torch.optim.AdamW(model.parameters(), lr=1e-3), "AdaScaleAdam")
+    """
 
     name = "AdaScaleAdam"
 

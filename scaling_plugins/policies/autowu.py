@@ -64,6 +64,15 @@ class AutoWU(Policy):
         max_points, num_subsamples, num_draws: the test's subsample size, number of subsamples voting
             (strict majority) and posterior draws per subsample (200, 3, 200).
         seed: seeds the test's subsampling and posterior draws.
+
+    Kim et al., "Automated Learning Rate Scheduler for Large-batch Training", 2021.
+
+    Example::
+
+        policy = AutoWU(total_num_steps=3000, warmup_max_lr=0.8)
+        driver = attach(ddp_model, optimizer, policy)
+        loss = loss_fn(ddp_model(x), y); loss.backward()
+        driver.step(loss)                 # AutoWU reads the training loss every step
     """
 
     name = "AutoWU"

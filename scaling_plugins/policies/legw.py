@@ -19,7 +19,14 @@ from .scaling_rule import ScalingRule
 
 @register
 class LEGW(ScalingRule):
-    """Peak lr × √k, warmup epochs × k over a base schedule; parameters as in :class:`ScalingRule`."""
+    """Peak lr × √k, warmup epochs × k over a base schedule; parameters as in :class:`ScalingRule`.
+
+    You et al., "Large-Batch Training for LSTM and Beyond", SC'19.
+
+    Example::
+
+        policy = LEGW(warmup_num_steps=500, schedule={"type": "cosine", "total_num_steps": 5000})
+    """
 
     name = "LEGW"
     exponent = 0.5

@@ -13,7 +13,14 @@ from .scaling_rule import ScalingRule
 
 @register
 class LinearScaling(ScalingRule):
-    """lr × k with gradual warmup from the base rate; parameters as in :class:`ScalingRule`."""
+    """lr × k with gradual warmup from the base rate; parameters as in :class:`ScalingRule`.
+
+    Goyal et al., "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour", 2017.
+
+    Example::
+
+        policy = LinearScaling(warmup_num_steps=500, total_num_steps=5000)
+    """
 
     name = "LinearScaling"
     exponent = 1.0

@@ -12,7 +12,14 @@ from .scaling_rule import ScalingRule
 
 @register
 class SqrtScaling(ScalingRule):
-    """lr × √k, optional gradual warmup from the base rate; parameters as in :class:`ScalingRule`."""
+    """lr × √k, optional gradual warmup from the base rate; parameters as in :class:`ScalingRule`.
+
+    Krizhevsky, "One weird trick for parallelizing convolutional neural networks", 2014.
+
+    Example::
+
+        policy = SqrtScaling(total_num_steps=5000)
+    """
 
     name = "SqrtScaling"
     exponent = 0.5
