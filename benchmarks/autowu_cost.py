@@ -52,13 +52,13 @@ def epoch_seconds(name: str, scale: int, epochs: int) -> tuple[Timing, int]:
     workload = get_workload(name)
     model = workload.make_model()
     optimizer = torch.optim.SGD(model.parameters(), lr=workload.base_lr * scale, momentum=workload.momentum)
-    steps_per_epoch = math.ceil(workload.num_train / (scale * workload.micro_batch))
+    steps_per_epoch = math.ceil(workload.num_train / (scale * workload.micro_batch_size))
     times, step = [], 0
     for epoch in range(epochs + 1):
         start = clock()
         for _ in range(steps_per_epoch):
             for micro in range(scale):
-                x, y = workload.micro_batch_at(step * scale * workload.micro_batch, 0, 1, micro)
+                x, y = workload.micro_batch_at(step * scale * workload.micro_batch_size, 0, 1, micro)
                 (workload.loss(model(x), y) / scale).backward()
             optimizer.step()
             optimizer.zero_grad()

@@ -38,7 +38,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from benchmarks.many_tensors import MODELS, model_and_widths
 from scaling_plugins.backends.ddp import attach
-from scaling_plugins.backends.fused_norms import squared_norm_sum
+from scaling_plugins.backends.shared.fused_norms import squared_norm_sum
+from tools.launchers import free_port
 
 CLOCKS = ("wall", "cpu", "process")
 
@@ -100,8 +101,8 @@ def variant(name: str, model: torch.nn.Module, world: int) -> tuple[DDP, Callabl
     if name == "bare":
         return ddp, sgd.step, dict
     if name == "ours":
-        ctl = attach(ddp, sgd, "AdaScale")
-        return ddp, ctl.step, lambda: {"gain": ctl.gain}
+        driver = attach(ddp, sgd, "AdaScale")
+        return ddp, driver.step, lambda: {"gain": driver.gain}
     if name == "floor":
         def read_twice_then_step() -> None:
             floor_reads([p.grad for p in model.parameters()])
@@ -150,8 +151,6 @@ def measure(rank: int, args: argparse.Namespace) -> dict:
 
 
 def run_once(args: argparse.Namespace) -> dict:
-    from tests.distributed import free_port
-
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
         mp.spawn(rank_main, args=(2, free_port(), args, out), nprocs=2, join=True)

@@ -24,8 +24,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,9 +31,9 @@ from typing import Any, Callable, Optional
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
 from benchmarks.many_tensors import MODELS, model_and_widths
 from benchmarks.overhead import collectives, floor_reads, timing_parser
+from tools import launchers
 
 ADASCALE = {"type": "AdaScale", "params": {}}
 
@@ -138,19 +136,12 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    from tests.distributed import free_port
-
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp, "result.json")
-        command = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2", "--master_port",
-                   str(free_port()), str(Path(__file__).resolve()), "--worker", "--out", str(out),
-                   "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-                   "--blocks", str(args.blocks), "--model", args.model, *(["--floor"] if args.floor else [])]
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO),
-               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        proc = subprocess.run(command, env=env, capture_output=True, text=True)
-        if proc.returncode != 0:
-            sys.exit(f"{' '.join(command)} exited {proc.returncode}:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+        launchers.deepspeed(Path(__file__).resolve(),
+                            ["--worker", "--out", str(out), "--steps", str(args.steps), "--warmup", str(args.warmup),
+                             "--batch", str(args.batch), "--blocks", str(args.blocks), "--model", args.model,
+                             *(["--floor"] if args.floor else [])], timeout=None)
         results = json.loads(out.read_text())
     print(f"DeepSpeed 2 ranks (CPU, gloo), {args.model} model {results['params']:,} parameters, batch {args.batch}/rank, "
           f"{args.blocks} blocks x {args.steps} interleaved steps; load average {results['load']}")

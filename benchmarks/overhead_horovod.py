@@ -22,21 +22,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
 from benchmarks.many_tensors import MODELS, model_and_widths
 from benchmarks.overhead import floor_reads, median_ratios, print_summary, timing_parser
-from scaling_plugins.backends.fused_norms import squared_norm_sum
-from tests.horovod_scripts.timeline import fusion_batches, norm_placement, tensor_role
+from scaling_plugins.backends.shared.fused_norms import squared_norm_sum
+from tools.horovod_timeline import fusion_batches, norm_placement, tensor_role
+from tools.launchers import horovodrun
 
 TIMELINE_STEPS = 5
 CLOCKS = ("wall", "cpu")     # what timed() returns: wall time and the main thread's CPU time
@@ -116,12 +113,9 @@ def responses_per_step(batches: list[list[str]]) -> dict[str, float]:
 
 def run_once(args: argparse.Namespace) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = ["horovodrun", "--gloo", "-np", "2", sys.executable, __file__, "--worker", tmp, "--model", args.model,
-               "--steps", str(args.steps), "--warmup", str(args.warmup), "--batch", str(args.batch),
-               *(["--floor"] if args.floor else [])]
-        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-               "PYTHONPATH": str(REPO), "HOROVOD_TIMELINE": "DYNAMIC"}   # recorded only between start/stop
-        subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+        horovodrun(__file__, ["--worker", tmp, "--model", args.model, "--steps", str(args.steps), "--warmup",
+                              str(args.warmup), "--batch", str(args.batch), *(["--floor"] if args.floor else [])],
+                   timeout=None, env={"HOROVOD_TIMELINE": "DYNAMIC"})    # recorded only between start/stop
         result = json.loads((Path(tmp) / "result.json").read_text())
         batches = fusion_batches(Path(tmp) / "timeline.json")
     result["responses_per_step"] = responses_per_step(batches)

@@ -1,4 +1,4 @@
-"""Quality at scale: the full study (issue 7), the same as ``scaling-plugins bench quality``.
+"""Quality at scale: the full study, the same as ``scaling-plugins bench quality``.
 
     nohup .venv/bin/python -m benchmarks.quality > runs/quality.log 2>&1 &     # full study, resumable
     .venv/bin/python -m benchmarks.quality --quick                             # the CI slice

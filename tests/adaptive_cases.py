@@ -19,7 +19,7 @@ from scaling_plugins.batch_size import BatchLimits, noise_scale_accumulation
 WORLD, MICRO_BATCH, STEPS, RESUME_AT, BASE_LR = 2, 2, 30, 13, 0.2
 PARAMS = {"max_batch": 24, "max_accumulation_steps": 8, "change_interval": 3, "noise_scale_factor": 2.0,
           "noise_scale_smoothing": 0.5}
-SPEC = {"type": "AdaptiveBatch", "params": {**PARAMS, "micro_batch": MICRO_BATCH}}   # DeepSpeed: PARAMS alone
+SPEC = {"type": "AdaptiveBatch", "params": {**PARAMS, "micro_batch_size": MICRO_BATCH}}   # DeepSpeed: PARAMS alone
 LIMITS = BatchLimits(max_batch=PARAMS["max_batch"], max_accumulation_steps=PARAMS["max_accumulation_steps"])
 
 
@@ -40,7 +40,7 @@ class Loop(Protocol):
 
     def engine_accumulation(self) -> int:
         """The engine's own accumulation setting after the step (Horovod's backward_passes_per_step, DeepSpeed's
-        gradient_accumulation_steps, DDP's ctl.accumulation_steps)."""
+        gradient_accumulation_steps, DDP's driver.accumulation_steps)."""
 
     def state(self) -> Any:
         """A checkpoint of model, optimizer and policy, the backend's way."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests import cluster as harness
-from tests.distributed import REPO, VENV_BIN, stop_gently
+from tools.launchers import REPO, VENV_BIN, stop_gently
 
 HOSTS = ["sp-n1", "sp-n2"]
 PYTHON = str(VENV_BIN / "python")

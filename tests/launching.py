@@ -5,7 +5,7 @@ import json
 import os
 from pathlib import Path
 
-from tests.distributed import REPO, VENV_BIN, free_port, run_command
+from tools.launchers import REPO, VENV_BIN, free_port, run_command
 
 FAKE_BIN = Path(__file__).resolve().parent / "fake_bin"
 TRAIN = ["launch/examples/train.py", "--workload", "quadratic", "--budget", "16"]

@@ -1,5 +1,5 @@
-"""The issue-5 policies as every backend test drives them: the same specs, model and reference trajectories
-for DDP, DeepSpeed and Horovod."""
+"""The fixed scaling rules (LinearScaling, SqrtScaling, LEGW), AdaScaleAdam and AutoWU as every backend test
+drives them: the same specs, model and reference trajectories for DDP, DeepSpeed and Horovod."""
 from __future__ import annotations
 
 import math
@@ -13,9 +13,9 @@ STEPS, ACCUMULATION, BASE_LR = 6, 2, 0.05
 # The fixed rules (checked against their own trajectory at k = 2 ranks × ACCUMULATION) and AdaScaleAdam.
 RULES = {
     "LinearScaling": {"type": "LinearScaling", "params": {"warmup_num_steps": 12}},
-    "SqrtScaling": {"type": "SqrtScaling", "params": {"schedule": {"type": "cosine", "total_steps": 40}}},
+    "SqrtScaling": {"type": "SqrtScaling", "params": {"schedule": {"type": "cosine", "total_num_steps": 40}}},
     "LEGW": {"type": "LEGW", "params": {"warmup_num_steps": 3,
-                                        "schedule": {"type": "polynomial", "total_steps": 40, "power": 2}}},
+                                        "schedule": {"type": "polynomial", "total_num_steps": 40, "power": 2}}},
     "AdaScaleAdam": {"type": "AdaScaleAdam", "params": {}},
 }
 # AutoWU on Quadratic, one gradient per rank per step: the loss falls, then rises as the warmup's lr passes

@@ -33,7 +33,7 @@ def exact_sample(sigma_sq: float, mu_sq: float, scale: float, count: int) -> Gra
     ({"change_interval": 0}, "params: change_interval = 0: must be an integer >= 1 (optimizer steps)"),
     ({"noise_scale_factor": 0.0}, "params: noise_scale_factor = 0.0: must be > 0"),
     ({"noise_scale_smoothing": 1.0}, "params: noise_scale_smoothing = 1.0: must lie in [0, 1)"),
-    ({"micro_batch": 0}, "params: micro_batch = 0: must be an integer >= 1 or null"),
+    ({"micro_batch_size": 0}, "params: micro_batch_size = 0: must be an integer >= 1 or null"),
     ({"base_batch": -1}, "params: base_batch = -1: must be > 0 or null"),
 ])
 def test_bad_limits_are_refused_naming_the_key_the_value_and_what_is_allowed(params, message):
@@ -43,21 +43,22 @@ def test_bad_limits_are_refused_naming_the_key_the_value_and_what_is_allowed(par
 
 
 @pytest.mark.parametrize("params, shape, message", [
-    ({"min_batch": 20, "micro_batch": 8}, (2, 2),
-     "min_batch = 20 is not a multiple of micro_batch × workers = 8 × 2 = 16: allowed are 16, 32, 48, ..."),
-    ({"max_batch": 36, "micro_batch": 4}, (2, 2),
-     "max_batch = 36 is not a multiple of micro_batch × workers = 4 × 2 = 8: allowed are 8, 16, 24, ..."),
-    ({"min_batch": 32}, (2, 2), "min_batch = 32 is in samples, so micro_batch (samples per micro-batch on each "
-                                "worker) is needed"),
-    ({"min_batch": 64, "micro_batch": 8}, (2, 1),
+    ({"min_batch": 20, "micro_batch_size": 8}, (2, 2),
+     "min_batch = 20 is not a multiple of micro_batch_size × workers = 8 × 2 = 16: allowed are 16, 32, 48, ..."),
+    ({"max_batch": 36, "micro_batch_size": 4}, (2, 2),
+     "max_batch = 36 is not a multiple of micro_batch_size × workers = 4 × 2 = 8: allowed are 8, 16, 24, ..."),
+    ({"min_batch": 32}, (2, 2), "min_batch = 32 is in samples, so micro_batch_size (samples per micro-batch on "
+                                "each worker) is needed"),
+    ({"min_batch": 64, "micro_batch_size": 8}, (2, 1),
      "accumulation_steps = 1 with 2 worker(s) gives a batch of 16, outside AdaptiveBatch's limits: allowed "
      "accumulation steps are 4 to 16 (batches 64 to 256)"),
     ({}, (1, 1), "accumulation_steps = 1 with 1 worker(s) gives a batch of 1, outside AdaptiveBatch's limits: "
                  "allowed accumulation steps are 2 to 16"),
-    ({"min_batch": 512, "micro_batch": 8}, (2, 1), "no batch size fits the limits with 2 worker(s) × micro_batch 8: "
-                                                   "accumulation steps from 32 (min_batch = 512"),
-    ({"base_batch": 8}, (2, 1), "base_batch = 8 is in samples, so micro_batch is needed too"),
-    ({"base_batch": 64, "micro_batch": 8}, (2, 1), "the smallest batch, 16 samples, is below base_batch = 64"),
+    ({"min_batch": 512, "micro_batch_size": 8}, (2, 1),
+     "no batch size fits the limits with 2 worker(s) × micro_batch_size 8: accumulation steps from 32 "
+     "(min_batch = 512"),
+    ({"base_batch": 8}, (2, 1), "base_batch = 8 is in samples, so micro_batch_size is needed too"),
+    ({"base_batch": 64, "micro_batch_size": 8}, (2, 1), "the smallest batch, 16 samples, is below base_batch = 64"),
 ])
 def test_limits_that_do_not_fit_the_run_are_refused_at_attach(params, shape, message):
     with pytest.raises(ValueError) as err:
@@ -66,13 +67,13 @@ def test_limits_that_do_not_fit_the_run_are_refused_at_attach(params, shape, mes
 
 
 def test_the_engine_micro_batch_must_agree_with_a_given_one():
-    policy = adaptive(micro_batch=8)
-    with pytest.raises(ValueError, match="micro_batch = 8 but the engine's micro-batch is 4"):
-        policy.set_micro_batch(4)
+    policy = adaptive(micro_batch_size=8)
+    with pytest.raises(ValueError, match="micro_batch_size = 8 but the engine's micro-batch is 4"):
+        policy.set_micro_batch_size(4)
     filled = adaptive(min_batch=32)
-    filled.set_micro_batch(8)          # what DeepSpeed does with train_micro_batch_size_per_gpu
+    filled.set_micro_batch_size(8)     # what DeepSpeed does with train_micro_batch_size_per_gpu
     filled.configure(2, 2)
-    assert (filled.micro_batch, filled.base_batch, filled.scale) == (8, 8, 4.0)
+    assert (filled.micro_batch_size, filled.base_batch, filled.scale) == (8, 8, 4.0)
 
 
 def test_accumulation_range_and_the_choice_within_it():
@@ -99,7 +100,7 @@ def drive(policy: AdaptiveBatch, world: int, noise: list[tuple[float, float]]) -
 
 
 def test_the_batch_follows_k_times_the_noise_scale_at_decision_steps_only():
-    policy = adaptive(micro_batch=4, smoothing=0.0, noise_scale_smoothing=0.0, change_interval=5,
+    policy = adaptive(micro_batch_size=4, smoothing=0.0, noise_scale_smoothing=0.0, change_interval=5,
                       noise_scale_factor=2.0, max_accumulation_steps=12)
     policy.configure(2, 1)
     noise = [(1.0, 1.0 / b) for b in [0.5] * 5 + [6.0] * 5 + [20.0] * 5 + [1000.0] * 5 + [3.0] * 5]
@@ -122,13 +123,13 @@ def test_the_batch_follows_k_times_the_noise_scale_at_decision_steps_only():
 
 
 def test_a_resume_brings_the_batch_back_and_follows_another_number_of_workers():
-    policy = adaptive(micro_batch=2, noise_scale_smoothing=0.0, change_interval=2, max_accumulation_steps=16)
+    policy = adaptive(micro_batch_size=2, noise_scale_smoothing=0.0, change_interval=2, max_accumulation_steps=16)
     policy.configure(2, 1)
     drive(policy, 2, [(1.0, 0.25)] * 4)                 # B_simple = 8 samples: A = round(2·8/4) = 4
     assert policy.accumulation_steps == 4
     state = policy.state_dict()
     for world, accumulation in ((2, 4), (4, 2), (16, 1)):   # the same 8 gradients per step, within 1..16
-        resumed = adaptive(micro_batch=2, noise_scale_smoothing=0.0, change_interval=2, max_accumulation_steps=16)
+        resumed = adaptive(micro_batch_size=2, noise_scale_smoothing=0.0, change_interval=2, max_accumulation_steps=16)
         resumed.configure(world, 1)
         resumed.load_state_dict(state)
         resumed.configure(world, 1)                      # the backend: the new job's shape, then the request

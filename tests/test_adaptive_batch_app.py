@@ -14,7 +14,7 @@ from scaling_plugins.app.quality import ADAPTIVE, Base, grid_cells
 from scaling_plugins.app.quality_report import REPORT_FILE
 from scaling_plugins.app.spawn import run_local
 from scaling_plugins.app.training import RunSpec, policy_entry
-from tests.distributed import VENV_BIN, run_command
+from tools.launchers import VENV_BIN, run_command
 
 
 def test_the_demo_starts_a_controller_at_its_smallest_batch_and_lets_it_grow_to_the_scale():
@@ -52,7 +52,7 @@ def test_the_adaptive_study_runs_the_controller_once_up_to_the_largest_scale_bes
     assert len(cells) == len(ADAPTIVE.workloads) * ADAPTIVE.seeds * len(shapes) and ADAPTIVE.seeds >= 3
     adaptive = [c.spec for c in cells if c.spec.policy == "AdaptiveBatch"]
     assert all(spec.policy_params == {"max_accumulation_steps": 16} for spec in adaptive)
-    assert policy_entry(adaptive[0])["params"]["micro_batch"] == 8      # digits' micro-batch: batches in samples
+    assert policy_entry(adaptive[0])["params"]["micro_batch_size"] == 8   # digits' micro-batch: batches in samples
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,8 @@ def test_check_config_reads_the_micro_batch_of_a_deepspeed_config(tmp_path):
                                                               "'AdaptiveBatch'"])
     (problem,), _ = check_document(config, Shape(workers=3))
     assert str(problem).endswith("fails at attach with 3 worker(s) × 2 accumulation step(s): min_batch = 32 is not a "
-                                 "multiple of micro_batch × workers = 8 × 3 = 24: allowed are 24, 48, 72, ...")
-    config["scheduler"]["params"]["micro_batch"] = 4
+                                 "multiple of micro_batch_size × workers = 8 × 3 = 24: allowed are 24, 48, 72, ...")
+    config["scheduler"]["params"]["micro_batch_size"] = 4
     (problem,), _ = check_document(config, Shape(workers=2))
-    assert str(problem).endswith("micro_batch = 4 but the engine's micro-batch is 8 (train_micro_batch_size_per_gpu): "
-                                 "leave micro_batch out or make them equal")
+    assert str(problem).endswith("micro_batch_size = 4 but the engine's micro-batch is 8 "
+                                 "(train_micro_batch_size_per_gpu): leave micro_batch_size out or make them equal")

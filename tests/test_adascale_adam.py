@@ -23,10 +23,11 @@ def lrs_and_gains(policy, samples=SAMPLES):
 
 
 def test_square_root_of_the_gain_and_the_same_progress():
-    sgd = AdaScale(schedule={"type": "cosine", "total_steps": 100})
+    sgd = AdaScale(schedule={"type": "cosine", "total_num_steps": 100})
     sgd.configure(2, 2)
     with pytest.warns(UserWarning, match="validated SGD only"):
-        adam = build_policy({"type": "AdaScaleAdam", "params": {"schedule": {"type": "cosine", "total_steps": 100}}})
+        adam = build_policy({"type": "AdaScaleAdam",
+                             "params": {"schedule": {"type": "cosine", "total_num_steps": 100}}})
         adam.configure(2, 2)
     for (lr_sgd, gain_sgd, tau_sgd), (lr_adam, gain_adam, tau_adam) in zip(lrs_and_gains(sgd), lrs_and_gains(adam)):
         assert gain_adam == gain_sgd and tau_adam == tau_sgd

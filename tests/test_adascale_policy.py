@@ -60,17 +60,17 @@ def test_single_gradient_without_fallback_is_refused():
 
 def test_resume_reproduces_learning_rates_bit_for_bit():
     samples = [(9.0 + i % 3, 1.0 + 0.1 * (i % 5), 4) for i in range(20)]
-    full = AdaScale(schedule={"type": "cosine", "total_steps": 30})
+    full = AdaScale(schedule={"type": "cosine", "total_num_steps": 30})
     full.configure(4, 1)
     lrs = []
     for s in samples:
         observe(full, *s)
         lrs.append(full.learning_rate(0.1))
-    first = AdaScale(schedule={"type": "cosine", "total_steps": 30})
+    first = AdaScale(schedule={"type": "cosine", "total_num_steps": 30})
     first.configure(4, 1)
     for s in samples[:7]:
         observe(first, *s)
-    resumed = AdaScale(schedule={"type": "cosine", "total_steps": 30})
+    resumed = AdaScale(schedule={"type": "cosine", "total_num_steps": 30})
     resumed.configure(4, 1)
     resumed.load_state_dict(first.state_dict())
     assert resumed.learning_rate(0.1) == lrs[6]

@@ -129,7 +129,7 @@ def test_resume_mid_warmup_makes_the_same_decision(u_run):
 def test_needs_the_loss():
     policy = AutoWU(total_num_steps=10)
     assert AutoWU.needs_loss
-    with pytest.raises(ValueError, match=r"DDP ctl.step\(loss\), Horovod opt.step\(loss=loss\), DeepSpeed "
+    with pytest.raises(ValueError, match=r"DDP driver.step\(loss\), Horovod opt.step\(loss=loss\), DeepSpeed "
                                          r"engine.backward\(loss\)"):
         policy.step(StepObservation())
 
@@ -139,6 +139,22 @@ def test_built_by_name_with_deepspeed_style_params():
                                                         "warmup_max_lr": 0.4, "decay_type": "const-cos"}})
     assert policy.warmup_num_steps == 500 and policy.steps_per_epoch == 10
     assert policy.metrics()["phase"] == "warmup"
+
+
+def test_learning_rates_are_absolute_and_groups_with_their_own_lrs_get_one_warning(caplog):
+    policy = AutoWU(total_num_steps=100, warmup_min_lr=1e-3, warmup_max_lr=0.4)
+    with caplog.at_level("WARNING", logger="scaling_plugins"):
+        policy.step(StepObservation(loss=1.0))
+        same = [policy.learning_rate(0.1) for _ in range(3)]   # one group, or groups with one lr: no warning
+        assert same == [policy.warmup_lr(0)] * 3 and not caplog.records
+        assert policy.learning_rate(0.01) == policy.learning_rate(0.1) == policy.warmup_lr(0)
+        policy.step(StepObservation(loss=0.9))
+        assert policy.learning_rate(0.01) == policy.learning_rate(5.0) == policy.warmup_lr(1)
+    (record,) = caplog.records                                  # once, not per group or per step
+    assert record.levelname == "WARNING" and record.name == "scaling_plugins.policies.autowu"
+    assert record.getMessage() == ("AutoWU sets the same absolute learning rate in every param group (from "
+                                   "warmup_min_lr = 0.001 up to warmup_max_lr = 0.4); their own lrs (0.1, 0.01, "
+                                   "...) are not used")
 
 
 @pytest.mark.parametrize("params, message", [

@@ -9,7 +9,7 @@ from scaling_plugins import POLICIES
 from scaling_plugins.app.cli import main
 from scaling_plugins.app.demo import default_policies, plan
 from scaling_plugins.app.plots import FIGURES, TABLE_FILE
-from tests.distributed import REPO, VENV_BIN, run_command
+from tools.launchers import REPO, VENV_BIN, run_command
 
 CLI = str(VENV_BIN / "scaling-plugins")
 

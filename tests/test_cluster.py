@@ -19,8 +19,8 @@ from scaling_plugins.app.golden import EXPECTED as GOLDEN_GAINS
 from tests import cluster as harness
 from tests.cluster_runs import (HOSTS, PYTHON, cluster, env_for, launch_from, results_of,  # noqa: F401 (fixture)
                                 run_on_each_host, wait_for_job)
-from tests.distributed import REPO, free_port
 from tests.launching import run_launch
+from tools.launchers import REPO, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 

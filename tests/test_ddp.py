@@ -26,12 +26,12 @@ def golden_first_step(rank, world, inputs, unused_branch):
         model["unused"] = torch.nn.Linear(3, 3)
     ddp = DDP(_Used(model), find_unused_parameters=unused_branch)
     optimizer = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    ctl = attach(ddp, optimizer, {"type": "AdaScale", "params": {}})
+    driver = attach(ddp, optimizer, {"type": "AdaScale", "params": {}})
     before = model["used"].bias.detach().clone()
     ddp(torch.tensor([inputs[rank]])).sum().backward()
-    ctl.step()
+    driver.step()
     applied_lr = ((before - model["used"].bias.detach()) / model["used"].bias.grad).mean().item()
-    return {"gain": ctl.gain, "lr": ctl.lr, "applied_lr": applied_lr, "scale": ctl.scale}
+    return {"gain": driver.gain, "lr": driver.lr, "applied_lr": applied_lr, "scale": driver.scale}
 
 
 class _Used(torch.nn.Module):
@@ -65,7 +65,7 @@ def test_parameters_without_gradient_are_fine():
 
 def one_hot_accumulation(rank, world, loss_reduction):
     model = DDP(torch.nn.Linear(4, 2, bias=False))
-    ctl = attach(model, torch.optim.SGD(model.parameters(), lr=1.0), "AdaScale", accumulation_steps=2,
+    driver = attach(model, torch.optim.SGD(model.parameters(), lr=1.0), "AdaScale", accumulation_steps=2,
                  loss_reduction=loss_reduction)
     divisor = 2 if loss_reduction == "mean" else 1
     for micro in range(2):
@@ -75,8 +75,8 @@ def one_hot_accumulation(rank, world, loss_reduction):
                 (model(x).sum() / divisor).backward()
         else:
             (model(x).sum() / divisor).backward()
-    ctl.step()
-    return ctl.gain, ctl.scale
+    driver.step()
+    return driver.gain, driver.scale
 
 
 @pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
@@ -91,7 +91,7 @@ def noisy_quadratic(rank, world, scale, dim, nu, mu_sq, steps):
     accumulation = scale // world
     w = torch.full((dim,), math.sqrt(mu_sq / dim))
     model = DDP(_Quadratic(w))
-    ctl = attach(model, torch.optim.SGD(model.parameters(), lr=0.0), "AdaScale", accumulation_steps=accumulation)
+    driver = attach(model, torch.optim.SGD(model.parameters(), lr=0.0), "AdaScale", accumulation_steps=accumulation)
     gen = torch.Generator().manual_seed(1000 + rank)
     for _ in range(steps):
         for micro in range(accumulation):
@@ -101,9 +101,9 @@ def noisy_quadratic(rank, world, scale, dim, nu, mu_sq, steps):
                     (model(x) / accumulation).backward()
             else:
                 (model(x) / accumulation).backward()
-        ctl.step()
+        driver.step()
         model.zero_grad()
-    return ctl.gain, ctl.policy.statistics.sigma_sq, ctl.policy.statistics.mu_sq
+    return driver.gain, driver.policy.statistics.sigma_sq, driver.policy.statistics.mu_sq
 
 
 class _Quadratic(torch.nn.Module):
@@ -132,13 +132,14 @@ def random_run(rank, world, steps, resume_at, state):
     torch.manual_seed(0)
     model = DDP(torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    ctl = attach(model, optimizer, {"type": "AdaScale", "params": {"schedule": {"type": "cosine", "total_steps": 40}}},
+    driver = attach(model, optimizer,
+                 {"type": "AdaScale", "params": {"schedule": {"type": "cosine", "total_num_steps": 40}}},
                  accumulation_steps=2)
     start = 0
     if state is not None:
         model.module.load_state_dict(state["model"][rank])
         optimizer.load_state_dict(state["optimizer"][rank])
-        ctl.load_state_dict(state["ctl"][rank])
+        driver.load_state_dict(state["driver"][rank])
         start = resume_at
     lrs, gains, checkpoint = [], [], None
     for step in range(start, steps):
@@ -151,13 +152,13 @@ def random_run(rank, world, steps, resume_at, state):
                     loss.backward()
             else:
                 loss.backward()
-        ctl.step()
+        driver.step()
         optimizer.zero_grad()
-        lrs.append(ctl.lr)
-        gains.append(ctl.gain)
+        lrs.append(driver.lr)
+        gains.append(driver.gain)
         if step + 1 == resume_at:
             checkpoint = copy.deepcopy({"model": model.module.state_dict(), "optimizer": optimizer.state_dict(),
-                                        "ctl": ctl.state_dict()})
+                                        "driver": driver.state_dict()})
     return lrs, gains, checkpoint
 
 
@@ -167,7 +168,7 @@ def test_every_rank_gets_the_same_gain_bit_for_bit_and_resume_is_exact():
     assert lrs0 == lrs1 and gains0 == gains1
     assert len(set(gains0)) > 3 and all(1.0 <= g <= 4.0 for g in gains0)
     state = {"model": [ckpt0["model"], ckpt1["model"]], "optimizer": [ckpt0["optimizer"], ckpt1["optimizer"]],
-             "ctl": [ckpt0["ctl"], ckpt1["ctl"]]}
+             "driver": [ckpt0["driver"], ckpt1["driver"]]}
     resumed = run_ranks(random_run, 2, 12, 5, state)
     assert resumed[0][0] == lrs0[5:] and resumed[1][0] == lrs1[5:]
 
@@ -176,12 +177,12 @@ def count_collectives(rank, world, with_policy):
     model = DDP(torch.nn.Sequential(torch.nn.Linear(4, 512), torch.nn.ReLU(), torch.nn.Linear(512, 512),
                                     torch.nn.ReLU(), torch.nn.Linear(512, 2)), bucket_cap_mb=0.5)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    ctl = attach(model, optimizer, "AdaScale") if with_policy else None
+    driver = attach(model, optimizer, "AdaScale") if with_policy else None
     counts = []
     for step in range(4):
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             model(torch.randn(3, 4)).sum().backward()
-            ctl.step() if ctl else optimizer.step()
+            driver.step() if driver else optimizer.step()
         counts.append(sorted(e.name for e in prof.events() if e.name.startswith("gloo:")))
     return counts
 
@@ -211,22 +212,22 @@ def averaging_refused(rank, world, refuse):
 
     handler = logging.Handler()
     handler.emit = records.append
-    logging.getLogger("scaling_plugins.backends.ddp_hooks").addHandler(handler)
-    logging.getLogger("scaling_plugins.backends.ddp_hooks").setLevel(logging.INFO)
+    logging.getLogger("scaling_plugins.backends.ddp.harvest").addHandler(handler)
+    logging.getLogger("scaling_plugins.backends.ddp.harvest").setLevel(logging.INFO)
     dist.all_reduce = all_reduce_without_avg
     try:
         torch.manual_seed(0)
         model = DDP(torch.nn.Sequential(torch.nn.Linear(8, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
                                         torch.nn.ReLU(), torch.nn.Linear(256, 1)), bucket_cap_mb=0.1)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-        ctl = attach(model, optimizer, "AdaScale")
+        driver = attach(model, optimizer, "AdaScale")
         gains = []
         for step in range(3):
             gen = torch.Generator().manual_seed(10 * step + rank)
             model(torch.randn(4, 8, generator=gen)).pow(2).sum().backward()
-            ctl.step()
+            driver.step()
             optimizer.zero_grad()
-            gains.append(ctl.gain)
+            gains.append(driver.gain)
         weights = [p.detach().clone() for p in model.parameters()]
     finally:
         dist.all_reduce = real_all_reduce
@@ -248,13 +249,13 @@ def test_a_backend_without_an_averaging_all_reduce_divides_then_sums_with_the_sa
 
 def nan_step(rank, world):
     model = DDP(torch.nn.Linear(2, 2))
-    ctl = attach(model, torch.optim.SGD(model.parameters(), lr=0.1), "AdaScale")
+    driver = attach(model, torch.optim.SGD(model.parameters(), lr=0.1), "AdaScale")
     records = []
     for x in ([[1.0, 0.0], [0.0, 1.0]][rank], [float("nan"), 0.0]):
         model(torch.tensor([x])).sum().backward()
-        ctl.step()
+        driver.step()
         model.zero_grad()
-        records.append(ctl.metrics())
+        records.append(driver.metrics())
     return records
 
 
@@ -266,13 +267,13 @@ def test_nan_gradients_skip_the_update_and_keep_the_gain():
 
 def single_worker(rank, world):
     model = DDP(torch.nn.Linear(2, 2))
-    ctl = attach(model, torch.optim.SGD(model.parameters(), lr=0.1), "AdaScale")
+    driver = attach(model, torch.optim.SGD(model.parameters(), lr=0.1), "AdaScale")
     model(torch.ones(1, 2)).sum().backward()
-    ctl.step()
-    result = ctl.gain, ctl.progress
+    driver.step()
+    result = driver.gain, driver.progress
     gc.disable()                    # freed by reference counting alone: the hook state makes no cycle
     alive = weakref.ref(model)
-    del model, ctl
+    del model, driver
     freed = alive() is None
     gc.enable()
     return result, freed
@@ -297,9 +298,9 @@ def bad_inputs(rank, world):
             call()
         except ValueError as err:
             errors[name] = str(err)
-    ctl = attach(model, optimizer)
+    driver = attach(model, optimizer)
     try:
-        ctl.step()
+        driver.step()
     except RuntimeError as err:
         errors["no_backward"] = str(err)
     return errors
@@ -322,7 +323,7 @@ def base_lrs_from_groups(rank, world):
     first, second = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
     ddp = DDP(torch.nn.Sequential(first, second))
     optimizer = torch.optim.SGD(first.parameters(), lr=0.1)
-    ctl = attach(ddp, optimizer, "LinearScaling")
+    driver = attach(ddp, optimizer, "LinearScaling")
     try:
         attach(ddp, optimizer, "LinearScaling")
         second_attach = "accepted"
@@ -331,10 +332,10 @@ def base_lrs_from_groups(rank, world):
     optimizer.add_param_group({"params": list(second.parameters()), "lr": 0.05})
     ddp(torch.ones(1, 2)).sum().backward()
     before = second.bias.detach().clone()
-    ctl.step()
+    driver.step()
     applied = ((before - second.bias.detach()) / second.bias.grad).item()
     return {"lrs": [g["lr"] for g in optimizer.param_groups], "applied": applied, "second_attach": second_attach,
-            "initial": [g["initial_lr"] for g in optimizer.param_groups], "state": ctl.state_dict()["base_lrs"]}
+            "initial": [g["initial_lr"] for g in optimizer.param_groups], "state": driver.state_dict()["base_lrs"]}
 
 
 def test_base_learning_rates_come_from_each_group():

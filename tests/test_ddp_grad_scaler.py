@@ -20,7 +20,7 @@ def run(rank, world, keys, scaled):
     model = DDP(torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16) if scaled else None
-    ctl = attach(model, optimizer, "AdaScale", grad_scaler=scaler)
+    driver = attach(model, optimizer, "AdaScale", grad_scaler=scaler)
     record = []
     for key in keys:
         gen = torch.Generator().manual_seed(100 * (3 if key == POISONED else key) + rank)
@@ -30,11 +30,11 @@ def run(rank, world, keys, scaled):
         loss = torch.nn.functional.mse_loss(model(x), y)
         (scaler.scale(loss) if scaled else loss).backward()
         before = [p.detach().clone() for p in model.parameters()]
-        ctl.step()
+        driver.step()
         optimizer.zero_grad()
-        record.append({"gain": ctl.gain, "lr": ctl.lr, "steps": ctl.policy.steps, "progress": ctl.progress,
+        record.append({"gain": driver.gain, "lr": driver.lr, "steps": driver.policy.steps, "progress": driver.progress,
                        "changed": any(not torch.equal(b, p) for b, p in zip(before, model.parameters())),
-                       "sigma_sq": ctl.metrics()["sigma_sq"], "skipped": ctl.skipped_steps,
+                       "sigma_sq": driver.metrics()["sigma_sq"], "skipped": driver.skipped_steps,
                        "params": [p.detach().clone() for p in model.parameters()]})
     return record
 

@@ -55,7 +55,7 @@ def accumulated_gains(rank, world, use_no_sync):
     net = small_net()
     ddp = DDP(net)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    ctl = attach(ddp, optimizer, RAW, accumulation_steps=4)
+    driver = attach(ddp, optimizer, RAW, accumulation_steps=4)
     capture = DDPCapture(net.parameters())
     rows = []
     for step in range(3):
@@ -63,10 +63,10 @@ def accumulated_gains(rank, world, use_no_sync):
             sync = contextlib.nullcontext() if micro == 3 or not use_no_sync else ddp.no_sync()
             with sync, capture.passes():
                 (ddp(batch(rank, 10 * step + micro, 5, 3)).pow(2).mean() / 4).backward()
-        ctl.step()
+        driver.step()
         # each captured gradient is g_i/4 (the loss is divided by the accumulation): L = 16·Σ‖captured‖²
-        rows.append((ctl.gain, raw_gain(16 * capture.take(), applied_sq_norm(net.parameters()), 8, 8),
-                     ctl.metrics()["sigma_sq"]))
+        rows.append((driver.gain, raw_gain(16 * capture.take(), applied_sq_norm(net.parameters()), 8, 8),
+                     driver.metrics()["sigma_sq"]))
         optimizer.zero_grad()
     return rows
 
@@ -92,14 +92,14 @@ def one_pass_gains(rank, world, as_view, set_to_none):
                               torch.nn.Linear(256, 1))
     ddp = DDP(net, bucket_cap_mb=0.1, gradient_as_bucket_view=as_view)      # 83K parameters: several buckets
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
-    ctl = attach(ddp, optimizer, RAW)
+    driver = attach(ddp, optimizer, RAW)
     capture = DDPCapture(net.parameters())
     rows = []
     for step in range(3):                                                   # DDP rebuilds its buckets after one
         with capture.passes():
             ddp(batch(rank, step, 16, 64)).pow(2).mean().backward()
-        ctl.step()
-        rows.append((ctl.gain, raw_gain(capture.take(), applied_sq_norm(net.parameters()), 2, 2)))
+        driver.step()
+        rows.append((driver.gain, raw_gain(capture.take(), applied_sq_norm(net.parameters()), 2, 2)))
         optimizer.zero_grad(set_to_none=set_to_none)
     return rows, [p.detach().clone() for p in net.parameters()]
 
@@ -147,15 +147,15 @@ def ignored_parameter_gain(rank, world):
     model._ddp_params_and_buffers_to_ignore = ["gate.weight"]
     ddp = DDP(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    ctl = attach(ddp, optimizer, RAW)
+    driver = attach(ddp, optimizer, RAW)
     capture = DDPCapture(model.net.parameters())                   # what DDP reduces
     with capture.passes():
         ddp(batch(rank, 0, 5, 3)).pow(2).mean().backward()
-    ctl.step()
+    driver.step()
     unreduced = model.gate.weight.grad.clone()
     dist.all_reduce(unreduced)
     assert not torch.equal(unreduced / 2, model.gate.weight.grad)      # DDP really left it alone
-    return ctl.gain, raw_gain(capture.take(), applied_sq_norm(model.net.parameters()), 2, 2)
+    return driver.gain, raw_gain(capture.take(), applied_sq_norm(model.net.parameters()), 2, 2)
 
 
 def test_parameters_ddp_ignores_are_not_measured():
@@ -171,7 +171,7 @@ def gradient_penalty_gains(rank, world):
     net = small_net()
     ddp = DDP(net)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.1)
-    ctl = attach(ddp, optimizer, RAW)
+    driver = attach(ddp, optimizer, RAW)
     capture = DDPCapture(net.parameters())
     rows = []
     for step in range(3):
@@ -180,8 +180,8 @@ def gradient_penalty_gains(rank, world):
         penalty = 0.1 * sum(g.pow(2).sum() for g in grads)
         with capture.passes():
             (loss + penalty).backward()
-        ctl.step()
-        rows.append((ctl.gain, raw_gain(capture.take(), applied_sq_norm(net.parameters()), 2, 2)))
+        driver.step()
+        rows.append((driver.gain, raw_gain(capture.take(), applied_sq_norm(net.parameters()), 2, 2)))
         optimizer.zero_grad()
     return rows
 
@@ -201,13 +201,13 @@ def sam_gains(rank, world, first_pass_synced):
     ddp = DDP(net)
     params = list(net.parameters())
     optimizer = torch.optim.SGD(params, lr=0.1)
-    ctl = attach(ddp, optimizer, RAW)
+    driver = attach(ddp, optimizer, RAW)
     capture = DDPCapture(params)
     rows = []
     for step in range(3):
         x = batch(rank, step, 5, 3)
         sync = contextlib.nullcontext() if first_pass_synced else ddp.no_sync()
-        with sync, ctl.extra_backward():                          # SAM's ascent pass: finds the perturbation
+        with sync, driver.extra_backward():                          # SAM's ascent pass: finds the perturbation
             ddp(x).pow(2).mean().backward()
         perturbation = sam_perturbation(params)
         shift(params, perturbation, 1.0)
@@ -215,15 +215,15 @@ def sam_gains(rank, world, first_pass_synced):
         with capture.passes():                                    # the step's own gradient, at the perturbed point
             ddp(x).pow(2).mean().backward()
         shift(params, perturbation, -1.0)
-        ctl.step()
-        rows.append((ctl.gain, raw_gain(capture.take(), applied_sq_norm(params), 2, 2)))
+        driver.step()
+        rows.append((driver.gain, raw_gain(capture.take(), applied_sq_norm(params), 2, 2)))
         optimizer.zero_grad()
     return rows
 
 
 @pytest.mark.parametrize("first_pass_synced", [False, True], ids=["ascent under no_sync", "ascent reduced"])
 def test_sam_measures_only_the_second_pass(first_pass_synced):
-    """ctl.extra_backward() leaves SAM's first pass out of the statistics and the pass count (DDP may reduce
+    """driver.extra_backward() leaves SAM's first pass out of the statistics and the pass count (DDP may reduce
     it or not); the gain is the second pass's, every step, on both ranks."""
     results = run_ranks(sam_gains, 2, first_pass_synced)
     for gain, offline in results[0]:
@@ -237,15 +237,15 @@ def low_precision_gain(rank, world, dtype, magnitude, hook):
     model = torch.nn.Linear(2048, 1, bias=False).to(dtype)
     ddp = DDP(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-12)
-    ctl = attach(ddp, optimizer, RAW, comm_hook=hook)
+    driver = attach(ddp, optimizer, RAW, comm_hook=hook)
     capture = DDPCapture(model.parameters())
     # the gradient of output.sum() is the input row: elements about ±magnitude, a norm of about 45·magnitude
     x = (batch(rank, 0, 1, 2048) + 0.5).mul(magnitude).to(dtype)
     with capture.passes():
         ddp(x).sum().backward()
-    ctl.step()
+    driver.step()
     local_norm = float(x.double().norm())
-    return ctl.gain, raw_gain(capture.take(), applied_sq_norm(model.parameters()), 2, 2), local_norm
+    return driver.gain, raw_gain(capture.take(), applied_sq_norm(model.parameters()), 2, 2), local_norm
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -302,21 +302,21 @@ def ops_added(rank, world):
                 model = Tensors(tensors)
                 ddp = DDP(model, bucket_cap_mb=64)
                 optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-                ctl = attach(ddp, optimizer, "AdaScale", accumulation_steps=passes) if scaled else None
+                driver = attach(ddp, optimizer, "AdaScale", accumulation_steps=passes) if scaled else None
 
                 def step() -> None:
                     for k in range(passes):
                         sync = ddp.no_sync() if k < passes - 1 else contextlib.nullcontext()
                         with sync:
                             (ddp(torch.tensor(1.0 + rank + k)) / passes).backward()
-                    ctl.step() if scaled else optimizer.step()
+                    driver.step() if scaled else optimizer.step()
                     optimizer.zero_grad()
 
                 for _ in range(2):
                     step()
                 counts[scaled] = sorted(top_level_ops(step) for _ in range(3))[1]
-                gain = ctl.gain if scaled else None
-                del ddp, ctl
+                gain = driver.gain if scaled else None
+                del ddp, driver
             results[f"{tensors}x{passes}"] = {"added": counts[True] - counts[False], "bare": counts[False],
                                               "gain": gain}
     return results

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 
 from scaling_plugins import POLICIES
 from scaling_plugins.policies.adascale import AdaScale
-from tests.distributed import VENV_BIN, free_port, run_command
+from tests.distributed import rank_results
+from tools.launchers import deepspeed
 
 pytest.importorskip("deepspeed")
 
@@ -25,18 +25,12 @@ GOLDEN_MOMENTS = {"orthogonal": [2.0, 2.0], "identical": [2.4e-8, 12.0 - 1.2e-8]
 BASE_LR = 0.1
 
 
-def launch(script: str, out: Path, *args: str) -> list[dict]:
-    """Run ``script`` under ``deepspeed --num_gpus 2`` (CPU accelerator); the per-rank JSON results."""
-    run_command([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-                 f"tests/deepspeed_scripts/{script}", "--out", str(out), *args],
-                timeout=600, env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
-    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)]
-
-
 @pytest.fixture(scope="module", params=[0, 2], ids=["zero0", "zero2"])
 def run(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[int, list[dict]]:
     stage = request.param
-    return stage, launch("golden.py", tmp_path_factory.mktemp(f"zero{stage}"), "--stage", str(stage))
+    out = tmp_path_factory.mktemp(f"zero{stage}")
+    deepspeed("tests/deepspeed_scripts/golden.py", ["--out", str(out), "--stage", str(stage)])
+    return stage, rank_results(out)
 
 
 @pytest.mark.slow
@@ -209,9 +203,7 @@ def test_scheduler_outside_deepspeed_initialize_is_refused():
 def test_checkpoint_loaded_on_another_world_size_follows_the_new_scale(tmp_path):
     """engine.save_checkpoint at 2 ranks × gas 2 (S = 4), engine.load_checkpoint at 1 rank × gas 2 (S = 2)."""
     for ranks, mode in ((2, "save"), (1, "load")):
-        run_command([str(VENV_BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port()),
-                     "tests/deepspeed_scripts/resize.py", "--out", str(tmp_path), "--mode", mode],
-                    timeout=600, env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+        deepspeed("tests/deepspeed_scripts/resize.py", ["--out", str(tmp_path), "--mode", mode], num_gpus=ranks)
     saved, loaded = (json.loads((tmp_path / f"{mode}.json").read_text()) for mode in ("save", "load"))
     assert saved["scale"] == 4.0 and loaded["scale"] == 2.0
     for key in ("progress", "sigma_sq", "mu_sq"):                  # τ and the base-batch estimates carry over
@@ -221,9 +213,7 @@ def test_checkpoint_loaded_on_another_world_size_follows_the_new_scale(tmp_path)
 @pytest.mark.slow
 def test_set_train_batch_size_is_followed(tmp_path):
     """gas 2 → 4 mid-run: the scale and the statistics follow (equal to a fresh gas-4 run on the same batches)."""
-    run_command([str(VENV_BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(free_port()),
-                 "tests/deepspeed_scripts/resize.py", "--out", str(tmp_path), "--mode", "ramp"],
-                timeout=600, env={"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    deepspeed("tests/deepspeed_scripts/resize.py", ["--out", str(tmp_path), "--mode", "ramp"])
     result = json.loads((tmp_path / "ramp.json").read_text())
     assert result["steps"] == 4 and result["ramped"]["scale"] == result["fresh"]["scale"] == 8.0
     for key in ("sigma_sq", "mu_sq", "gain"):

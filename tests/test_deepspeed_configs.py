@@ -15,14 +15,17 @@ import pytest
 
 from scaling_plugins.schedules import build_schedule
 from scaling_plugins.stats import GradientSample, GradientStatistics
-from tests.test_deepspeed import launch
+from tests.distributed import rank_results
+from tools.launchers import deepspeed
 
 CONFIGS = sorted(Path(__file__).resolve().parent.parent.joinpath("configs", "deepspeed").glob("*.json"))
 
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
-    return launch("configs_run.py", tmp_path_factory.mktemp("configs"))
+    out = tmp_path_factory.mktemp("configs")
+    deepspeed("tests/deepspeed_scripts/configs_run.py", ["--out", str(out)])
+    return rank_results(out)
 
 
 def test_the_configs_cover_every_deepspeed_optimizer_path():

@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.test_deepspeed import launch
+from tests.distributed import rank_results
+from tools.launchers import deepspeed
 
 pytest.importorskip("deepspeed")
 
 
 @pytest.mark.slow
 def test_bf16_flat_reduction_keeps_the_golden_gain_at_any_gradient_scale(tmp_path):
-    ranks = launch("bf16_range.py", tmp_path)
+    deepspeed("tests/deepspeed_scripts/bf16_range.py", ["--out", str(tmp_path)])
+    ranks = rank_results(tmp_path)
     assert ranks[0] == ranks[1]
     optimizers = {"zero0": "FP16_UnfusedOptimizer", "zero1_fp32_accumulation": "BF16_Optimizer",
                   "zero1_fp32_accumulation_immediate": "BF16_Optimizer"}
@@ -34,7 +36,7 @@ def check_golden(results: dict) -> None:
         entry = run["entry"]
         assert run["local_sq_sum"] == pytest.approx(8 * entry ** 2, rel=1e-6), factor
         assert run["mean_sq_norm"] == pytest.approx(3 * entry ** 2, rel=1e-6), factor
-        if float(factor) >= 1:       # below, σ̂² meets the absolute floor 1e-6 (issue 13 item 6) and pins the gain
+        if float(factor) >= 1:       # below, σ̂² meets the absolute floor 1e-6 and pins the gain
             assert run["gain"] == pytest.approx(4 / 3, rel=1e-6), factor
             assert run["sigma_sq"] == pytest.approx(run["mu_sq"], rel=1e-6), factor
 
@@ -43,7 +45,8 @@ def check_golden(results: dict) -> None:
 def test_ops_added_per_step_do_not_grow_with_the_number_of_tensors(tmp_path):
     """ZeRO-0: torch.profiler's top-level aten ops per optimizer step, AdaScale minus a bare engine: the same with
     10× the tensors (same elements), with and without accumulation (a per-parameter read added 3 per tensor)."""
-    results = launch("op_count.py", tmp_path, "--stage", "0")[0]
+    deepspeed("tests/deepspeed_scripts/op_count.py", ["--out", str(tmp_path), "--stage", "0"])
+    results = rank_results(tmp_path)[0]
     for gas in (1, 2):
         few, many = results[f"16x{gas}"], results[f"160x{gas}"]
         assert many["bare"] > few["bare"] + 100            # DeepSpeed's own work grows with the tensors

@@ -1,5 +1,5 @@
 """A DeepSpeed "scheduler" entry's params as HF's Trainer, Accelerate and plain DeepSpeed hand them
-(scaling_plugins.backends.deepspeed_params): HF's flat schedule keys and "auto". In this process; the launched runs
+(scaling_plugins.scheduler_params): HF's flat schedule keys and "auto". In this process; the launched runs
 are in tests/test_huggingface.py."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 
 from scaling_plugins import build_policy
 from scaling_plugins.app.config_check import check_file
-from scaling_plugins.backends.deepspeed_params import resolve_scheduler_params
-from scaling_plugins.backends.driver import PolicyDriver
+from scaling_plugins.scheduler_params import resolve_scheduler_params
+from scaling_plugins.backends.shared.driver import PolicyDriver
 from scaling_plugins.schedules import warmup_cosine_lr, warmup_decay_lr, warmup_lr
 
 REPO = Path(__file__).resolve().parent.parent

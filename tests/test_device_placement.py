@@ -1,12 +1,12 @@
 """Every tensor a driver hands to a collective lives on the device of the optimizer's parameters: an NCCL process
-group takes only its GPU's tensors (``ctl.step(loss.item())`` once built a CPU tensor and all-reduced it). With no
+group takes only its GPU's tensors (``driver.step(loss.item())`` once built a CPU tensor and all-reduced it). With no
 GPU here, the parameters live on the ``meta`` device and a fake engine refuses any collective tensor elsewhere."""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from scaling_plugins.backends.driver import PolicyDriver
+from scaling_plugins.backends.shared.driver import PolicyDriver
 
 
 class MetaOnlyDriver(PolicyDriver):

@@ -10,7 +10,7 @@
   scale follows and the policy state comes through every reset.
 
 Every wait is bounded; every process started is stopped (the launch helpers kill what outlives its timeout,
-and the Slurm job is cancelled). FAULTS.md has the table these tests stand behind.
+and the Slurm job is cancelled). docs/faults.md has the table these tests stand behind.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import pytest
 
 from tests.cluster_runs import (PYTHON, cluster, env_for, results_of,  # noqa: F401 (fixture)
                                 run_on_each_host, wait_for_job)
-from tests.distributed import REPO, free_port
+from tools.launchers import REPO, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -50,8 +50,9 @@ def assert_resumed_bit_for_bit(results: list[dict], straight: list[dict], output
 
 
 def torchrun_on_both_hosts(cluster, out: Path, extra: list[str], max_restarts: int) -> tuple[list[int], str]:
-    """torchrun with c10d rendezvous started on each host, as README's recipe; TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
-    as README asks for restartable jobs (torch's shared store keeps a dead round's addresses)."""
+    """torchrun with c10d rendezvous started on each host, as docs/clusters.md's recipe;
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 as it asks for restartable jobs (torch's shared store keeps a dead round's
+    addresses)."""
     port = free_port()
     cmd = ["torchrun", "--nnodes", "2", "--nproc_per_node", "2", "--max-restarts", str(max_restarts),
            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"sp-n1:{port}", "--rdzv-id", f"faults-{port}",

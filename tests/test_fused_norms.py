@@ -1,4 +1,4 @@
-"""The fused norm reads (scaling_plugins.backends.fused_norms) and the wide payload (wide_payload), in process."""
+"""The fused norm reads (scaling_plugins.backends.shared.fused_norms) and the wide payload (wide_payload), in process."""
 from __future__ import annotations
 
 import math
@@ -6,9 +6,9 @@ import math
 import pytest
 import torch
 
-from scaling_plugins.backends.fused_norms import (CHUNK_NUMEL, EXACT_NUMEL, PIECE_NUMEL, BucketNormMeter,
+from scaling_plugins.backends.shared.fused_norms import (CHUNK_NUMEL, EXACT_NUMEL, PIECE_NUMEL, BucketNormMeter,
                                                   ChunkedNormMeter, squared_norm_sum)
-from scaling_plugins.backends.wide_payload import WidePayload
+from scaling_plugins.backends.shared.wide_payload import WidePayload
 from tests.profiling import top_level_ops
 
 

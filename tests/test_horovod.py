@@ -7,23 +7,23 @@ from __future__ import annotations
 
 import json
 import re
+from functools import partial
 
 import pytest
 
 pytest.importorskip("horovod.torch", reason="Horovod is not installed: run `make horovod`")
 
-from tests.distributed import REPO, VENV_BIN, run_command  # noqa: E402
-from tests.horovod_scripts.timeline import fusion_batches, norm_placement, tensor_role  # noqa: E402
+from tests.distributed import rank_results  # noqa: E402
+from tools.horovod_timeline import fusion_batches, norm_placement, tensor_role  # noqa: E402
+from tools.launchers import MPI_ENV, REPO, VENV_BIN, horovodrun, mpirun, run_command  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
-SCRIPT = REPO / "tests" / "horovod_scripts" / "checks.py"
-# mpirun as root needs the first two; the third stops idle ranks spinning on a machine with few cores.
-MPI_ENV = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1", "OMPI_MCA_mpi_yield_when_idle": "1"}
+SCRIPTS = REPO / "tests" / "horovod_scripts"
 LAUNCHERS = {
-    "horovodrun --gloo": ["horovodrun", "--gloo", "-np", "2"],
-    "horovodrun (MPI)": ["horovodrun", "-np", "2"],
-    "mpirun": ["mpirun", "-np", "2"],
+    "horovodrun --gloo": partial(horovodrun, gloo=True),
+    "horovodrun (MPI)": partial(horovodrun, gloo=False),
+    "mpirun": mpirun,
 }
 # Scaled-optimizer cases and their optimizer steps; in each the norm must share a gradient's fusion buffer.
 FUSED_CASES = {"orth": 1, "same": 1, "opp": 1, "orthsum": 1, "orthpre": 1, "orthgroups": 1,
@@ -33,13 +33,13 @@ FUSED_CASES = {"orth": 1, "same": 1, "opp": 1, "orthsum": 1, "orthpre": 1, "orth
 
 
 @pytest.fixture(scope="module", params=list(LAUNCHERS))
-def launch(request, tmp_path_factory) -> dict:
+def horovod_run(request, tmp_path_factory) -> dict:
+    """Every check in checks.py under one launcher: each rank's results and rank 0's all-reduce responses."""
     out = tmp_path_factory.mktemp(re.sub(r"\W+", "_", request.param))
     timeline = out / "timeline.json"
-    run_command([*LAUNCHERS[request.param], str(VENV_BIN / "python"), str(SCRIPT), str(out)], timeout=300,
-                env={**MPI_ENV, "HOROVOD_TIMELINE": str(timeline)})
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
-    return {"launcher": request.param, "ranks": ranks, "batches": fusion_batches(timeline)}
+    LAUNCHERS[request.param](SCRIPTS / "checks.py", [str(out)], timeout=300,
+                             env={**MPI_ENV, "HOROVOD_TIMELINE": str(timeline)})
+    return {"launcher": request.param, "ranks": rank_results(out), "batches": fusion_batches(timeline)}
 
 
 def test_horovod_check_build_lists_pytorch_mpi_gloo():
@@ -50,14 +50,14 @@ def test_horovod_check_build_lists_pytorch_mpi_gloo():
 
 def test_single_process_without_launcher():
     """Horovod's size-1 path registers no gradient hooks; the norm is enqueued at the end of backward."""
-    out = run_command([str(VENV_BIN / "python"), str(REPO / "tests" / "horovod_scripts" / "single.py")], timeout=120)
+    out = run_command([str(VENV_BIN / "python"), str(SCRIPTS / "single.py")], timeout=120)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["size"] == 1 and result["scale"] == 2.0
     assert result["gain"] == pytest.approx(2.0, rel=1e-12)
 
 
-def test_golden_two_rank_gains(launch):
-    for rank in launch["ranks"]:
+def test_golden_two_rank_gains(horovod_run):
+    for rank in horovod_run["ranks"]:
         assert rank["size"] == 2
         golden = rank["golden"]
         assert golden["orthogonal"]["gain"] == pytest.approx(4 / 3, rel=1e-12)
@@ -71,8 +71,8 @@ def test_golden_two_rank_gains(launch):
             assert case["applied_lr"] and all(a == pytest.approx(case["lr"], rel=1e-6) for a in case["applied_lr"])
 
 
-def test_backward_passes_one_hot_gain_equals_scale(launch):
-    for rank in launch["ranks"]:
+def test_backward_passes_one_hot_gain_equals_scale(horovod_run):
+    for rank in horovod_run["ranks"]:
         assert set(rank["one_hot"]) == {"mean_groupsNone", "mean_groups1", "sum_groupsNone", "sum_groups1",
                                         "mean_set_later"}
         for case in rank["one_hot"].values():
@@ -80,58 +80,58 @@ def test_backward_passes_one_hot_gain_equals_scale(launch):
             assert case["gain"] == pytest.approx(4.0, rel=1e-12)
 
 
-def test_ranks_agree_bit_for_bit(launch):
-    first, second = launch["ranks"]
+def test_ranks_agree_bit_for_bit(horovod_run):
+    first, second = horovod_run["ranks"]
     assert len(first["agreement"]["record"]) == 8
     for key in ("agreement", "golden", "one_hot", "resume"):
         assert first[key] == second[key], key
 
 
-def test_resume_reproduces_learning_rates_exactly(launch):
-    resume = launch["ranks"][0]["resume"]
+def test_resume_reproduces_learning_rates_exactly(horovod_run):
+    resume = horovod_run["ranks"][0]["resume"]
     assert len(set(resume["straight"])) > 1          # the learning rate moves, so equality means something
     assert resume["resumed"] == resume["straight"][6:]
     assert resume["progress_resumed"] == resume["progress"]
     assert resume["params_equal"]
 
 
-def test_elastic_state_saves_restores_and_syncs_the_policy(launch):
-    first, second = (rank["elastic_state"] for rank in launch["ranks"])
+def test_elastic_state_saves_restores_and_syncs_the_policy(horovod_run):
+    first, second = (rank["elastic_state"] for rank in horovod_run["ranks"])
     for rank in (first, second):
         assert rank["ahead"][1] == rank["saved"][1] + 2 and rank["ahead"][0] > rank["saved"][0]
         assert rank["restored"] == rank["saved"]
     assert first["synced"] == first["ahead"] and second["synced"] == first["ahead"]   # rank 1 took rank 0's
 
 
-def test_every_registered_policy_runs(launch):
+def test_every_registered_policy_runs(horovod_run):
     import scaling_plugins
 
-    policies = launch["ranks"][0]["policies"]
+    policies = horovod_run["ranks"][0]["policies"]
     assert set(policies) == set(scaling_plugins.POLICIES) | {"AdaScale object"}
     for key, result in policies.items():
         assert result["policy"] == key.split()[0]
         assert all(0 < lr < float("inf") for lr in result["lrs"]), (key, result)
     assert policies["AdaScale object"]["scale"] == 8.0 and policies["AdaScale"]["scale"] == 2.0
-    assert launch["ranks"][0]["policies"] == launch["ranks"][1]["policies"]
+    assert horovod_run["ranks"][0]["policies"] == horovod_run["ranks"][1]["policies"]
 
 
-def test_bad_arguments_are_refused(launch):
-    messages = launch["ranks"][0]["refusals"]
+def test_bad_arguments_are_refused(horovod_run):
+    messages = horovod_run["ranks"][0]["refusals"]
     assert "op=hvd.Adasum is not supported" in messages["adasum"] and "hvd.Average" in messages["adasum"]
     assert "loss_reduction" in messages["loss_reduction"] and "'median'" in messages["loss_reduction"]
     assert "'NoSuchPolicy'" in messages["policy"] and "AdaScale" in messages["policy"]
     assert messages["unknown_arg"].startswith("TypeError") and "no_such_argument" in messages["unknown_arg"]
 
 
-def test_norm_shares_the_gradients_fusion_buffer(launch):
+def test_norm_shares_the_gradients_fusion_buffer(horovod_run):
     """Per step the norm is reduced once, inside a response that also carries that optimizer's gradients
     (so no collective of its own); under Compression.fp16 it is its own fp32 response; bare Horovod has none."""
-    fused, alone = norm_placement(launch["batches"])
+    fused, alone = norm_placement(horovod_run["batches"])
     assert {case: fused.get(case) for case in FUSED_CASES} == FUSED_CASES, (fused, alone)
     assert alone.get("fp16") == 4 and alone.get("orthfp16") == 1, alone
     assert set(alone) <= {"fp16", "orthfp16", "unused"}, alone
     assert fused.get("unused", 0) + alone.get("unused", 0) == 1    # the fallback path: one norm, fused or not
-    assert not any(case == "bare" for batch in launch["batches"] for role, case in map(tensor_role, batch)
+    assert not any(case == "bare" for batch in horovod_run["batches"] for role, case in map(tensor_role, batch)
                    if role == "norm")
 
 
@@ -145,7 +145,7 @@ def offline_gains(ranks: list[dict], passes: int) -> list[float]:
     of every rank, T = ‖ḡ‖² of their average (each micro-batch gradient taken with the loss / passes)."""
     import torch
 
-    from scaling_plugins.backends.driver import accumulation_sample
+    from scaling_plugins.backends.shared.driver import accumulation_sample
     from scaling_plugins.policies import build_policy
     from scaling_plugins.policies.base import StepObservation
 
@@ -166,10 +166,8 @@ def offline_gains(ranks: list[dict], passes: int) -> list[float]:
 def test_branch_skipped_on_one_rank_finishes_with_the_offline_gain(tmp_path, passes):
     """Rank 1 skips a branch on step 1 (its parameters get no gradient there): plain Horovod reduces zeros for
     them; the norm's carrier must be the same collective on every rank, or every rank waits forever."""
-    run_command(["horovodrun", "--gloo", "-np", "2", str(VENV_BIN / "python"),
-                 str(REPO / "tests" / "horovod_scripts" / "branch.py"), str(tmp_path), str(passes)],
-                timeout=120, env=STALL_ENV)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    horovodrun(SCRIPTS / "branch.py", [str(tmp_path), str(passes)], timeout=120, env=STALL_ENV)
+    ranks = rank_results(tmp_path)
     assert [step["used_branch"] for step in ranks[1]["steps"]] == [True, False, True, True]
     first, second = ranks
     assert [s["gain_hex"] for s in first["steps"]] == [s["gain_hex"] for s in second["steps"]]
@@ -188,10 +186,8 @@ def test_sparse_gradients_sam_and_a_gradient_penalty_give_the_offline_gain(tmp_p
     counted): every step's gain is the one recomputed from the step's own gradients, on both ranks."""
     from tests.loop_checks import raw_gain
 
-    run_command(["horovodrun", "--gloo", "-np", "2", str(VENV_BIN / "python"),
-                 str(REPO / "tests" / "horovod_scripts" / "training_loops.py"), str(tmp_path)],
-                timeout=180, env=STALL_ENV)
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    horovodrun(SCRIPTS / "training_loops.py", [str(tmp_path)], timeout=180, env=STALL_ENV)
+    ranks = rank_results(tmp_path)
     for loop in ("sparse", "sam", "penalty"):
         for first, second in zip(ranks[0][loop], ranks[1][loop]):
             assert first["gain"] == second["gain"] and first["applied_sq"] == second["applied_sq"]
@@ -203,8 +199,7 @@ def test_sparse_gradients_sam_and_a_gradient_penalty_give_the_offline_gain(tmp_p
 def test_ops_added_per_step_do_not_grow_with_the_number_of_tensors(tmp_path):
     """torch.profiler's top-level aten ops per step, ours minus plain Horovod's: the same with 10× the tensors
     (same elements), with and without accumulation (a per-parameter read added 3 ops per tensor and pass)."""
-    run_command(["horovodrun", "--gloo", "-np", "2", str(VENV_BIN / "python"),
-                 str(REPO / "tests" / "horovod_scripts" / "op_count.py"), str(tmp_path)], timeout=180, env=STALL_ENV)
+    horovodrun(SCRIPTS / "op_count.py", [str(tmp_path)], timeout=180, env=STALL_ENV)
     results = json.loads((tmp_path / "rank0.json").read_text())
     for passes in (1, 2):
         few, many = results[f"16x{passes}"], results[f"160x{passes}"]

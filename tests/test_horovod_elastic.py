@@ -7,7 +7,7 @@ import pytest
 
 pytest.importorskip("horovod.torch", reason="Horovod is not installed: run `make horovod`")
 
-from tests.distributed import REPO, VENV_BIN, run_command  # noqa: E402
+from tools.launchers import REPO, VENV_BIN, horovodrun, run_command  # noqa: E402
 
 pytestmark = pytest.mark.slow
 SCRIPTS = REPO / "tests" / "horovod_scripts"
@@ -17,10 +17,10 @@ def test_elastic_shrink_keeps_progress_and_rescales(tmp_path):
     hosts = tmp_path / "hosts"
     hosts.write_text("localhost:2\n")
     # One host: Elastic's network-interface detection needs two hosts unless the interface is named.
-    run_command([str(VENV_BIN / "horovodrun"), "-np", "2", "--min-np", "1", "--max-np", "2",
-                 "--network-interfaces", "lo", "--host-discovery-script", str(SCRIPTS / "discover_hosts.sh"),
-                 str(VENV_BIN / "python"), str(SCRIPTS / "elastic.py"), str(tmp_path)],
-                timeout=300, env={"SCALING_PLUGINS_HOSTS_FILE": str(hosts)})
+    horovodrun(SCRIPTS / "elastic.py", [str(tmp_path)], gloo=False,
+               options=["--min-np", "1", "--max-np", "2", "--network-interfaces", "lo",
+                        "--host-discovery-script", str(SCRIPTS / "discover_hosts.sh")],
+               timeout=300, env={"SCALING_PLUGINS_HOSTS_FILE": str(hosts)})
     records = json.loads((tmp_path / "records.json").read_text())
     assert [r["step"] for r in records] == list(range(1, len(records) + 1))      # no step lost or repeated
     sizes = [r["size"] for r in records]
@@ -37,8 +37,7 @@ def test_elastic_shrink_keeps_progress_and_rescales(tmp_path):
 
 def test_checkpoint_loaded_on_another_world_size_follows_the_new_scale(tmp_path):
     script = str(SCRIPTS / "resize.py")
-    run_command([str(VENV_BIN / "horovodrun"), "--gloo", "-np", "2", str(VENV_BIN / "python"), script, "save",
-                 str(tmp_path)], timeout=300)
+    horovodrun(script, ["save", str(tmp_path)], timeout=300)
     run_command([str(VENV_BIN / "python"), script, "load", str(tmp_path)], timeout=120)
     saved, loaded = (json.loads((tmp_path / f"{mode}.json").read_text()) for mode in ("save", "load"))
     assert saved["scale"] == 4.0 and loaded["scale"] == 2.0       # 2 ranks × 2 passes, then 1 × 2

@@ -19,7 +19,7 @@ import torch
 
 from scaling_plugins.schedules import warmup_decay_lr
 from scaling_plugins.stats import GradientSample, GradientStatistics
-from tests.distributed import REPO, VENV_BIN, free_port, run_command
+from tools.launchers import REPO, VENV_BIN, deepspeed, free_port, run_command
 
 if os.environ.get("CI", "").lower() != "true":      # under CI a missing dependency fails below instead
     pytest.importorskip("transformers")
@@ -43,8 +43,7 @@ def load(out: Path) -> list[dict[str, Any]]:
 @pytest.fixture(scope="module")
 def trainer_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[dict]]:
     out = tmp_path_factory.mktemp("trainer")
-    run_command([str(VENV_BIN / "deepspeed"), "--num_gpus", str(WORKERS), "--master_port", str(free_port()),
-                 "tests/hf_scripts/trainer_run.py", "--out", str(out)], timeout=600, env=ENV)
+    deepspeed("tests/hf_scripts/trainer_run.py", ["--out", str(out)], num_gpus=WORKERS, timeout=600, env=ENV)
     return out, load(out)
 
 

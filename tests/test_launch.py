@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed import REPO, VENV_BIN, free_port, run_command
 from tests.launching import TRAIN, assert_two_ranks_trained_together, run_launch
+from tools.launchers import REPO, VENV_BIN, free_port, run_command
 
 LOCAL = {"NPROC_PER_NODE": "2"}
 

@@ -3,8 +3,8 @@
 allocation (dry run), then a real 2-rank launch on localhost."""
 import pytest
 
-from tests.distributed import VENV_BIN
 from tests.launching import TRAIN, assert_two_ranks_trained_together, pbs_env, run_launch, slurm_env
+from tools.launchers import VENV_BIN
 
 MULTI_NODE_COMMANDS = {   # launcher -> (command start, with the hostfile as {hostfile}); no ssh under SLURM
     "deepspeed": "srun --nodes 3 --ntasks 3 --ntasks-per-node=1 --kill-on-bad-exit=1 ",
@@ -47,7 +47,7 @@ def test_slurm_deepspeed_on_each_node_runs_without_ssh(tmp_path):
 def test_bad_allocations_get_a_clear_message(tmp_path, env, message):
     import subprocess
 
-    from tests.distributed import REPO
+    from tools.launchers import REPO
 
     os = __import__("os")
     full = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "7", **env}
@@ -124,7 +124,7 @@ def test_pbs_template_launches_locally(tmp_path, launcher):
 def test_pbs_template_rejects_an_unknown_launcher(tmp_path):
     import subprocess
 
-    from tests.distributed import REPO
+    from tools.launchers import REPO
 
     env = {**pbs_env(tmp_path, ["localhost"]), "LAUNCHER": "srun"}
     proc = subprocess.run(["bash", "launch/pbs/train.pbs"], cwd=REPO, env={**__import__("os").environ, **env},

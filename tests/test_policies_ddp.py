@@ -1,6 +1,7 @@
-"""The issue-5 policies driving a real 2-rank DDP run (gloo): the rules' learning rates equal their own
-trajectories at k = 2 ranks × 2 micro-batches, AdaScaleAdam applies base_lr·√gain to Adam, a ModelEMA stays
-identical on both ranks, and AutoWU, fed ctl.step(loss), switches at the same step on both ranks."""
+"""The fixed scaling rules, AdaScaleAdam and AutoWU driving a real 2-rank DDP run (gloo): the rules' learning
+rates equal their own trajectories at k = 2 ranks × 2 micro-batches, AdaScaleAdam applies base_lr·√gain to Adam,
+a ModelEMA stays identical on both ranks, and AutoWU, fed driver.step(loss), switches at the same step on both
+ranks."""
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,8 @@ def _train_rules(rank: int, world: int) -> dict:
         torch.manual_seed(0)
         model = DistributedDataParallel(torch.nn.Linear(4, 1))
         optimizer = (torch.optim.Adam if name == "AdaScaleAdam" else torch.optim.SGD)(model.parameters(), lr=BASE_LR)
-        ctl = ddp.attach(model, optimizer, spec, accumulation_steps=ACCUMULATION)
-        ema = ModelEMA(model, momentum=0.9, kappa=ctl.scale)
+        driver = ddp.attach(model, optimizer, spec, accumulation_steps=ACCUMULATION)
+        ema = ModelEMA(model, momentum=0.9, kappa=driver.scale)
         data = torch.Generator().manual_seed(100 + rank)
         lrs, gains = [], []
         for _ in range(STEPS):
@@ -32,12 +33,12 @@ def _train_rules(rank: int, world: int) -> dict:
                 x = torch.randn(8, 4, generator=data)
                 with model.no_sync() if micro < ACCUMULATION - 1 else contextlib.nullcontext():
                     ((model(x) - x.sum(1, keepdim=True)).pow(2).mean() / ACCUMULATION).backward()
-            ctl.step()
+            driver.step()
             optimizer.zero_grad()
             ema.update(model)
-            lrs.append(ctl.lr)
-            gains.append(ctl.gain)
-        results[name] = {"lrs": lrs, "gains": gains, "scale": ctl.scale,
+            lrs.append(driver.lr)
+            gains.append(driver.gain)
+        results[name] = {"lrs": lrs, "gains": gains, "scale": driver.scale,
                          "params": [p.detach().reshape(-1).tolist() for p in model.parameters()],
                          "ema": [p.reshape(-1).tolist() for p in ema.module.parameters()]}
     return results
@@ -46,16 +47,16 @@ def _train_rules(rank: int, world: int) -> dict:
 def _train_autowu(rank: int, world: int) -> dict:
     model = DistributedDataParallel(Quadratic())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    ctl = ddp.attach(model, optimizer, AUTOWU)
+    driver = ddp.attach(model, optimizer, AUTOWU)
     data = torch.Generator().manual_seed(rank)
     lrs = []
-    while not ctl.done:
+    while not driver.done:
         loss = model(torch.randn(4, 20, generator=data))
         loss.backward()
-        ctl.step(loss)
+        driver.step(loss)
         optimizer.zero_grad()
-        lrs.append(ctl.lr)
-    policy = ctl.policy
+        lrs.append(driver.lr)
+    policy = driver.policy
     return {"lrs": lrs, "switch_step": policy.switch_step, "peak_lr": policy.peak_lr, "losses": policy.losses,
             "w": model.module.w.detach().tolist()}
 

@@ -1,5 +1,5 @@
-"""The issue-5 policies as DeepSpeed config entries, through the real `deepspeed` launcher (2 CPU ranks, gloo,
-ZeRO-0): the rules' learning rates equal their own trajectories at k = 2 ranks × 2 micro-batches,
+"""The fixed scaling rules, AdaScaleAdam and AutoWU as DeepSpeed config entries, through the real `deepspeed`
+launcher (2 CPU ranks, gloo, ZeRO-0): the rules' learning rates equal their own trajectories at k = 2 ranks × 2 micro-batches,
 AdaScaleAdam applies base_lr·√gain to Adam, and AutoWU, fed the loss of engine.backward(loss), switches at
 the same step on both ranks (tests/deepspeed_scripts/policies_run.py)."""
 from __future__ import annotations
@@ -8,13 +8,16 @@ import pytest
 
 pytest.importorskip("deepspeed")
 
+from tests.distributed import rank_results  # noqa: E402
 from tests.policy_cases import RULES, check_autowu_run, check_rule_run  # noqa: E402
-from tests.test_deepspeed import launch  # noqa: E402
+from tools.launchers import deepspeed  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    return launch("policies_run.py", tmp_path_factory.mktemp("policies"))
+    out = tmp_path_factory.mktemp("policies")
+    deepspeed("tests/deepspeed_scripts/policies_run.py", ["--out", str(out)])
+    return rank_results(out)
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from scaling_plugins.app.quality import (FULL, QUICK, REFERENCE, S1_METHODS, SMO
                                     method_spec, run_cells)
 from scaling_plugins.app.quality_report import QUALITY_FIGURE, REPORT_FILE, STEPS_FIGURE
 from scaling_plugins.app.training import policy_entry
-from tests.distributed import VENV_BIN, run_command
+from tools.launchers import VENV_BIN, run_command
 
 CLI = str(VENV_BIN / "scaling-plugins")
 

@@ -3,7 +3,7 @@ way a launcher starts them: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT).
 
 torchrun checks its workers every 0.1 s and SIGTERMs the others as soon as one has exited; under a lost link the
 others are then often still blocked in a collective whose timeout fires a moment later. Each must still print
-the line naming that failure (FAULTS.md). A rank stopped while it trains says it got SIGTERM and dies of it.
+the line naming that failure (docs/faults.md). A rank stopped while it trains says it got SIGTERM and dies of it.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed import REPO, VENV_BIN, free_port
+from tools.launchers import REPO, VENV_BIN, free_port
 
 TIMEOUT = 6          # the run's --timeout: how long a collective waits for a lost peer
 

@@ -11,10 +11,10 @@ from scaling_plugins.policies import LEGW, POLICIES, LinearScaling, SqrtScaling,
 
 BASE_LR = 0.1
 BASE_SCHEDULES = {
-    "polynomial": {"type": "polynomial", "total_steps": 4000, "power": 2.0},
+    "polynomial": {"type": "polynomial", "total_num_steps": 4000, "power": 2.0},
     "exponential": {"type": "exponential", "gamma": 0.999},
     "multistep": {"type": "multistep", "milestones": [600, 1200], "gamma": 0.1},
-    "cosine": {"type": "cosine", "total_steps": 4000},
+    "cosine": {"type": "cosine", "total_num_steps": 4000},
 }
 
 
@@ -145,13 +145,12 @@ def test_registered_and_built_from_config():
     for name in ("LinearScaling", "SqrtScaling", "LEGW"):
         assert name in POLICIES
     policy = build_policy({"type": "LEGW", "params": {"scale": 4, "warmup_num_steps": 5,
-                                                      "schedule": {"type": "polynomial", "total_steps": 100}}})
+                                                      "schedule": {"type": "polynomial", "total_num_steps": 100}}})
     assert isinstance(policy, LEGW) and policy.peak_factor == 2
 
 
 @pytest.mark.parametrize("params, message", [
     ({"scale": 0.5}, r"scale \(k\) must be >= 1, got 0.5"),
-    ({"base_batch": 256}, "base_batch and micro_batch_size go together"),
     ({"scale": 2, "base_batch": 256, "micro_batch_size": 64}, "either scale or base_batch"),
     ({"base_batch": 0, "micro_batch_size": 64}, "must be > 0"),
     ({"warmup_num_steps": -1}, "warmup_num_steps must be >= 0, got -1"),
@@ -163,6 +162,48 @@ def test_registered_and_built_from_config():
 def test_bad_parameters_are_rejected_with_the_key_and_what_is_allowed(params, message):
     with pytest.raises(ValueError, match=message):
         build_policy({"type": "LinearScaling", "params": params})
+
+
+@pytest.mark.parametrize("cls", [LinearScaling, SqrtScaling, LEGW])
+def test_base_batch_alone_takes_the_engines_micro_batch_size(cls):
+    """DeepSpeed calls set_micro_batch_size(train_micro_batch_size_per_gpu) before configure: k = m × n / B0."""
+    policy = build_policy({"type": cls.__name__, "params": {"base_batch": 128}})
+    policy.set_micro_batch_size(32)
+    policy.configure(4, 2)                       # 8 micro-batches of 32 = 256 = 2 × 128
+    assert policy.micro_batch_size == 32 and policy.scale == 2
+    given = cls(base_batch=128, micro_batch_size=32)
+    given.set_micro_batch_size(32)               # the same as the engine's: fine
+    given.configure(4, 2)
+    assert given.scale == 2
+    unscaled = cls()
+    unscaled.set_micro_batch_size(32)            # without base_batch the micro-batch does not change k
+    unscaled.configure(4, 2)
+    assert unscaled.scale == 8
+
+
+def test_a_micro_batch_size_other_than_the_engines_is_refused():
+    policy = LinearScaling(base_batch=128, micro_batch_size=16)
+    with pytest.raises(ValueError, match=r"^micro_batch_size = 16 but the engine's micro-batch is 32 "
+                                         r"\(train_micro_batch_size_per_gpu\): leave micro_batch_size out or make "
+                                         r"them equal$"):
+        policy.set_micro_batch_size(32)
+
+
+@pytest.mark.parametrize("cls", [LinearScaling, SqrtScaling, LEGW])
+@pytest.mark.parametrize("params, message", [
+    ({"base_batch": 256}, r"^base_batch = 256 is in samples, so micro_batch_size is needed too \(samples per "
+                          r"micro-batch on each worker; DeepSpeed takes it from train_micro_batch_size_per_gpu\): "
+                          r"base_batch and micro_batch_size go together$"),
+    ({"micro_batch_size": 64}, r"^micro_batch_size = 64 without base_batch: base_batch and micro_batch_size go "
+                               r"together \(k = micro_batch_size × workers × accumulation steps / base_batch\); "
+                               r"give base_batch too, or leave micro_batch_size out$"),
+])
+def test_one_batch_size_without_the_other_is_refused_at_configure(cls, params, message):
+    """Outside DeepSpeed nothing fills micro_batch_size: configure (what attach calls) refuses base_batch alone,
+    before any step; a micro_batch_size given without base_batch would be unused, and is refused too."""
+    policy = build_policy({"type": cls.__name__, "params": params})
+    with pytest.raises(ValueError, match=message):
+        policy.configure(2, 1)
 
 
 def test_k_below_one_from_batch_sizes_is_rejected_at_configure():

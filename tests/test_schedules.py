@@ -16,12 +16,12 @@ def test_values_at_chosen_points():
     assert exponential(0.9)(2.0) == pytest.approx(0.81)
     assert cosine(100)(50.0) == pytest.approx(0.5)
     assert cosine(100)(150.0) == pytest.approx(0.0)
-    assert cosine(100, min_factor=0.1)(100.0) == pytest.approx(0.1)
+    assert cosine(100, cos_min_ratio=0.1)(100.0) == pytest.approx(0.1)
     assert polynomial(100, power=2)(50.0) == pytest.approx(0.25)
 
 
 def test_linear_warmup_ramps_into_the_following_schedule():
-    sched = linear_warmup(10, start_factor=0.0, after=cosine(110))
+    sched = linear_warmup(10, warmup_min_ratio=0.0, after=cosine(110))
     assert sched(0.0) == 0.0
     assert sched(5.0) == pytest.approx(0.5 * cosine(110)(10.0))
     assert sched(60.0) == pytest.approx(cosine(110)(60.0))
@@ -35,9 +35,10 @@ def test_progress_may_be_fractional_as_adascale_advances_it_by_the_gain():
 def test_build_from_names_mappings_and_callables():
     assert build_schedule(None)(7.0) == 1.0
     assert build_schedule("constant")(3.0) == 1.0
-    assert build_schedule({"type": "cosine", "total_steps": 10})(5.0) == pytest.approx(0.5)
-    assert build_schedule({"type": "cosine", "params": {"total_steps": 10}})(10.0) == pytest.approx(0.0)
-    nested = build_schedule({"type": "linear_warmup", "warmup_steps": 4, "after": {"type": "exponential", "gamma": 0.5}})
+    assert build_schedule({"type": "cosine", "total_num_steps": 10})(5.0) == pytest.approx(0.5)
+    assert build_schedule({"type": "cosine", "params": {"total_num_steps": 10}})(10.0) == pytest.approx(0.0)
+    nested = build_schedule({"type": "linear_warmup", "warmup_num_steps": 4,
+                             "after": {"type": "exponential", "gamma": 0.5}})
     assert nested(2.0) == pytest.approx(0.5 * 0.5 ** 4)
     assert build_schedule(lambda t: 2 * t)(3.0) == 6.0
     assert set(SCHEDULES) >= {"constant", "step", "multistep", "exponential", "cosine", "polynomial", "linear_warmup"}
@@ -49,9 +50,10 @@ def test_unknown_name_lists_the_valid_ones():
 
 
 def test_bad_parameters_name_the_key():
-    with pytest.raises(ValueError, match="total_steps must be > 0"):
-        build_schedule({"type": "cosine", "total_steps": 0})
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['total_stepz'\].*allowed: \['min_factor', 'total_steps'\]"):
-        build_schedule({"type": "cosine", "total_stepz": 5})
+    with pytest.raises(ValueError, match="total_num_steps must be > 0"):
+        build_schedule({"type": "cosine", "total_num_steps": 0})
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['total_steps'\].*allowed: "
+                                         r"\['cos_min_ratio', 'total_num_steps'\]"):
+        build_schedule({"type": "cosine", "total_steps": 5})     # the old name is refused, naming the new one
     with pytest.raises(ValueError, match="bad parameters"):      # a required one missing
         build_schedule({"type": "cosine"})

@@ -52,7 +52,7 @@ def test_every_backend_writes_the_same_records(tmp_path):
     one record per step with the standard fields, and the same gains, learning rates and progress step for
     step; evaluations before the first step and after the last; TensorBoard events when it is installed, and
     DeepSpeed's csv monitor under DeepSpeed."""
-    from tests.distributed import VENV_BIN
+    from tools.launchers import VENV_BIN
 
     backends = ["ddp", "deepspeed"] + (["horovod"] if (VENV_BIN / "horovodrun").exists() else [])
     records, summaries = {}, {}

@@ -3,12 +3,11 @@ import json
 
 import pytest
 
-from tests.distributed import REPO, VENV_BIN, free_port, run_command
+from tools.launchers import REPO, torchrun
 
 
 def test_torchrun_two_ranks_reach_the_golden_gain_and_agree(tmp_path):
-    run_command([str(VENV_BIN / "torchrun"), "--nproc_per_node", "2", "--master_port", str(free_port()),
-                 str(REPO / "tests/scripts/ddp_golden.py"), str(tmp_path)], timeout=300)
+    torchrun(REPO / "tests/ddp_scripts/golden.py", [str(tmp_path)], timeout=300)
     rows = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["rank"] for r in rows) == [0, 1]
     for row in rows:

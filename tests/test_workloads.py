@@ -35,13 +35,14 @@ def test_every_scale_reads_the_same_sample_stream(workload):
     """Steps at any S = world × accumulation, fixed or changing from step to step, hold exactly the samples of
     the reference's steps (one micro-batch each) in the same order."""
     world, accumulations = 2, [3, 1, 4, 2]
-    seen, scaled = 7 * workload.micro_batch, []
+    seen, scaled = 7 * workload.micro_batch_size, []
     for accumulation in accumulations:
         scaled += [workload.micro_batch_at(seen, rank, world, micro)[0]
                    for micro in range(accumulation) for rank in range(world)]
-        seen += world * accumulation * workload.micro_batch
+        seen += world * accumulation * workload.micro_batch_size
     micro_batches = world * sum(accumulations)
-    reference = [workload.micro_batch_at((7 + i) * workload.micro_batch, 0, 1, 0)[0] for i in range(micro_batches)]
+    reference = [workload.micro_batch_at((7 + i) * workload.micro_batch_size, 0, 1, 0)[0]
+                 for i in range(micro_batches)]
     assert torch.equal(torch.cat(scaled), torch.cat(reference))
 
 

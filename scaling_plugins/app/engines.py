@@ -211,7 +211,7 @@ class HorovodAdapter(EngineAdapter):
     def __init__(self, model: nn.Module, workload: Workload, lr: float, policy: Mapping[str, Any],
                  accumulation: int) -> None:
         horovod_backend = require_backend("horovod")
-        self.hvd = horovod_backend.horovod_torch()
+        self.hvd = importlib.import_module("horovod.torch")
         self.module = model
         self.workload = workload
         self.hvd.broadcast_parameters(model.state_dict(), root_rank=0)

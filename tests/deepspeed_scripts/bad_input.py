@@ -1,7 +1,7 @@
 """Bad input under DeepSpeed (2 CPU ranks): ``deepspeed --num_gpus 2 bad_input.py --out DIR``.
 
 Each case meets its bad input on both ranks alike; each rank writes ``DIR/rank<r>.json`` with every case's
-outcome (``"Type: message"`` or "no error"); tests/test_bad_input.py asserts on the messages.
+outcome (``"Type: message"`` or "no error"); tests/test_engine_input.py asserts on the messages.
 """
 from __future__ import annotations
 

@@ -1,8 +1,8 @@
 """Launched by tests/test_policies_deepspeed.py: `deepspeed --num_gpus 2 policies_run.py --out DIR`.
 
-The issue-5 policies as DeepSpeed "scheduler" config entries (ZeRO-0, 2 CPU ranks): each fixed rule's and
-AdaScaleAdam's learning rates over a few steps with 2 micro-batches per step, and a full AutoWU run whose
-loss reaches the policy through engine.backward(loss), run again also passing it as
+The fixed scaling rules, AdaScaleAdam and AutoWU as DeepSpeed "scheduler" config entries (ZeRO-0, 2 CPU ranks):
+each fixed rule's and AdaScaleAdam's learning rates over a few steps with 2 micro-batches per step, and a full
+AutoWU run whose loss reaches the policy through engine.backward(loss), run again also passing it as
 engine.step(lr_kwargs={"loss": loss}). Each rank writes DIR/rank<r>.json.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Bad input under Horovod (2 ranks): ``horovodrun --gloo -np 2 python bad_input.py OUT_DIR``.
 
 Each case meets its bad input on both ranks alike; each rank writes ``OUT_DIR/rank{r}.json`` with every case's
-outcome (``"Type: message"`` or "no error"); tests/test_bad_input.py asserts on the messages.
+outcome (``"Type: message"`` or "no error"); tests/test_engine_input.py asserts on the messages.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""The issue-5 policies through the Horovod backend (2 ranks): ``python policies_run.py OUT_DIR`` under
-``horovodrun --gloo -np 2``. Each fixed rule's and AdaScaleAdam's learning rates over a few steps with 2
-backward passes per step, and a full AutoWU run with the loss given to ``opt.step(loss=loss)``. Each rank writes
-``OUT_DIR/rank{r}.json``; tests/test_policies_horovod.py asserts on them.
+"""The fixed scaling rules, AdaScaleAdam and AutoWU through the Horovod backend (2 ranks):
+``python policies_run.py OUT_DIR`` under ``horovodrun --gloo -np 2``. Each fixed rule's and AdaScaleAdam's
+learning rates over a few steps with 2 backward passes per step, and a full AutoWU run with the loss given to
+``opt.step(loss=loss)``. Each rank writes ``OUT_DIR/rank{r}.json``; tests/test_policies_horovod.py asserts on them.
 """
 from __future__ import annotations
 

@@ -13,15 +13,15 @@ from tests.distributed import torchrun_main
 def train(rank: int, world: int) -> dict:
     torch.manual_seed(0)
     model = DDP(torch.nn.Linear(2, 2))
-    ctl = attach(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "AdaScale")
+    driver = attach(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), "AdaScale")
     x = torch.eye(2)[rank % 2].reshape(1, 2)
     gains = []
     for _ in range(3):
         model(x).sum().backward()
-        ctl.step()
+        driver.step()
         model.zero_grad()
-        gains.append(ctl.gain)
-    return {"rank": rank, "world": world, "gains": gains, "lr": ctl.lr, "progress": ctl.progress}
+        gains.append(driver.gain)
+    return {"rank": rank, "world": world, "gains": gains, "lr": driver.lr, "progress": driver.progress}
 
 
 if __name__ == "__main__":

@@ -17,17 +17,17 @@ from tests.policy_cases import Quadratic
 
 
 class DDPLoop:
-    """The user's loop: ``ctl.accumulation_steps`` micro-batches, all but the last under ``no_sync()``."""
+    """The user's loop: ``driver.accumulation_steps`` micro-batches, all but the last under ``no_sync()``."""
 
     def __init__(self) -> None:
         self.model = DDP(Quadratic())
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=BASE_LR)
-        self.ctl: DDPDriver = attach(self.model, self.optimizer, SPEC)
+        self.driver: DDPDriver = attach(self.model, self.optimizer, SPEC)
         self._micro = 0
 
     def accumulation(self) -> int:
         self._micro = 0
-        return self.ctl.accumulation_steps
+        return self.driver.accumulation_steps
 
     def backward(self, x: torch.Tensor, accumulation: int) -> None:
         self._micro += 1
@@ -35,23 +35,23 @@ class DDPLoop:
             (self.model(x) / accumulation).backward()
 
     def step(self) -> None:
-        self.ctl.step()
+        self.driver.step()
         self.optimizer.zero_grad()
 
     def metrics(self) -> dict:
-        return self.ctl.metrics()
+        return self.driver.metrics()
 
     def engine_accumulation(self) -> int:
-        return self.ctl.accumulation_steps
+        return self.driver.accumulation_steps
 
     def state(self) -> dict:
         return copy.deepcopy({"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                              "scaling": self.ctl.state_dict()})
+                              "scaling": self.driver.state_dict()})
 
     def load(self, state: dict) -> None:
         self.model.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.ctl.load_state_dict(state["scaling"])
+        self.driver.load_state_dict(state["scaling"])
 
     def final_loss(self) -> float:
         return self.model.module(torch.zeros(1, 20)).item()
