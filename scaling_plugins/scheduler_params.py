@@ -1,37 +1,16 @@
 """A DeepSpeed ``"scheduler"`` entry's params as the Hugging Face Trainer, Accelerate or plain DeepSpeed hand them.
 
 Two things can reach a policy's scheduler that its constructor does not take; :func:`resolve_scheduler_params`
-turns both into the policy's own keywords (``scaling_plugins.config`` then checks them as usual).
+turns both into the policy's own keywords (``scaling_plugins.config`` then checks them as usual):
 
-**HF's flat schedule keys.** HF's ds_config templates (DeepSpeed's WarmupLR and WarmupDecayLR) carry
-``warmup_min_lr``, ``warmup_max_lr``, ``warmup_num_steps`` (and ``warmup_type``) directly in
-``scheduler.params``, next to ``total_num_steps``; the Trainer and Accelerate fill "auto" only there (Accelerate
-refuses "auto" in a nested entry such as ``schedule.params``). For a policy that runs a base ``schedule`` and
-has no warmup of its own (AdaScale, AdaScaleAdam) these keys are that schedule's parameters:
+- HF's flat schedule keys (``warmup_min_lr``, ``warmup_max_lr``, ``warmup_num_steps``, ``warmup_type`` beside
+  ``total_num_steps``, where the Trainer and Accelerate fill "auto"): for AdaScale and AdaScaleAdam they are the
+  base schedule's parameters (DeepSpeed's ``WarmupDecayLR`` when there is a budget, else ``WarmupLR``, or the
+  ``schedule`` named); policies with keys of their own take them as they are and refuse the rest by name;
+- "auto" nobody filled (plain DeepSpeed): the value the Trainer fills with its default ``TrainingArguments``, with
+  one warning listing the values used; "auto" for any other key, or in a nested entry, is a ``ValueError``.
 
-- without a ``schedule``, the schedule is DeepSpeed's ``WarmupDecayLR`` when ``total_num_steps`` has a value
-  (linear decay to ``warmup_min_lr`` at the budget's end), else ``WarmupLR`` (warmup, then constant): the
-  scheduler whose template has those keys, so a template whose ``"type"`` alone was changed keeps its curve;
-- with a ``schedule`` named (``"WarmupCosineLR"`` or ``{"type": ..., "params": {...}}``) the flat keys fill
-  its parameters; a key given both ways must have one value;
-- ``total_num_steps`` stays the policy's budget (base-scale steps) and is also the schedule's
-  ``total_num_steps`` when the schedule takes one and does not set its own.
-
-Policies with keys of their own take them as they are (AutoWU takes all four; LinearScaling, SqrtScaling and
-LEGW take ``warmup_num_steps`` and ``total_num_steps``) and refuse the rest by name.
-
-**"auto" nobody filled.** Under the Trainer or Accelerate every "auto" is filled (or refused) before DeepSpeed
-builds the scheduler, so one that arrives here comes from plain DeepSpeed. It then gets the value the Trainer
-fills with its default ``TrainingArguments``, so one ds_config runs the same under both:
-
-    warmup_min_lr    → 0
-    warmup_max_lr    → the optimizer's lr
-    warmup_num_steps → 1 (the default warmup_steps=0, which HF raises to 1 for DeepSpeed >= 0.19.6)
-    total_num_steps  → no budget: the policy is never done and the training loop decides when to stop
-                       (the Trainer's own value, max_steps, exists only under the Trainer)
-
-and one warning lists the values used. "auto" for any other key, or inside a nested entry, is a ``ValueError``
-naming the key.
+Needs no engine (the app's ``check-config`` uses it too). The rules in full: docs/huggingface.md.
 """
 from __future__ import annotations
 

@@ -4,37 +4,12 @@
     args = TrainingArguments(..., deepspeed="ds_config.json", max_steps=BUDGET)
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[ScalingCallback()])
     trainer.train()
-    scaling_driver(trainer).gain                 # the policy's scheduler, behind Accelerate's wrapper
+    scaling_driver(trainer).gain                 # the policy's driver, behind Accelerate's wrapper
 
-Importing this module imports ``scaling_plugins.backends.deepspeed``, so the ds_config's ``"scheduler"`` type
-may name any policy. HF's flat scheduler keys and "auto" are read as ``scaling_plugins.scheduler_params``
-documents.
-
-The budget. The Trainer fills ``scheduler.params.total_num_steps: "auto"`` with its step count and refuses any
-other number; a policy that counts progress in base-scale steps (AdaScale: τ advances by the gain r ≥ 1 per
-step; the scaling rules: by k) reads that number as its budget T_SI in base-scale steps. So ``max_steps`` is
-the base-batch step budget the schedule was tuned for: τ ≥ optimizer steps, so the policy is done by
-``max_steps`` at the latest, typically after ≈ T_SI / mean gain steps, where :class:`ScalingCallback` stops
-the Trainer. Without ``max_steps`` the Trainer counts ``num_train_epochs`` in steps at this run's batch, S
-times fewer than the base batch takes; that is refused at ``on_train_begin`` with the ``max_steps`` to set.
-AutoWU's budget is in optimizer steps, so the Trainer's number is right for it as it is.
-
-Stopping. At each ``on_step_end`` where the policy is ``done`` the callback sets
-``control.should_training_stop``, and, as the Trainer does at its own last step, ``should_log``,
-``should_save`` (``save_strategy="steps"``) and ``should_evaluate`` (``eval_strategy="steps"``).
-
-Logging. Each training log (one that has ``learning_rate``) gets ``scaling_plugins/<field>`` for the step's
-numbers (lr, gain, progress τ, sigma_sq, mu_sq, noise_scale, skipped_update; ``telemetry.STEP_FIELDS``), and so
-does the log's entry in ``state.log_history`` (``trainer_state.json``). The Trainer puts its reporting callbacks
-(TensorBoard, W&B, ...) before the callbacks a user passes; at ``on_train_begin`` the callback moves itself
-right after ``DefaultFlowCallback`` so that every reporter sees the fields.
-
-Accelerate without the Trainer. ``accelerator.prepare(model, DummyOptim(...), loader, DummyScheduler(...))``
-builds the engine; ``scaling_driver(scheduler)`` is the policy's scheduler (``.done``, ``.gain``). Accelerate
-fills ``total_num_steps: "auto"`` with ``ceil(DummyScheduler.total_num_steps / num_processes)`` (its
-unsharded-dataloader convention), so pass the budget × ``num_processes`` there, or write the number in the
-config. Train inside ``with accelerator.accumulate(model):``: without it every micro-batch is a gradient
-boundary and DeepSpeed steps on each, which the backend's backward-pass count refuses.
+Importing this module imports ``scaling_plugins.backends.deepspeed``, so the ds_config's ``"scheduler"`` type may
+name any policy. :class:`ScalingCallback` refuses a budget counted at the wrong batch at ``on_train_begin``, stops
+the Trainer when the policy is done, and adds the step's ``scaling_plugins/<field>`` numbers to every training
+log. The budget, stopping, logs, Accelerate without the Trainer: docs/huggingface.md.
 """
 from __future__ import annotations
 
