@@ -6,12 +6,15 @@ feeds the policy and sets the learning rates. ``optimizer.DistributedOptimizer``
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+import contextlib
+from typing import Any, ContextManager, Optional
 
 import torch
 
+from ...policies import build_policy
 from ...policies.registry import PolicySpec
-from ..shared.driver import PolicyDriver
+from ..shared.driver import (PolicyDriver, PolicyReadings, base_lrs_state, check_accumulation_steps,
+                             check_saved_groups, optimizer_device)
 from ..shared.fused_norms import ChunkedNormMeter
 from . import compat
 from .compat import horovod_torch
@@ -32,6 +35,7 @@ class HorovodDriver(PolicyDriver):
         loss_reduction: "mean" or "sum" over the passes of a step.
     """
 
+    active = True           # False for :class:`InactiveDriver` (a rank outside the process set)
     backward_hint = "call loss.backward() before opt.step()"
     loss_hint = "call opt.step(loss=loss)"
     accumulation_name = "backward_passes_per_step"
@@ -89,3 +93,51 @@ class HorovodDriver(PolicyDriver):
         super().load_state_dict(state)
         if self.carrier is not None:
             self.carrier.reset()
+
+
+class InactiveDriver(PolicyReadings):
+    """``opt.scaling`` on a rank outside the optimizer's ``process_set``: Horovod steps locally there, so the policy
+    is not driven (no collective, the learning rates stay the user's). It holds the policy state only so that
+    ``state_dict()``/``load_state_dict()`` round-trip it; ``gain`` and ``scale`` are 1, ``metrics()`` has only
+    ``lr`` and ``accumulation_steps``. docs/horovod.md, "Process sets".
+    """
+
+    active = False
+    carrier = None
+
+    def __init__(self, optimizer: torch.optim.Optimizer, policy: PolicySpec, backward_passes_per_step: int,
+                 process_set: Any) -> None:
+        check_accumulation_steps(backward_passes_per_step)
+        optimizer_device(optimizer)                 # the same refusals as inside the set
+        self.optimizer = optimizer
+        self.process_set = process_set
+        self.world_size = process_set.size()        # the set's, as inside it
+        self.accumulation_steps = backward_passes_per_step
+        self.policy = build_policy(policy)
+        self.policy.configure(self.world_size, backward_passes_per_step)
+        self.gain = self.scale = 1.0
+
+    def observe_step(self, loss: Optional[torch.Tensor | float]) -> None:
+        """Nothing: the policy is not driven outside the set (``loss`` is accepted and ignored)."""
+
+    def follow_batch_request(self) -> None:
+        """Nothing: no policy asks for a batch here."""
+
+    def resize(self, world_size: int, accumulation_steps: Optional[int] = None) -> None:
+        if accumulation_steps is not None:
+            self.accumulation_steps = accumulation_steps
+
+    def extra_backward(self) -> ContextManager[None]:
+        return contextlib.nullcontext()
+
+    def metrics(self) -> dict[str, Any]:
+        """Only what holds outside the set: this rank's learning rate and backward passes per step."""
+        return {"lr": self.lr, "accumulation_steps": self.accumulation_steps}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"policy": self.policy.state_dict(), "base_lrs": base_lrs_state(self.optimizer)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Keep the policy state for the next ``state_dict()``; the learning rates are not touched."""
+        check_saved_groups(state, self.optimizer)
+        self.policy.load_state_dict(state["policy"])

@@ -7,13 +7,17 @@
 The returned object *is* Horovod's optimizer (same class, same methods) with members added in place (Horovod's
 methods call ``super(self.__class__, self)``, so its class cannot be subclassed): ``step()`` feeds the policy
 before the update, each gradient's all-reduce goes through the carrier (``harvest``), ``opt.scaling`` is the
-driver and ``state_dict()`` carries the policy state under ``"scaling_plugins"``. docs/horovod.md.
+driver and ``state_dict()`` carries the policy state under ``"scaling_plugins"``. On a rank outside
+``process_set`` it is Horovod's local optimizer with the same members and the policy not driven
+(:class:`~.driver.InactiveDriver`). A state without the entry (a plain Horovod or torch optimizer's) loads with a
+fresh policy and one warning. docs/horovod.md.
 """
 from __future__ import annotations
 
 import abc
 import contextlib
 import inspect
+import logging
 import math
 from typing import Any, Callable, Optional
 
@@ -21,11 +25,13 @@ import torch
 
 from ...policies import build_policy
 from ...policies.registry import PolicySpec
-from ..shared.driver import check_loss_reduction
+from ..shared.driver import INITIAL_LR, check_loss_reduction, initial_lr
 from . import compat
 from .compat import horovod_torch
-from .driver import HorovodDriver
+from .driver import HorovodDriver, InactiveDriver
 from .elastic import register_state_handler
+
+log = logging.getLogger(__name__)
 
 STATE_KEY = "scaling_plugins"
 READ_THROUGH = ("gain", "lr", "progress", "scale", "done", "extra_backward",
@@ -85,15 +91,33 @@ def _save_scaling_state(optimizer: torch.optim.Optimizer, state: dict[str, Any])
 
 
 def _load_scaling_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> dict[str, Any]:
-    if STATE_KEY not in state:
-        raise ValueError(f"optimizer state has no {STATE_KEY!r} entry (not saved from a scaling_plugins "
-                         "optimizer); load it into the wrapped optimizer before DistributedOptimizer(...)")
+    """The policy state from the ``"scaling_plugins"`` entry; a state without it (a plain Horovod or torch
+    optimizer's) loads with the policy left as it is, each group's saved lr taken as its initial lr, and one
+    warning. Outside the process set each group keeps the learning rate the user set (the saved ``lr`` may be a
+    policy's)."""
+    driver = optimizer.scaling
     state = dict(state)
-    optimizer.scaling.load_state_dict(state.pop(STATE_KEY))
+    if STATE_KEY not in state:
+        log.warning("the optimizer state has no %r entry (saved by a plain Horovod or torch optimizer): the "
+                    "optimizer state is loaded and policy %r is left as it was (fresh); to restore a policy state "
+                    "saved separately, call opt.scaling.load_state_dict(policy_state) after this", STATE_KEY,
+                    driver.policy.name)
+        if driver.active:           # the saved lr is the group's initial lr; the policy sets lr from it
+            groups = []
+            for group in state["param_groups"]:
+                base = initial_lr(group)
+                groups.append({**group, INITIAL_LR: base, "lr": driver.policy.learning_rate(base)})
+            state["param_groups"] = groups
+        return state
+    scaling_state = state.pop(STATE_KEY)
+    driver.load_state_dict(scaling_state)
+    if not driver.active:
+        state["param_groups"] = [{**group, "lr": base_lr}
+                                 for group, base_lr in zip(state["param_groups"], scaling_state["base_lrs"])]
     return state
 
 
-def _extend(optimizer: torch.optim.Optimizer, driver: HorovodDriver) -> None:
+def _extend(optimizer: torch.optim.Optimizer, driver: HorovodDriver | InactiveDriver) -> None:
     """Add the policy to the optimizer Horovod made: its class gets ``_ScaledMembers``, the optimizer its driver
     (``opt.scaling``) and the state hooks that carry the policy state in ``state_dict()``."""
     compat.extend_optimizer_class(optimizer, _ScaledMembers, READ_THROUGH, ScaledOptimizer)
@@ -116,7 +140,12 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, *args: Any, policy: P
     Returns:
         Horovod's optimizer with the policy added: ``opt.step(loss=None)`` sets this step's learning rate before
         the update; ``opt.scaling`` is the driver; ``opt.gain``, ``opt.lr``, ``opt.done``, ``opt.metrics()``;
-        ``opt.state_dict()`` carries the policy state.
+        ``opt.state_dict()`` carries the policy state; ``opt.load_state_dict()`` also takes a plain Horovod or
+        torch optimizer's state (the policy starts fresh; one warning). Inside ``process_set`` the policy follows
+        the set's reduced gradients (world size = the set's size). On a rank outside it this is Horovod's local
+        optimizer with the same members, the policy not driven: ``step()`` (``loss=`` accepted) uses the
+        learning rates the user set, ``opt.scaling.active`` is False, ``opt.metrics()`` has only ``lr`` and
+        ``accumulation_steps``, and no collective is made there.
 
     Example::
 
@@ -146,12 +175,19 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, *args: Any, policy: P
     if not (isinstance(predivide, (int, float)) and math.isfinite(predivide) and predivide > 0):
         raise ValueError(f"gradient_predivide_factor must be a finite number > 0, got {predivide!r}")
     process_set = hvd_args["process_set"]
-    if not process_set.included():
-        raise ValueError("this rank is not in process_set: a policy needs the reduced gradients of its own set")
+    if process_set.included() is None:         # never registered: the same on every rank
+        raise ValueError(f"process_set {process_set} is not registered with Horovod: pass it to "
+                         "hvd.init(process_sets=[...]) or hvd.add_process_set(...) on every rank first")
     policy = build_policy(policy)              # bad policy input fails before Horovod registers hooks
     distributed = hvd.DistributedOptimizer(**hvd_args)
-    driver = HorovodDriver(distributed, policy, hvd_args["backward_passes_per_step"],
-                           hvd_args["gradient_predivide_factor"], process_set, loss_reduction)
+    passes = hvd_args["backward_passes_per_step"]
+    if process_set.included():
+        driver = HorovodDriver(distributed, policy, passes, hvd_args["gradient_predivide_factor"], process_set,
+                               loss_reduction)
+    else:                                      # Horovod steps locally here; no collective of ours either
+        driver = InactiveDriver(distributed, policy, passes, process_set)
+        log.info("rank %d is outside process_set %s: Horovod steps locally here and policy %r is not driven "
+                 "(learning rates as set)", hvd.rank(), process_set.ranks, driver.policy.name)
     _extend(distributed, driver)
     register_state_handler(ScaledOptimizer)
     return distributed

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, ContextManager, Optional
 import torch
 
 from ...policies import build_policy
-from ...policies.base import StepObservation
+from ...policies.base import Policy, StepObservation
 from ...policies.registry import PolicySpec
 from ...stats import GradientSample
 from .fused_norms import BackwardCounter
@@ -48,6 +48,23 @@ def check_accumulation_steps(accumulation_steps: Any) -> None:
     if not (isinstance(accumulation_steps, int) and not isinstance(accumulation_steps, bool)
             and accumulation_steps >= 1):
         raise ValueError(f"accumulation_steps must be an int >= 1, got {accumulation_steps!r}")
+
+
+def initial_lr(group: dict[str, Any]) -> float:
+    """A param group's base learning rate: its ``initial_lr`` (torch's LR schedulers' key), else its ``lr``."""
+    return group.get(INITIAL_LR, group["lr"])
+
+
+def base_lrs_state(optimizer: torch.optim.Optimizer) -> list[float]:
+    """Every param group's base learning rate, as a driver's ``state_dict()`` saves them (``"base_lrs"``)."""
+    return [initial_lr(group) for group in optimizer.param_groups]
+
+
+def check_saved_groups(state: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """``ValueError`` unless a driver state saved as many base learning rates as ``optimizer`` has param groups."""
+    saved, groups = len(state["base_lrs"]), len(optimizer.param_groups)
+    if saved != groups:
+        raise ValueError(f"the checkpoint has initial lrs for {saved} param groups, the optimizer has {groups}")
 
 
 def optimizer_device(optimizer: torch.optim.Optimizer) -> torch.device:
@@ -132,7 +149,27 @@ def torch_all_reduce_mean(value: torch.Tensor, group: Any = None) -> float:
     return total.item() / dist.get_world_size(group)
 
 
-class PolicyDriver:
+class PolicyReadings:
+    """What users read off any driver: the learning rate (the first param group's), the policy's progress and
+    whether it is done."""
+
+    optimizer: torch.optim.Optimizer
+    policy: Policy
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    @property
+    def progress(self) -> float:
+        return self.policy.progress
+
+    @property
+    def done(self) -> bool:
+        return self.policy.done
+
+
+class PolicyDriver(PolicyReadings):
     """Steps one policy once per optimizer step and sets every param group's learning rate from it.
 
     Every tensor the driver hands to a collective lives on ``self.device``: the optimizer parameters' device
@@ -322,12 +359,12 @@ class PolicyDriver:
         """lr = policy.learning_rate(initial lr) for every param group visible now (a new group's initial lr is
         its lr when first seen; ZeRO-1/2 show DeepSpeed's basic optimizer only the group it is stepping)."""
         for group in self.optimizer.param_groups:
-            initial_lr = group.setdefault(INITIAL_LR, group["lr"])
-            if initial_lr == 0 and not self._warned_zero_lr:
+            base_lr = group.setdefault(INITIAL_LR, group["lr"])
+            if base_lr == 0 and not self._warned_zero_lr:
                 log.warning("a param group has lr 0: policy %r multiplies it, so that group does not train",
                             self.policy.name)
                 self._warned_zero_lr = True
-            group["lr"] = self.policy.learning_rate(initial_lr)
+            group["lr"] = self.policy.learning_rate(base_lr)
 
     # -- what users read ------------------------------------------------------------------------------------
     @property
@@ -335,20 +372,8 @@ class PolicyDriver:
         return self.policy.gain
 
     @property
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    @property
-    def progress(self) -> float:
-        return self.policy.progress
-
-    @property
     def scale(self) -> float:
         return getattr(self.policy, "scale", float(self.world_size * self.accumulation_steps))
-
-    @property
-    def done(self) -> bool:
-        return self.policy.done
 
     def metrics(self) -> dict[str, Any]:
         """The step's telemetry numbers: step, learning rate, accumulation steps and the policy's own (gain,
@@ -357,17 +382,13 @@ class PolicyDriver:
                 **self.policy.metrics()}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"policy": self.policy.state_dict(),
-                "base_lrs": [group.get(INITIAL_LR, group["lr"]) for group in self.optimizer.param_groups]}
+        return {"policy": self.policy.state_dict(), "base_lrs": base_lrs_state(self.optimizer)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        groups = self.optimizer.param_groups
-        if len(state["base_lrs"]) != len(groups):
-            raise ValueError(f"the checkpoint has initial lrs for {len(state['base_lrs'])} param groups, the "
-                             f"optimizer has {len(groups)}")
+        check_saved_groups(state, self.optimizer)
         self.policy.load_state_dict(state["policy"])
         self.resize(self.world_size, self.accumulation_steps)   # saved on another shape: the scale follows
         self.follow_batch_request()                              # a batch-size controller's batch comes back
-        for group, initial_lr in zip(groups, state["base_lrs"]):
-            group[INITIAL_LR] = initial_lr
+        for group, base_lr in zip(self.optimizer.param_groups, state["base_lrs"]):
+            group[INITIAL_LR] = base_lr
         self.apply_learning_rate()
