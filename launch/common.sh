@@ -10,7 +10,8 @@
 # and offers  write_hostfile  (one "host slots=N" line per node, the format DeepSpeed, Open MPI and
 # horovodrun all read, at $HOSTFILE), run_launcher CMD...  (prints the command; DRY_RUN=1 only prints),
 # once_per_node SCRIPT ARGS...  (starts SCRIPT once on every node: srun under SLURM, mpirun under PBS),
-# require_uniform_slots LAUNCHER  and  check_hosts_answer  (refuse, with a message, what cannot work).
+# require_uniform_slots LAUNCHER,  require_free_master_port  and  check_hosts_answer  (refuse, with a message,
+# what cannot work). NPROC_PER_NODE, when set, must be an integer >= 1.
 #
 # Node list:   SLURM  SLURM_JOB_NODELIST expanded by python-hostlist (`hostlist`, pip install python-hostlist;
 #                     ranks per node from SLURM_TASKS_PER_NODE, e.g. "2(x3),1")
@@ -29,6 +30,16 @@ if [[ $# -lt 1 ]]; then
 fi
 
 die() { echo "launch: $*" >&2; exit 2; }
+
+# NPROC_PER_NODE, when set: a whole number of ranks >= 1 (checked before anything reads it or starts; read in
+# base 10, so that 08 is 8, not a bad octal number).
+if [[ -n "${NPROC_PER_NODE:-}" ]]; then
+    [[ "$NPROC_PER_NODE" =~ ^[0-9]{1,6}$ ]] && (( 10#$NPROC_PER_NODE >= 1 )) \
+        || die "NPROC_PER_NODE=$(printf '%q' "$NPROC_PER_NODE") is not a number of ranks: set it to an integer" \
+            ">= 1 (the ranks to start on every node), or leave it unset (default: the batch system's, else the" \
+            "visible GPUs, else 1)"
+    NPROC_PER_NODE=$((10#$NPROC_PER_NODE))
+fi
 
 HOSTS=()
 SLOTS=()
@@ -168,9 +179,39 @@ once_per_node() {
     esac
 }
 
-# run_launcher CMD...: print the command (as "+ CMD") and run it, unless DRY_RUN=1.
+# require_free_master_port: on the node that opens the rendezvous (node rank 0, where MASTER_ADDR is one of this
+# host's addresses), refuse a MASTER_PORT something already listens on, before the launcher fails on it with a
+# raw EADDRINUSE traceback. Elsewhere (another node, a dry run) nothing is checked.
+require_free_master_port() {
+    [[ "${DRY_RUN:-0}" == 1 || "$NODE_RANK" != 0 ]] && return 0
+    local status=0
+    "$PYTHON" - "$MASTER_ADDR" "$MASTER_PORT" <<'PY' || status=$?
+import errno, socket, sys
+addr, port = sys.argv[1], sys.argv[2]
+try:                                     # not a port, or no IPv4 address here: the launcher says so itself
+    port = int(port) if port.isdigit() and 0 < int(port) < 65536 else sys.exit(0)
+    local = socket.getaddrinfo(addr, port, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+except (OSError, IndexError):
+    sys.exit(0)
+for where in (local, "0.0.0.0"):         # MASTER_ADDR must be this host's; the store listens on every address
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as torch's store: TIME_WAIT is no conflict
+        try:
+            sock.bind((where, port))
+        except OSError as err:
+            sys.exit(3 if err.errno == errno.EADDRINUSE else 0)   # EADDRNOTAVAIL: another host's address
+PY
+    [[ "$status" != 3 ]] || die "MASTER_PORT=$MASTER_PORT is in use on $MASTER_ADDR (another job, or a process" \
+        "left over from an earlier run, listens there): set MASTER_PORT to a free port (without a batch system," \
+        "leaving it unset picks a free one)"
+}
+
+# run_launcher CMD...: print the command (as "+ CMD", each word shell-quoted, so that it can be pasted back) and
+# run it, unless DRY_RUN=1.
 run_launcher() {
-    echo "+ $*" >&2
+    local quoted
+    printf -v quoted '%q ' "$@"
+    echo "+ ${quoted% }" >&2
     [[ "${DRY_RUN:-0}" == 1 ]] && exit 0
     exec "$@"
 }

@@ -9,6 +9,7 @@
 # The script receives --local_rank=N as DeepSpeed passes it.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 write_hostfile
+require_free_master_port
 where=(--no_ssh_check)   # one node runs locally: no ssh needed
 if [[ "$NNODES" -gt 1 && "$BATCH_SYSTEM" == slurm ]]; then
     [[ -n "${SCALING_PLUGINS_ON_NODE:-}" ]] || once_per_node "${BASH_SOURCE[0]}" "$@"

@@ -9,6 +9,7 @@
 # of ranks.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 require_uniform_slots torchrun
+require_free_master_port
 # A fresh TCPStore per rendezvous round: torchrun's shared store keeps the previous round's keys, so a restarted
 # round can read a dead rank's address (pytorch/pytorch#135712). The static rendezvous always shares its store.
 export TORCH_DISABLE_SHARE_RDZV_TCP_STORE="${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}"

@@ -11,10 +11,11 @@ from .ema import ModelEMA, scale_ema_momentum
 from .policies import (LEGW, POLICIES, AdaScale, AdaScaleAdam, AdaptiveBatch, AutoWU, LinearScaling, Policy,
                        SqrtScaling, StepObservation, build_policy, register)
 from .stats import GradientSample, GradientStatistics
+from .user_warnings import ScalingWarning
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = ["AdaScale", "AdaScaleAdam", "AdaptiveBatch", "AutoWU", "GradientSample", "GradientStatistics", "LEGW",
-           "LinearScaling", "ModelEMA", "POLICIES", "Policy", "SqrtScaling", "StepObservation", "build_policy",
-           "register", "scale_ema_momentum", "schedules"]
+           "LinearScaling", "ModelEMA", "POLICIES", "Policy", "ScalingWarning", "SqrtScaling", "StepObservation",
+           "build_policy", "register", "scale_ema_momentum", "schedules"]
 __version__ = "0.1.0"

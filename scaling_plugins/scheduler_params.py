@@ -21,15 +21,24 @@ from typing import Any, Optional
 from .config import allowed_keys
 from .policies import policy_class
 from .schedules import SCHEDULES
+from .user_warnings import warn_user
 
 log = logging.getLogger(__name__)
 
 AUTO = "auto"
+BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps")
+TRAINER_FILLED_KEYS = (*BATCH_KEYS, "gradient_clipping")   # and optimizer.params.*: "auto" there only the Hugging
+#                                                            Face Trainer and Accelerate fill; DeepSpeed cannot read it
 BUDGET = "total_num_steps"
 SCHEDULE_KEYS = ("warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "warmup_type")
 OPTIMIZER_LR = object()   # stands for the optimizer's lr in PLAIN_DEEPSPEED_AUTO
 PLAIN_DEEPSPEED_AUTO: dict[str, Any] = {"warmup_min_lr": 0.0, "warmup_max_lr": OPTIMIZER_LR,
                                         "warmup_num_steps": 1, BUDGET: None}
+
+
+def is_auto(value: Any) -> bool:
+    """Whether a config value is the string "auto"."""
+    return isinstance(value, str) and value == AUTO
 
 
 def resolve_scheduler_params(policy: str, params: Mapping[str, Any],
@@ -63,8 +72,8 @@ def _resolve_auto(params: Mapping[str, Any], optimizer_lr: Optional[float]) -> d
             resolved[key] = value
     if used:
         described = ", ".join(f"{key}={_describe(key, value)}" for key, value in used.items())
-        log.warning("scheduler.params: \"auto\" that neither the Hugging Face Trainer nor Accelerate filled (plain "
-                    "DeepSpeed) is read as the Trainer's defaults: %s", described)
+        warn_user("scheduler.params: \"auto\" that neither the Hugging Face Trainer nor Accelerate filled (plain "
+                  f"DeepSpeed) is read as the Trainer's defaults: {described}")
     return resolved
 
 

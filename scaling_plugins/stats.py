@@ -25,6 +25,8 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+from .state_check import check_fields, fields, flag, number
+
 RELATIVE_VARIANCE_FLOOR = 1e-9
 
 
@@ -78,6 +80,8 @@ def noise_scale(sigma_sq: float, mu_sq: float, base_batch: float = 1.0) -> float
 class BiasCorrectedEMA:
     """m_t = θ·m_{t−1} + (1 − θ)·x_t, read as m_t/(1 − θ^t) (Adam's bias correction)."""
 
+    STATE_LAYOUT = {"raw": number(), "weight": number(minimum=0)}
+
     def __init__(self, smoothing: float) -> None:
         if not 0.0 <= smoothing < 1.0:
             raise ValueError(f"smoothing θ must lie in [0, 1), got {smoothing!r}")
@@ -97,6 +101,8 @@ class BiasCorrectedEMA:
         return {"raw": self._raw, "weight": self._weight}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s; ``ValueError`` naming the entry, before any change, for a damaged one."""
+        check_fields(state, self.STATE_LAYOUT, "moving average state")
         self._raw, self._weight = float(state["raw"]), float(state["weight"])
 
 
@@ -106,6 +112,9 @@ class GradientStatistics:
     A step whose L or T is not finite (fp16 overflow, NaN loss), or whose gradients are all zero, is skipped:
     the previous estimates stand and ``last_update_skipped`` says so for the step's telemetry.
     """
+
+    STATE_LAYOUT = {"scale": number(minimum=1), "sigma_sq": fields(BiasCorrectedEMA.STATE_LAYOUT),
+                    "mu_sq": fields(BiasCorrectedEMA.STATE_LAYOUT), "last_update_skipped": flag()}
 
     def __init__(self, scale: float, smoothing: Optional[float] = None) -> None:
         if not scale >= 1.0:
@@ -170,6 +179,9 @@ class GradientStatistics:
         }
 
     def load_state_dict(self, state: dict) -> None:
+        """Restore ``state_dict()``'s; the whole state is checked first (``ValueError`` naming the entry, nothing
+        changed). A policy checks it as its ``statistics`` entry before loading anything."""
+        check_fields(state, self.STATE_LAYOUT, "statistics state")
         self.scale = float(state["scale"])
         self._sigma_sq.load_state_dict(state["sigma_sq"])
         self._mu_sq.load_state_dict(state["mu_sq"])

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from scaling_plugins import ScalingWarning
 from scaling_plugins.policies import AdaScale, AdaScaleAdam, StepObservation, build_policy
 from scaling_plugins.stats import GradientSample
 
@@ -25,7 +26,7 @@ def lrs_and_gains(policy, samples=SAMPLES):
 def test_square_root_of_the_gain_and_the_same_progress():
     sgd = AdaScale(schedule={"type": "cosine", "total_num_steps": 100})
     sgd.configure(2, 2)
-    with pytest.warns(UserWarning, match="validated SGD only"):
+    with pytest.warns(ScalingWarning, match="validated SGD only"):
         adam = build_policy({"type": "AdaScaleAdam",
                              "params": {"schedule": {"type": "cosine", "total_num_steps": 100}}})
         adam.configure(2, 2)
@@ -44,7 +45,7 @@ def test_sgd_rule_is_the_default():
 
 
 def test_resume_is_exact():
-    with pytest.warns(UserWarning):
+    with pytest.warns(ScalingWarning):
         full, part, resumed = AdaScaleAdam(), AdaScaleAdam(), AdaScaleAdam()
         for policy in (full, part, resumed):
             policy.configure(2, 2)

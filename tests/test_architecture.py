@@ -15,9 +15,11 @@ APP = "scaling_plugins.app"
 # Private members of the engines that only the compatibility modules may name.
 ENGINE_INTERNALS = {
     "deepspeed": ("_get_norm_groups", "scaled_global_norm", "_get_gradients_for_reduction", "get_grads_for_reduction",
-                  "basic_optimizer", "gradient_average", "lr_schedules", "_getframe", "bit16_groups", "micro_steps"),
+                  "basic_optimizer", "gradient_average", "lr_schedules", "_getframe", "bit16_groups", "micro_steps",
+                  "_configure_optimizer", "client_lr_scheduler", "load_ds_config"),
     "horovod": ("_parameter_names", "_compression", "_group_counts", "_should_synchronize", "_synchronized",
-                "get_handler_registry", "OptimizerStateHandler"),
+                "get_handler_registry", "OptimizerStateHandler", "_DistributedOptimizer",
+                "_DistributedAdasumOptimizer"),
 }
 
 

@@ -120,7 +120,7 @@ def test_resume_mid_warmup_makes_the_same_decision(u_run):
     assert len(state["losses"]) == cut and state["phase"] == "warmup"
     resumed = AutoWU(total_num_steps=TOTAL, steps_per_epoch=EPOCH)
     resumed.load_state_dict(state)
-    assert resumed.learning_rate(0.0) == reference_lrs[cut - 1]
+    assert resumed.learning_rate(123.0) == reference_lrs[cut - 1]
     rest = run(resumed, losses[cut:])
     assert resumed.switch_step == reference.switch_step and resumed.peak_lr == reference.peak_lr
     assert rest == reference_lrs[cut:]
@@ -141,20 +141,25 @@ def test_built_by_name_with_deepspeed_style_params():
     assert policy.metrics()["phase"] == "warmup"
 
 
-def test_learning_rates_are_absolute_and_groups_with_their_own_lrs_get_one_warning(caplog):
+def test_the_first_group_gets_the_absolute_rate_and_the_others_keep_their_ratio_to_it():
     policy = AutoWU(total_num_steps=100, warmup_min_lr=1e-3, warmup_max_lr=0.4)
-    with caplog.at_level("WARNING", logger="scaling_plugins"):
-        policy.step(StepObservation(loss=1.0))
-        same = [policy.learning_rate(0.1) for _ in range(3)]   # one group, or groups with one lr: no warning
-        assert same == [policy.warmup_lr(0)] * 3 and not caplog.records
-        assert policy.learning_rate(0.01) == policy.learning_rate(0.1) == policy.warmup_lr(0)
-        policy.step(StepObservation(loss=0.9))
-        assert policy.learning_rate(0.01) == policy.learning_rate(5.0) == policy.warmup_lr(1)
-    (record,) = caplog.records                                  # once, not per group or per step
-    assert record.levelname == "WARNING" and record.name == "scaling_plugins.policies.autowu"
-    assert record.getMessage() == ("AutoWU sets the same absolute learning rate in every param group (from "
-                                   "warmup_min_lr = 0.001 up to warmup_max_lr = 0.4); their own lrs (0.1, 0.01, "
-                                   "...) are not used")
+    policy.step(StepObservation(loss=1.0))
+    assert [policy.learning_rate(0.1) for _ in range(3)] == [policy.warmup_lr(0)] * 3   # absolute, as WarmupLR
+    assert policy.learning_rate(0.01) == pytest.approx(policy.warmup_lr(0) / 10, rel=1e-15)
+    policy.step(StepObservation(loss=0.9))
+    assert policy.learning_rate(0.1) == policy.warmup_lr(1)
+    assert policy.learning_rate(0.5) == pytest.approx(5 * policy.warmup_lr(1), rel=1e-15)
+    assert policy.learning_rate(0.0) == 0.0
+    policy.load_state_dict(policy.state_dict())        # the reference is the first group seen after a load
+    assert policy.learning_rate(0.5) == policy.warmup_lr(1)
+
+
+def test_a_first_group_at_lr_0_beside_a_training_group_is_refused():
+    policy = AutoWU(total_num_steps=100)
+    assert policy.learning_rate(0.0) == policy.warmup_lr(0)     # one group: its own lr is not used
+    with pytest.raises(ValueError, match="in proportion to the first group's, which is 0, while another group's "
+                                         "is 0.1: give the first param group a non-zero lr"):
+        policy.learning_rate(0.1)
 
 
 @pytest.mark.parametrize("params, message", [

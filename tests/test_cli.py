@@ -138,9 +138,13 @@ def test_check_config_knows_deepspeeds_last_batch_iteration(tmp_path, capsys):
 
 def test_check_config_reports_malformed_json_and_engine_schedulers(tmp_path, capsys):
     broken = tmp_path / "broken.json"
-    broken.write_text('{"scheduler": {"type": "AdaScale",}}')
+    broken.write_text('{"scheduler": {"type": "AdaScale",}}')   # a trailing comma: DeepSpeed (Hjson) reads it
     assert main(["check-config", str(broken)]) == 1
-    assert "not valid JSON" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "read as DeepSpeed reads it (Hjson" in out and "scheduler.params = null: required by DeepSpeed" in out
+    broken.write_text('{"scheduler": {"type": "AdaScale", "params": {}}')
+    assert main(["check-config", str(broken)]) == 1
+    assert "not valid" in capsys.readouterr().out
     native = tmp_path / "native.json"
     native.write_text(json.dumps({"scheduler": {"type": "StepLR", "params": {"step_size": 3}}}))
     assert main(["check-config", str(native)]) == 0

@@ -91,6 +91,14 @@ LEGW_DEEPSPEED = json.dumps({"train_batch_size": 16, "gradient_accumulation_step
                              "scheduler": {"type": "LEGW", "params": {"warmup_num_steps": 10,
                                                                       "total_num_steps": 100}}})
 AUTOWU = json.dumps({"type": "AutoWU", "params": {"total_num_steps": 100}})
+HJSON_DEEPSPEED = ('// DeepSpeed reads its config with Hjson: comments and trailing commas are fine\n'
+                   '{"train_micro_batch_size_per_gpu": 1,\n "scheduler": {"type": "AdaScale", "params": {},},\n}\n')
+HJSON_ERROR_DEEPSPEED = '// a comment\n{"scheduler": {"type": "AdaScale", "params": {}},\n "train_batch_size": }\n'
+SCHEDULER_TWICE = ('{"train_batch_size": 2,\n "scheduler": {"type": "AdaScale", "params": {}},\n'
+                   ' "scheduler": {"type": "LinearScaling", "params": {}}}')
+AUTO_DEEPSPEED = json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1,
+                             "optimizer": {"type": "SGD", "params": {"lr": "auto", "momentum": 0.9}},
+                             "scheduler": {"type": "AdaScale", "params": {}}})
 QUICK_DEMO = ("demo", "--workload", "quadratic", "--budget", "4", "--scale", "2", "--no-progress")
 
 CASES = [
@@ -110,6 +118,24 @@ CASES = [
          (("out", "c.json: line 3, column 1: not valid JSON: Expecting property name enclosed in double quotes"),),
          {"c.json": '{"type": "AdaScale",\n "params": {"smoothing": 0.5,\n}}'}),
     Case("config-is-a-folder", ("check-config", "{tmp}"), 1, (("out", ": cannot read: Is a directory"),)),
+    # check-config reads a DeepSpeed config as DeepSpeed does (Hjson, a key twice refused); "auto" only HF fills
+    Case("config-deepspeed-hjson-read-as-deepspeed-reads-it", ("check-config", "{tmp}/c.json"), 0,
+         (("out", "c.json: read as DeepSpeed reads it (Hjson: comments, trailing commas); the Hugging Face Trainer "
+                  "and Accelerate read a ds_config file with json.load, which refuses it"),
+          ("out", "c.json: DeepSpeed config: checked its scheduler entry 'AdaScale'"), ("out", "c.json: OK")),
+         {"c.json": HJSON_DEEPSPEED}),
+    Case("config-deepspeed-hjson-error-at-its-line", ("check-config", "{tmp}/c.json"), 1,
+         (("out", "c.json: line 3, column 22: not valid as DeepSpeed reads it (Hjson): Found a punctuator character "
+                  "when expecting a quoteless string"),), {"c.json": HJSON_ERROR_DEEPSPEED}),
+    Case("config-deepspeed-scheduler-twice", ("check-config", "{tmp}/c.json"), 1,
+         (("out", "c.json: key(s) given twice: scheduler; DeepSpeed refuses a config with a key twice (and json.load "
+                  "would keep only the last): keep one of each"), ("out", "c.json: 1 problem(s)")),
+         {"c.json": SCHEDULER_TWICE}),
+    Case("config-deepspeed-auto-outside-hf", ("check-config", "{tmp}/c.json"), 0,
+         (("out", 'c.json: warning: train_micro_batch_size_per_gpu, optimizer.params.lr = "auto": only the Hugging '
+                  'Face Trainer and Accelerate fill "auto" there; plain deepspeed.initialize refuses it. Give numbers '
+                  "unless the file is for the Trainer or Accelerate"), ("out", "c.json: OK")),
+         {"c.json": AUTO_DEEPSPEED}),
     # check-config on LEGW settings that fail at attach at some scales; AutoWU without scikit-learn
     Case("config-legw-fails-at-the-given-shape", ("check-config", "{tmp}/c.json", "--workers", "2",
                                                    "--accumulation", "8"), 1,

@@ -2,19 +2,24 @@
 never a silent wrong learning rate or a hang. Every row asserts each rank's message, not only the exception.
 
 ``RANK_CASES``: every case in one 2-rank job, each rank meeting the case's bad input (settings that differ
-between the ranks included); each rank's message. Then the cases that need a job of their own: requires_grad
+between the ranks included, and states that ``load_state_dict`` refuses, which must leave the driver as it was);
+each rank's message. Then the cases that need a job of their own: requires_grad
 turned off on one rank only, and a resume on another world size.
 """
 from __future__ import annotations
 
 import logging
+import re
+import warnings
 
 import pytest
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from scaling_plugins import AdaScale
 from scaling_plugins.backends.ddp import attach
 from tests.distributed import run_ranks
+from tools.launchers import REPO, VENV_BIN, free_port, run_command
 
 # -- DDP, both ranks meeting the same bad input ------------------------------------------------------------------
 def _model_and_optimizer(lr: float = 0.1):
@@ -105,6 +110,149 @@ def powersgd(rank: int) -> None:
     attach(ddp, opt, "AdaScale", comm_hook=powerSGD_hook.powerSGD_hook, comm_hook_state=state)
 
 
+def _stepped_driver(policy="AdaScale"):
+    """A driver after one step, its state then (``saved``), and one step more (so that it differs from ``saved``)."""
+    _, ddp, opt = _model_and_optimizer()
+    driver = attach(ddp, opt, policy)
+    _backward(ddp)
+    driver.step()
+    saved = driver.state_dict()
+    _backward(ddp)
+    driver.step()
+    return driver, opt, saved
+
+
+def _refused_load(driver, state) -> None:
+    """``driver.load_state_dict(state)``, which must fail leaving the driver exactly as it was (an
+    ``AssertionError`` replaces the error otherwise)."""
+    before = (driver.state_dict(), [dict(group, params=None) for group in driver.optimizer.param_groups],
+              driver.accumulation_steps)
+    try:
+        driver.load_state_dict(state)
+    finally:
+        after = (driver.state_dict(), [dict(group, params=None) for group in driver.optimizer.param_groups],
+                 driver.accumulation_steps)
+        if after != before:
+            raise AssertionError(f"a refused load changed the driver: {before} became {after}")
+
+
+def policy_state_to_driver(rank: int) -> None:
+    driver, _, _ = _stepped_driver()
+    _refused_load(driver, driver.policy.state_dict())
+
+
+def optimizer_state_to_driver(rank: int) -> None:
+    driver, opt, _ = _stepped_driver()
+    _refused_load(driver, opt.state_dict())
+
+
+def damaged_statistics_to_driver(rank: int) -> None:
+    driver, _, saved = _stepped_driver()
+    del saved["policy"]["statistics"]["scale"]
+    _refused_load(driver, saved)
+
+
+def nan_progress_to_driver(rank: int) -> None:
+    driver, _, saved = _stepped_driver("LinearScaling")
+    saved["policy"]["progress"] = float("nan")
+    _refused_load(driver, saved)
+
+
+def nan_base_lr_to_driver(rank: int) -> None:
+    driver, _, saved = _stepped_driver()
+    saved["base_lrs"] = [float("nan")]
+    _refused_load(driver, saved)
+
+
+def policy_instance_twice(rank: int) -> None:
+    policy = AdaScale()
+    _, ddp, opt = _model_and_optimizer()
+    first = attach(ddp, opt, policy)
+    _, other_ddp, other_opt = _model_and_optimizer()
+    attach(other_ddp, other_opt, policy)
+    del first
+
+
+def policy_name_twice(rank: int) -> None:
+    _, ddp, opt = _model_and_optimizer()
+    first = attach(ddp, opt, {"type": "AdaScale"})
+    _, other_ddp, other_opt = _model_and_optimizer()
+    second = attach(other_ddp, other_opt, {"type": "AdaScale"})
+    assert first.policy is not second.policy
+
+
+def optimizer_stepped_again(rank: int) -> None:
+    model, ddp, opt = _model_and_optimizer()
+    driver = attach(ddp, opt, "LinearScaling")
+    _backward(ddp)
+    driver.step()
+    weight = model.weight.detach().clone()
+    try:
+        opt.step()
+    finally:
+        assert torch.equal(model.weight, weight), "the second step changed the weights"
+
+
+def scaler_stepped_again(rank: int) -> None:
+    model, ddp, opt = _model_and_optimizer()
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    driver = attach(ddp, opt, "LinearScaling", grad_scaler=scaler)
+    scaler.scale(ddp(torch.ones(1, 2)).sum()).backward()
+    driver.step()
+    scaler.step(opt)
+
+
+def step_lr_beside_the_policy(rank: int) -> None:
+    _, ddp, opt = _model_and_optimizer()
+    driver = attach(ddp, opt, "LinearScaling")
+    torch_scheduler = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    for _ in range(3):
+        _backward(ddp)
+        driver.step()
+        torch_scheduler.step()
+        opt.zero_grad()
+    assert opt.param_groups[0]["lr"] == 0.05 * 2, "the torch scheduler's last change stands until the next step"
+
+
+def lr_set_by_hand(rank: int) -> None:
+    _, ddp, opt = _model_and_optimizer()
+    driver = attach(ddp, opt, "LinearScaling")
+    _backward(ddp)
+    driver.step()
+    opt.param_groups[0]["lr"] = 1e-4
+    _backward(ddp)
+    driver.step()
+    assert opt.param_groups[0]["lr"] == 0.2, "the policy sets the lr again"
+
+
+def adascale_on_adam(rank: int) -> None:
+    model = torch.nn.Linear(2, 1)
+    attach(DDP(model), torch.optim.Adam(model.parameters(), lr=1e-3), "AdaScale")
+
+
+def adascale_on_sgd_and_adam_rule(rank: int) -> None:
+    _, ddp, opt = _model_and_optimizer()
+    attach(ddp, opt, "AdaScale")
+    model = torch.nn.Linear(2, 1)
+    attach(DDP(model), torch.optim.AdamW(model.parameters(), lr=1e-3), "AdaScaleAdam")
+
+
+def autowu_groups_keep_their_ratio(rank: int) -> None:
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD([{"params": [model.weight], "lr": 0.01}, {"params": [model.bias], "lr": 0.1}])
+    ddp = DDP(model)
+    driver = attach(ddp, opt, {"type": "AutoWU", "params": {"total_num_steps": 10, "warmup_min_lr": 0.001,
+                                                           "warmup_max_lr": 0.1}})
+    for _ in range(2):
+        _backward(ddp)
+        driver.step(torch.tensor(1.0))
+    weight_lr, bias_lr = (group["lr"] for group in opt.param_groups)
+    assert weight_lr == driver.policy.warmup_lr(1) and abs(bias_lr / weight_lr - 10) < 1e-12, (weight_lr, bias_lr)
+
+
+STATE_HINT = "pass the dict from driver.state_dict() (it has 'policy' and 'base_lrs')"
+
+
 RANK_CASES = [  # (id, case, {rank: fragment of the error or of the logged warning})
     ("accumulation 2 on one rank, 4 on the other", accumulation_differs,
      {0: "accumulation_steps (ranks grouped by equal value: [[0], [1]]; this rank has 2)",
@@ -116,7 +264,7 @@ RANK_CASES = [  # (id, case, {rank: fragment of the error or of the logged warni
     ("one backward pass per step, 4 declared", fewer_backward_passes,
      {0: "RuntimeError: 1 backward pass(es) in this step, but accumulation_steps is 4", 1: "3 steps in a row"}),
     ("one backward pass per step, 4 declared: the warning first", fewer_backward_passes,
-     {0: "WARNING 1 backward pass(es) in this step, but accumulation_steps is 4: the policy's scale and "
+     {0: "ScalingWarning: 1 backward pass(es) in this step, but accumulation_steps is 4: the policy's scale and "
          "statistics assume 4 (run that many micro-batches per step, or pass the accumulation you run); an "
          "error if it happens 3 steps in a row"}),
     ("step() before any backward (LinearScaling)", step_before_backward,
@@ -125,7 +273,7 @@ RANK_CASES = [  # (id, case, {rank: fragment of the error or of the logged warni
      {0: "ValueError: the loss given to the step must be one number (the batch's mean loss), got a tensor of "
          "shape (4,)"}),
     ("attach twice", attach_twice, {0: "ValueError: this optimizer already follows policy 'LinearScaling'"}),
-    ("lr = 0", zero_lr, {0: "WARNING a param group has lr 0: policy 'LinearScaling' multiplies it, so that "
+    ("lr = 0", zero_lr, {0: "ScalingWarning: a param group has lr 0: policy 'LinearScaling' multiplies it, so that "
                             "group does not train"}),
     ("a sparse embedding", sparse_embedding,
      {0: "ValueError: module(s) ['0'] make sparse gradients (sparse=True), which DDP's communication hooks cannot "
@@ -137,21 +285,66 @@ RANK_CASES = [  # (id, case, {rank: fragment of the error or of the logged warni
          "attach(..., comm_hook=hook, comm_hook_state=state)"}),
     ("PowerSGD", powersgd, {0: "ValueError: PowerSGD cannot carry AdaScale's statistics: its reduced gradient is a "
                                "low-rank approximation"}),
+    ("the policy's own state given to the driver", policy_state_to_driver,
+     {0: "ValueError: driver state: got a policy's own state (policy.state_dict(), keys ['accumulation_steps', "
+         f"'factor', 'format', 'gain', 'policy', 'progress', 'statistics', 'steps', 'warned_single', 'world_size']): "
+         f"{STATE_HINT}, not the policy's own state"}),
+    ("optimizer.state_dict() given to the driver", optimizer_state_to_driver,
+     {0: "ValueError: driver state: got an optimizer's state (optimizer.state_dict(), keys ['param_groups', "
+         f"'state']): {STATE_HINT}, not optimizer.state_dict()"}),
+    ("a driver state whose statistics lack scale", damaged_statistics_to_driver,
+     {0: "ValueError: policy state: statistics has no 'scale' entry (it has ['last_update_skipped', 'mu_sq', "
+         "'sigma_sq']; the state is damaged or was edited: load the dict state_dict() returned, unchanged)"}),
+    ("a driver state with progress NaN", nan_progress_to_driver,
+     {0: "ValueError: policy state: progress = nan: must be a finite number >= 0"}),
+    ("a driver state with a NaN base lr", nan_base_lr_to_driver,
+     {0: "ValueError: driver state: base_lrs[0] = nan: must be a finite number >= 0"}),
+    ("one policy instance attached to two optimizers", policy_instance_twice,
+     {0: "ValueError: this AdaScale policy instance already drives another optimizer: build one policy per "
+         "optimizer (pass the name 'AdaScale' or a spec dict {'type': 'AdaScale', 'params': {...}}, which builds a "
+         "fresh policy for each optimizer, or a new AdaScale(...) instance)"}),
+    ("one policy spec attached to two optimizers", policy_name_twice, {0: "no error", 1: "no error"}),
+    ("optimizer.step() after driver.step()", optimizer_stepped_again,
+     {0: "RuntimeError: optimizer.step() was called outside driver.step(), which already steps this optimizer "
+         "(through the grad scaler when attach was given one): a second step would apply the update twice, at twice "
+         "the policy's learning rate. Remove the optimizer.step() (or scaler.step(optimizer)) call: driver.step() "
+         "replaces it"}),
+    ("scaler.step(optimizer) after driver.step() with the scaler attached", scaler_stepped_again,
+     {0: "RuntimeError: optimizer.step() was called outside driver.step()"}),
+    ("a torch StepLR beside the policy", step_lr_beside_the_policy,
+     {0: "ScalingWarning: param group 0's lr was set to 0.1 outside policy 'LinearScaling', which had set 0.2: the "
+         "policy sets every group's lr at each step, so that change is undone. Shape the learning rate with the "
+         "policy's own schedule (params 'schedule', docs/policies.md) instead of a torch LR scheduler or a hand-set "
+         "lr\nno error"}),
+    ("an lr set by hand mid-run", lr_set_by_hand,
+     {0: "ScalingWarning: param group 0's lr was set to 0.0001 outside policy 'LinearScaling', which had set 0.2"}),
+    ("AdaScale on Adam", adascale_on_adam,
+     {0: "ScalingWarning: policy 'AdaScale' multiplies the learning rate by its gain, the rule derived for SGD, but "
+         "the optimizer is Adam: for Adam-type optimizers (Adam, AdamW, LAMB) use 'AdaScaleAdam', which multiplies "
+         "it by √gain\nno error"}),
+    ("AdaScale on SGD and AdaScaleAdam on AdamW: no advice", adascale_on_sgd_and_adam_rule,
+     {0: "ScalingWarning: AdaScaleAdam is experimental: the AdaScale paper validated SGD only; this applies lr × "
+         "√gain (the square-root rule for adaptive optimizers) with the SGD gain estimator\nno error"}),
+    ("AutoWU with param groups at 0.01 and 0.1", autowu_groups_keep_their_ratio, {0: "no error", 1: "no error"}),
 ]
 
 
 def run_case(rank: int, world: int, case) -> str:
-    """The case's exception as ``"Type: message"`` (or "no error") after its logged warnings, one per line."""
+    """The case's exception as ``"Type: message"`` (or "no error") after the warnings it showed (``"Category:
+    message"``) and logged (``"LEVEL message"``), one per line."""
     records: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: records.append(f"{record.levelname} {record.getMessage()}")
     logging.getLogger("scaling_plugins").addHandler(handler)
-    try:
-        case(rank)
-        outcome = "no error"
-    except Exception as err:  # noqa: BLE001 - the test asserts on the type and message
-        outcome = f"{type(err).__name__}: {err}"
-    return "\n".join([*records, outcome])
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        try:
+            case(rank)
+            outcome = "no error"
+        except Exception as err:  # noqa: BLE001 - the test asserts on the type and message
+            outcome = f"{type(err).__name__}: {err}"
+    logging.getLogger("scaling_plugins").removeHandler(handler)
+    return "\n".join([*(f"{w.category.__name__}: {w.message}" for w in shown), *records, outcome])
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +415,28 @@ def test_resume_on_another_world_size_follows_the_new_scale(policy):
         assert 1 <= resumed["gain"] <= 2
     else:
         assert resumed["metrics"]["lr_factor"] == 2                              # k follows the new scale
+
+
+# -- the warnings meant for the user reach a bare `python train.py` --------------------------------------------------
+SHOWN = [  # (the line of tests/ddp_scripts/mistakes.py it names, the start of the warning), in order
+    ('driver = attach(ddp, frozen', "a param group has lr 0: policy 'AdaScale' multiplies it, so that group does "
+                                    "not train"),
+    ("driver.step()", "AdaScale: one gradient per step (1 worker, no accumulation) has no measurable variance; using "
+                      "gain 1"),
+    ("driver.step()", "policy 'AdaScale' is done (budget total_num_steps=2 reached, progress 2) but training goes on: "
+                      "stop the loop when .done is true"),
+    ("driver.step()", "param group 0's lr was set to 0.0001 outside policy 'AdaScale', which had set 0.1"),
+    ("driver.step()", "1 backward pass(es) in this step, but accumulation_steps is 2"),
+    ('attach(DDP(model), torch.optim.Adam', "policy 'AdaScale' multiplies the learning rate by its gain, the rule "
+                                           "derived for SGD, but the optimizer is Adam"),
+]
+
+
+def test_the_warnings_meant_for_the_user_show_with_no_logging_set_up():
+    script = REPO / "tests" / "ddp_scripts" / "mistakes.py"
+    lines = script.read_text().splitlines()
+    stderr = run_command([str(VENV_BIN / "python"), str(script), str(free_port())], timeout=120).stderr
+    shown = re.findall(r"mistakes\.py:(\d+): ScalingWarning: (.*)", stderr)
+    assert len(shown) == len(SHOWN), stderr
+    for (line, message), (code, start) in zip(shown, SHOWN):
+        assert message.startswith(start) and lines[int(line) - 1].strip().startswith(code), (line, message)

@@ -8,7 +8,6 @@ applied (``.grad`` after the step), with AdaScale's estimator written out in ``t
 smoothing, so each step's gain is that step's estimate).
 """
 import contextlib
-import copy
 
 import pytest
 import torch

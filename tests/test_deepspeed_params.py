@@ -4,13 +4,13 @@ are in tests/test_huggingface.py."""
 from __future__ import annotations
 
 import json
-import logging
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from scaling_plugins import build_policy
+from scaling_plugins import ScalingWarning, build_policy
 from scaling_plugins.app.config_check import check_file
 from scaling_plugins.scheduler_params import resolve_scheduler_params
 from scaling_plugins.backends.shared.driver import PolicyDriver
@@ -69,14 +69,14 @@ def test_what_cannot_be_resolved_is_refused_by_key(params, message):
         resolve_scheduler_params("AdaScale", params)
 
 
-def test_unfilled_auto_reads_as_the_trainers_defaults_with_one_warning(caplog):
+def test_unfilled_auto_reads_as_the_trainers_defaults_with_one_warning():
     template = {key: "auto" for key in ("warmup_min_lr", "warmup_max_lr", "warmup_num_steps", "total_num_steps")}
-    with caplog.at_level(logging.WARNING, logger="scaling_plugins"):
+    with pytest.warns(ScalingWarning) as shown:
         params = resolve_scheduler_params("AdaScale", template, optimizer_lr=0.05)
     assert params == {"schedule": {"type": "WarmupLR", "params": {
         "warmup_min_lr": 0.0, "warmup_max_lr": 0.05, "warmup_num_steps": 1}}}
-    (warning,) = caplog.records
-    assert "plain DeepSpeed" in warning.message and "total_num_steps=none (no budget" in warning.message
+    (warning,) = shown
+    assert "plain DeepSpeed" in str(warning.message) and "total_num_steps=none (no budget" in str(warning.message)
     assert resolve_scheduler_params("AdaScale", {"warmup_max_lr": "auto"}) == {}    # the optimizer's lr: the default
 
 
@@ -106,14 +106,16 @@ class CountingDriver(PolicyDriver):
         return self.accumulation_steps
 
 
-def test_a_step_past_the_budget_is_logged_once(caplog):
+def test_a_step_past_the_budget_is_shown_once():
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     driver = CountingDriver(optimizer, {"type": "LinearScaling", "params": {"total_num_steps": 4}}, world_size=2)
-    with caplog.at_level(logging.WARNING, logger="scaling_plugins"):
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
         for _ in range(2):
             driver.advance()
-        assert driver.done and caplog.records == []
+        assert driver.done and shown == []
         for _ in range(3):
             driver.advance()
-    (warning,) = caplog.records
-    assert "'LinearScaling' is done (budget total_num_steps=4 reached, progress 4)" in warning.message
+    (warning,) = shown
+    assert warning.category is ScalingWarning
+    assert "'LinearScaling' is done (budget total_num_steps=4 reached, progress 4)" in str(warning.message)

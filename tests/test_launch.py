@@ -1,6 +1,9 @@
 """The launch/ wrappers run for real on localhost with 2 ranks (no batch system), with the example script."""
+import importlib.util
 import os
+import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -8,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.launching import TRAIN, assert_two_ranks_trained_together, run_launch
+from tests.launching import TRAIN, assert_two_ranks_trained_together, run_launch, slurm_env
 from tools.launchers import REPO, VENV_BIN, free_port, run_command
 
 LOCAL = {"NPROC_PER_NODE": "2"}
@@ -74,6 +77,100 @@ def test_horovodrun_wrapper(tmp_path):
 def test_wrappers_explain_their_usage(wrapper):
     proc = subprocess.run([f"launch/{wrapper}.sh"], cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == 2 and "usage:" in proc.stderr and "TRAINING_SCRIPT" in proc.stderr
+
+
+NPROC_REFUSED = ("is not a number of ranks: set it to an integer >= 1 (the ranks to start on every node), or leave it "
+                 "unset")
+
+
+@pytest.mark.parametrize("script, value", [
+    ("launch/torchrun.sh", "abc"), ("launch/torchrun.sh", "auto"), ("launch/torchrun.sh", "0"),
+    ("launch/torchrun.sh", "-1"), ("launch/torchrun.sh", "1.5"), ("launch/mpirun.sh", "0"),
+    ("launch/deepspeed.sh", "auto"), ("launch/horovodrun.sh", "abc"), ("launch/slurm/mpirun.sbatch", "0"),
+])
+def test_nproc_per_node_must_be_an_integer_of_at_least_1(tmp_path, script, value):
+    """Refused by every wrapper and template, before anything starts (a dry run would print the command)."""
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "NPROC_PER_NODE": value,
+           "DRY_RUN": "1", "HOSTFILE": str(tmp_path / "hostfile"),
+           **(slurm_env("localhost", "2") if "slurm" in script else {})}
+    proc = subprocess.run(["bash", script, *TRAIN], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert f"launch: NPROC_PER_NODE={value} {NPROC_REFUSED}" in proc.stderr, proc.stderr
+    assert "+ " not in proc.stderr and not (tmp_path / "hostfile").exists()
+
+
+def test_nproc_per_node_is_read_in_base_10(tmp_path):
+    outcome = run_launch(["launch/torchrun.sh", *TRAIN], {"NPROC_PER_NODE": "08", "DRY_RUN": "1"}, tmp_path)
+    assert outcome["commands"][0].startswith("torchrun --nnodes 1 --nproc_per_node 8 ")
+
+
+@pytest.mark.parametrize("wrapper", ["torchrun", "deepspeed", "mpirun", "horovodrun"])
+def test_the_printed_command_is_shell_quoted(tmp_path, wrapper):
+    """Paths with spaces (and quotes) print so that the line pastes back as the same words."""
+    if wrapper == "horovodrun":
+        require_horovod()
+    spaced = tmp_path / "my runs"
+    spaced.mkdir()
+    outcome = run_launch([f"launch/{wrapper}.sh", *TRAIN, "--policy", "it's"], {**LOCAL, "DRY_RUN": "1"}, spaced)
+    words = shlex.split(outcome["commands"][0])
+    assert words[-4:] == ["--policy", "it's", "--out", str(spaced / "run")], outcome["commands"]
+    if wrapper != "torchrun":
+        assert str(spaced / "hostfile") in words
+
+
+@pytest.mark.parametrize("wrapper", ["torchrun", "deepspeed", "mpirun"])
+def test_a_master_port_in_use_is_refused_before_the_launch(tmp_path, wrapper):
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}", "NPROC_PER_NODE": "2",
+               "MASTER_PORT": str(port), "HOSTFILE": str(tmp_path / "hostfile")}
+        proc = subprocess.run([f"launch/{wrapper}.sh", *TRAIN, "--out", str(tmp_path / "run")], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (f"launch: MASTER_PORT={port} is in use on 127.0.0.1 (another job, or a process left over from an earlier "
+            "run, listens there): set MASTER_PORT to a free port") in proc.stderr
+    assert "+ " not in proc.stderr
+
+
+def test_the_example_trainer_names_a_master_port_in_use(tmp_path):
+    """Started without a wrapper (one rank, the launcher's variables by hand): its store cannot open the port."""
+    with socket.socket() as busy:
+        busy.bind(("", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "PYTHONPATH": str(REPO)}
+        proc = subprocess.run([sys.executable, *TRAIN, "--out", str(tmp_path / "run")], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert (f"training not started: MASTER_PORT={port} is in use on 127.0.0.1 (another job, or a process left over "
+            "from an earlier run, listens there): set MASTER_PORT to a free port") in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def example_trainer():
+    spec = importlib.util.spec_from_file_location("example_train", REPO / "launch" / "examples" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--budget", "inf"], "argument --budget: budget must be a finite number of base-scale steps > 0, got inf"),
+    (["--budget", "0"], "argument --budget: budget must be a finite number of base-scale steps > 0, got 0.0"),
+    (["--budget", "many"], "argument --budget: budget must be a finite number of base-scale steps > 0, got 'many'"),
+    (["--accumulation", "0"], "argument --accumulation: accumulation must be an int >= 1, got 0"),
+    (["--checkpoint-every", "0"], "argument --checkpoint-every: checkpoint_every must be an int >= 1, got 0"),
+])
+def test_the_example_trainers_bad_options_are_usage_errors(monkeypatch, capsys, args, message):
+    """Refused by argparse (its usage line, exit status 2) before any process group, not in a traceback."""
+    monkeypatch.setattr(sys, "argv", ["train.py", "--workload", "quadratic", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        example_trainer().parse_args()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("usage: train.py ")
+    assert f"train.py: error: {message}" in err
 
 
 @pytest.mark.slow

@@ -15,8 +15,6 @@ import textwrap
 import time
 from pathlib import Path
 
-import pytest
-
 from tools.launchers import REPO, VENV_BIN, free_port
 
 TIMEOUT = 6          # the run's --timeout: how long a collective waits for a lost peer

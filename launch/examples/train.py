@@ -29,6 +29,7 @@ import threading
 from pathlib import Path
 from typing import Callable, NoReturn, Optional
 
+from scaling_plugins.app.demo import check_budget
 from scaling_plugins.app.engines import BACKENDS, start, stop
 from scaling_plugins.app.golden import golden_gains
 from scaling_plugins.app.launch_env import Placement
@@ -36,16 +37,44 @@ from scaling_plugins.app.training import RunSpec, train
 from scaling_plugins.app.workloads import WORKLOADS
 
 
+def int_at_least_1(key: str) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= 1, else argparse's usage error with RunSpec's message."""
+    def parse(text: str) -> int:
+        try:
+            value: object = int(text)
+        except ValueError:
+            value = text
+        if not (isinstance(value, int) and value >= 1):
+            raise argparse.ArgumentTypeError(f"{key} must be an int >= 1, got {value!r}")
+        return value
+    return parse
+
+
+def budget_steps(text: str) -> float:
+    """An argparse ``type`` for --budget: a finite number of base-scale steps > 0 (the demo's rule and message)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"budget must be a finite number of base-scale steps > 0, got {text!r}") \
+            from None
+    try:
+        check_budget(value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", choices=BACKENDS, default="ddp")
     parser.add_argument("--policy", default="AdaScale", help="a name registered in scaling_plugins.POLICIES")
     parser.add_argument("--workload", choices=sorted(WORKLOADS), default="digits")
-    parser.add_argument("--accumulation", type=int, default=1, help="micro-batches per rank per optimizer step")
-    parser.add_argument("--budget", type=float, default=None, help="base-scale steps (default: the workload's)")
+    parser.add_argument("--accumulation", type=int_at_least_1("accumulation"), default=1,
+                        help="micro-batches per rank per optimizer step")
+    parser.add_argument("--budget", type=budget_steps, default=None, help="base-scale steps (default: the workload's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/example"))
-    parser.add_argument("--checkpoint-every", type=int, default=None, metavar="K",
+    parser.add_argument("--checkpoint-every", type=int_at_least_1("checkpoint_every"), default=None, metavar="K",
                         help="checkpoint to OUT/checkpoint every K steps; resume from it when it is there")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="how long a collective waits for a lost peer before this rank stops with an error "
@@ -125,7 +154,15 @@ def report_termination(rank: int) -> None:
 
 def main() -> None:
     args = parse_args()
-    where = start(args.backend, args.timeout)
+    try:
+        where = start(args.backend, args.timeout)
+    except RuntimeError as err:   # torch's DistNetworkError: rank 0 could not open the store on MASTER_PORT
+        if "EADDRINUSE" not in str(err) and "address already in use" not in str(err).lower():
+            raise
+        print(f"training not started: MASTER_PORT={os.environ.get('MASTER_PORT')} is in use on "
+              f"{os.environ.get('MASTER_ADDR')} (another job, or a process left over from an earlier run, listens "
+              "there): set MASTER_PORT to a free port", file=sys.stderr, flush=True)
+        sys.exit(1)
     report_termination(where.rank)
     try:
         run(args, where)

@@ -1,9 +1,12 @@
 """Validate policy entries without training: every problem with its key path, the bad value and what is allowed.
 
 Two kinds of file are understood:
-- a DeepSpeed config: its ``"scheduler"`` entry is checked when it names a scaling_plugins policy
-  (a DeepSpeed or torch scheduler name is left to DeepSpeed);
-- a standalone policy config: ``{"type": NAME, "params": {...}}``, the same entry other backends accept.
+- a DeepSpeed config, read as DeepSpeed reads it (Hjson, a key given twice refused: ``inputs.parse_config``): its
+  ``"scheduler"`` entry is checked when it names a scaling_plugins policy (a DeepSpeed or torch scheduler name is
+  left to DeepSpeed); "auto" where only the Hugging Face Trainer and Accelerate fill it (batch sizes, gradient
+  clipping, the optimizer's params) is a warning naming the keys, since plain ``deepspeed.initialize`` refuses it
+  but the same file is right for the Trainer;
+- a standalone policy config: ``{"type": NAME, "params": {...}}``, the same entry other backends accept (JSON).
 
 Each parameter is checked on its own (so one bad key does not hide another), then all together (for rules
 that tie keys, e.g. ``min_lr < max_lr``), with the same code that builds the policy at run time
@@ -25,11 +28,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Optional, Union
 
-from ..scheduler_params import resolve_scheduler_params
+from ..scheduler_params import TRAINER_FILLED_KEYS, is_auto, resolve_scheduler_params
 from ..config import allowed_keys
 from ..policies import POLICIES
 from ..policies.base import Policy
-from .inputs import InputError, parse_json
+from ..user_warnings import ScalingWarning
+from .inputs import InputError, parse_config
 
 ENTRY_KEYS = ("params", "type")
 PROBED_WORKERS = 1024   # shapes tried when the run's shape is not given: 1..PROBED_WORKERS workers
@@ -136,7 +140,9 @@ def _policy_params(entry: Mapping[str, Any], deepspeed: bool) -> Any:
     params = entry.get("params") or {}
     if deepspeed and isinstance(params, Mapping):
         params = {key: value for key, value in params.items() if key != "last_batch_iteration"}
-        return resolve_scheduler_params(entry["type"], params)
+        with warnings.catch_warnings():   # "auto" in scheduler.params is for the Trainer to fill, not a mistake here
+            warnings.simplefilter("ignore", ScalingWarning)
+            return resolve_scheduler_params(entry["type"], params)
     return params
 
 
@@ -226,6 +232,21 @@ def _deepspeed_count(document: Mapping[str, Any], key: str) -> Optional[int]:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
 
+def _hf_only_auto(document: Mapping[str, Any]) -> list[str]:
+    """A warning naming the DeepSpeed config's keys that are "auto" where only the Hugging Face Trainer and
+    Accelerate fill it (scaling_plugins.backends.deepspeed refuses them at deepspeed.initialize); [] when none."""
+    keys = [key for key in TRAINER_FILLED_KEYS if is_auto(document.get(key))]
+    optimizer = document.get("optimizer")
+    params = optimizer.get("params") if isinstance(optimizer, Mapping) else None
+    if isinstance(params, Mapping):
+        keys += [f"optimizer.params.{key}" for key, value in params.items() if is_auto(value)]
+    if not keys:
+        return []
+    return [f"warning: {', '.join(keys)} = \"auto\": only the Hugging Face Trainer and Accelerate fill \"auto\" "
+            "there; plain deepspeed.initialize refuses it. Give numbers unless the file is for the Trainer or "
+            "Accelerate (a policy's scheduler.params may keep \"auto\")"]
+
+
 def check_document(document: Any, shape: Shape = Shape()) -> tuple[list[Problem], list[str]]:
     """(problems, notes) for a parsed config: a DeepSpeed config or a standalone policy entry, checked at
     ``shape`` (module docstring)."""
@@ -234,11 +255,12 @@ def check_document(document: Any, shape: Shape = Shape()) -> tuple[list[Problem]
         name = scheduler.get("type") if isinstance(scheduler, Mapping) else None
         if name not in POLICIES and _engine_scheduler(name):
             return [], [f"scheduler.type = {name!r} is DeepSpeed's or torch's own scheduler, not a scaling_plugins "
-                        f"policy; nothing to check here"]
+                        f"policy; nothing to check here"] + _hf_only_auto(document)
         shape = Shape(shape.workers, shape.accumulation or _deepspeed_count(document, "gradient_accumulation_steps"),
                       _deepspeed_count(document, "train_micro_batch_size_per_gpu"))
         problems, notes = _checked_entry(scheduler, "scheduler", True, shape)
-        return problems, [f"DeepSpeed config: checked its scheduler entry {name!r}"] + notes
+        notes = [f"DeepSpeed config: checked its scheduler entry {name!r}"] + notes + _hf_only_auto(document)
+        return problems, notes
     if isinstance(document, Mapping) and "type" in document:
         problems, notes = _checked_entry(document, "policy", False, shape)
         return problems, [f"standalone policy config {document.get('type')!r}"] + notes
@@ -247,9 +269,14 @@ def check_document(document: Any, shape: Shape = Shape()) -> tuple[list[Problem]
 
 
 def check_file(path: Union[str, Path], shape: Shape = Shape()) -> tuple[list[Problem], list[str]]:
-    """(problems, notes) for a JSON file; an unreadable, non-UTF-8 or malformed file is one problem, at its line."""
+    """(problems, notes) for a config file read as its reader reads it (``inputs.parse_config``: a DeepSpeed config
+    as Hjson, duplicate keys refused); an unreadable, non-UTF-8 or malformed file is one problem, at its line."""
     try:
-        document = parse_json(path)
+        parsed = parse_config(path)
     except InputError as err:
         return [Problem(err.position, NO_VALUE, err.message)], []
-    return check_document(document, shape)
+    problems, notes = check_document(parsed.document, shape)
+    if parsed.hjson:
+        notes = ["read as DeepSpeed reads it (Hjson: comments, trailing commas); the Hugging Face Trainer and "
+                 "Accelerate read a ds_config file with json.load, which refuses it"] + notes
+    return problems, notes

@@ -6,11 +6,14 @@ so ``check-config`` and ``report`` print it as it is:
     read_text("config.json")     # UTF-8 text; not UTF-8 → "config.json: line 3, column 14: not UTF-8 text ..."
     parse_json("config.json")    # one JSON document
     parse_jsonl("metrics.jsonl") # one JSON object per non-blank line, each error at its line in the file
+    parse_config("ds.json")      # a policy entry as JSON, a DeepSpeed config as DeepSpeed reads it (Hjson)
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Union
 
 PathLike = Union[str, Path]
@@ -85,6 +88,88 @@ def _loads(text: str, path: PathLike, line_offset: int = 0) -> Any:
 def parse_json(path: PathLike) -> Any:
     """The one JSON document in ``path``."""
     return _loads(read_text(path), path)
+
+
+class _Pairs(list):
+    """A JSON object's (key, value) pairs in file order, a key given twice kept twice."""
+
+
+@dataclass(frozen=True)
+class ParsedConfig:
+    """A config file's document, and whether it is Hjson rather than JSON (comments, trailing commas, quoteless
+    strings), which DeepSpeed reads and ``json.load`` does not."""
+
+    document: Any
+    hjson: bool = False
+
+
+def is_deepspeed_config(document: Any) -> bool:
+    """Whether a parsed config is read as a DeepSpeed config (a mapping with a ``"scheduler"`` entry or without a
+    policy entry's ``"type"``) rather than as a standalone policy entry ``{"type": NAME, "params": {...}}``."""
+    return isinstance(document, Mapping) and ("scheduler" in document or "type" not in document)
+
+
+def _objects(value: Any, path: str, duplicates: list[str]) -> Any:
+    """``value`` with every ``_Pairs`` made a dict; the key path of each key given twice goes to ``duplicates``."""
+    if isinstance(value, _Pairs):
+        result: dict[str, Any] = {}
+        for key, item in value:
+            where = f"{path}.{key}" if path else str(key)
+            if key in result and where not in duplicates:
+                duplicates.append(where)
+            result[key] = _objects(item, where, duplicates)
+        return result
+    if isinstance(value, list):
+        return [_objects(item, f"{path}[{index}]", duplicates) for index, item in enumerate(value)]
+    return value
+
+
+def _hjson_pairs(text: str, path: PathLike) -> Any:
+    """The document as DeepSpeed reads a config file (``hjson.load``); a syntax error becomes an ``InputError`` at
+    its line. ``ImportError`` when hjson (a DeepSpeed dependency) is not installed."""
+    import hjson   # DeepSpeed's dependency: installed with scaling_plugins[deepspeed]
+
+    try:
+        return hjson.loads(text, object_pairs_hook=_Pairs)
+    except hjson.HjsonDecodeError as err:
+        raise InputError(path, f"not valid as DeepSpeed reads it (Hjson): {err.msg}", err.lineno, err.colno) from None
+
+
+def parse_config(path: PathLike) -> ParsedConfig:
+    """A config file read as its reader reads it. A standalone policy entry is strict JSON. A DeepSpeed config
+    (``is_deepspeed_config``) is read as DeepSpeed reads it: Hjson, so comments, trailing commas and quoteless
+    strings are accepted and a JSON extension such as ``Infinity`` is not. A key given twice in one object is an
+    ``InputError`` naming its key path, as DeepSpeed refuses it. When both readers refuse the file, the error is
+    the one further into the file; without hjson installed a DeepSpeed config is read as strict JSON."""
+    text = read_text(path)
+    duplicates: list[str] = []
+    try:
+        document, json_error = _objects(json.loads(text, object_pairs_hook=_Pairs), "", duplicates), None
+    except json.JSONDecodeError as err:
+        document, json_error = None, InputError(path, f"not valid JSON: {err.msg}", err.lineno, err.colno)
+    hjson_only = False
+    if json_error is not None or is_deepspeed_config(document):
+        try:
+            hjson_pairs = _hjson_pairs(text, path)
+        except ImportError:
+            if json_error is not None:
+                raise InputError(path, f"{json_error.message} (DeepSpeed reads configs with Hjson, which allows "
+                                 "comments and trailing commas: pip install hjson to check the file as it does)",
+                                 json_error.line, json_error.column) from None
+        except InputError as hjson_error:
+            if json_error is None:
+                raise
+            raise max((json_error, hjson_error), key=lambda e: (e.line or 0, e.column or 0)) from None
+        else:
+            duplicates.clear()
+            document = _objects(hjson_pairs, "", duplicates)
+            if json_error is not None and not is_deepspeed_config(document):
+                raise json_error   # a policy entry is JSON
+            hjson_only = json_error is not None
+    if duplicates:
+        raise InputError(path, f"key(s) given twice: {', '.join(duplicates)}; DeepSpeed refuses a config with a "
+                         "key twice (and json.load would keep only the last): keep one of each")
+    return ParsedConfig(document, hjson_only)
 
 
 def parse_jsonl(path: PathLike, check: Optional[Callable[[dict[str, Any]], None]] = None) -> list[dict[str, Any]]:

@@ -373,7 +373,7 @@ def write_report(out: Union[str, Path], command: str = "") -> Path:
     plot_quality(rows, out / QUALITY_FIGURE)
     plot_steps(rows, out / STEPS_FIGURE)
     parts = ["# Quality at scale", ""] + ([f"Command: `{command}`", ""] if command else [])
-    adaptive = adaptive_figures(results, out)
+    adaptive_figures(results, out)
     for workload in sorted({r.workload for r in rows}):
         parts += [f"## {workload}", "", workload_table(rows, workload), "", *goal_lines(rows, workload),
                   *noise_lines(rows, workload), *smoothing_lines(ablation, rows, workload), "",

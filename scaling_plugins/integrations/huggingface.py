@@ -29,6 +29,7 @@ from ..call_stack import calling_instance
 from ..policies import POLICIES
 from ..policies.progress import BaseScaleProgress
 from ..telemetry import monitor_events, record_from
+from ..user_warnings import warn_user
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +104,8 @@ class ScalingCallback(TrainerCallback):
     def _run_before_reporters(self) -> None:
         handler = calling_instance(CallbackHandler)   # the handler dispatching on_train_begin to this callback
         if handler is None:
-            log.warning("ScalingCallback: the Trainer's CallbackHandler is not on the call stack; the scaling "
-                        "fields reach only the callbacks after this one")
+            warn_user("ScalingCallback: the Trainer's CallbackHandler is not on the call stack; the scaling "
+                      "fields reach only the callbacks after this one")
             return
         callbacks = handler.callbacks
         # Moved earlier, call_event's loop still visits each callback once; moved later, it calls this again,

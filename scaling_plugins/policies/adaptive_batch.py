@@ -41,6 +41,7 @@ from typing import Any, Optional
 
 from ..batch_size import BatchLimits, noise_scale_accumulation
 from ..schedules import ScheduleSpec
+from ..state_check import Entry, fields, integer, nullable, number, row
 from ..stats import GradientStatistics
 from .adascale import AdaScale
 from .base import StepObservation
@@ -177,6 +178,11 @@ class AdaptiveBatch(AdaScale):
         return {**super().state_dict(), "noise": self.noise.state_dict(),
                 "requested_gradients": self._requested_gradients,
                 "stepped": None if self._stepped is None else list(self._stepped)}
+
+    def state_layout(self) -> dict[str, Entry]:
+        return {**super().state_layout(), "noise": fields(GradientStatistics.STATE_LAYOUT),
+                "requested_gradients": nullable(integer(1)),
+                "stepped": nullable(row(integer(1), integer(1), number(minimum=1)))}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

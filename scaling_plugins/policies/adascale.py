@@ -18,7 +18,9 @@ import logging
 from typing import Any, Optional
 
 from ..schedules import ScheduleSpec, build_schedule
+from ..state_check import Entry, fields, flag, number
 from ..stats import GradientStatistics
+from ..user_warnings import warn_user
 from .base import StepObservation
 from .progress import BaseScaleProgress
 from .registry import register
@@ -102,8 +104,8 @@ class AdaScale(BaseScaleProgress):
                             "the gain stays %.6g", self.steps + 1, sample.local_sq_sum, sample.mean_sq_norm,
                             self.statistics.gain)
         elif not self._warned_single:
-            log.warning("AdaScale: one gradient per step (1 worker, no accumulation) has no measurable variance; "
-                        "using gain 1 (single_gradient='unit_gain')")
+            warn_user("AdaScale: one gradient per step (1 worker, no accumulation) has no measurable variance; "
+                      "using gain 1 (single_gradient='unit_gain')")
             self._warned_single = True
         self._gain = self.statistics.gain if sample.count >= 2 else 1.0
         self.advance(self._gain * self.schedule(self._progress), self._gain)
@@ -111,6 +113,16 @@ class AdaScale(BaseScaleProgress):
     @property
     def gain(self) -> float:
         return self._gain
+
+    def optimizer_advice(self, optimizer_class: type) -> Optional[str]:
+        """None for SGD and its variants (a class named ``*SGD*`` in the MRO); else the advice to use
+        ``AdaScaleAdam``: lr × gain is the rule derived for SGD, and an adaptive optimizer's update, normalised by
+        √v, calls for lr × √gain."""
+        if any("SGD" in cls.__name__ for cls in optimizer_class.__mro__):
+            return None
+        return (f"policy {self.name!r} multiplies the learning rate by its gain, the rule derived for SGD, but the "
+                f"optimizer is {optimizer_class.__name__}: for Adam-type optimizers (Adam, AdamW, LAMB) use "
+                "'AdaScaleAdam', which multiplies it by √gain")
 
     def metrics(self) -> dict[str, Any]:
         return {
@@ -125,6 +137,10 @@ class AdaScale(BaseScaleProgress):
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "statistics": self.statistics.state_dict(), "gain": self._gain,
                 "warned_single": self._warned_single}
+
+    def state_layout(self) -> dict[str, Entry]:
+        return {**super().state_layout(), "statistics": fields(GradientStatistics.STATE_LAYOUT),
+                "gain": number(minimum=1), "warned_single": flag()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

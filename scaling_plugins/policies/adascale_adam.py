@@ -16,8 +16,9 @@ stays the default; this one is used only when asked for by name, and warns when 
 from __future__ import annotations
 
 import math
-import warnings
+from typing import Optional
 
+from ..user_warnings import warn_user
 from .adascale import AdaScale
 from .registry import register
 
@@ -40,8 +41,12 @@ class AdaScaleAdam(AdaScale):
     name = "AdaScaleAdam"
 
     def configure(self, world_size: int, accumulation_steps: int) -> None:
-        warnings.warn(SGD_ONLY_WARNING, UserWarning, stacklevel=2)
+        warn_user(SGD_ONLY_WARNING)
         super().configure(world_size, accumulation_steps)
+
+    def optimizer_advice(self, optimizer_class: type) -> Optional[str]:
+        """None: the square-root rule is the one for adaptive optimizers (and it warns as experimental anyway)."""
+        return None
 
     def learning_rate(self, base_lr: float) -> float:
         """base_lr · √r · schedule(τ): AdaScale's base_lr · r · schedule(τ) divided by √r."""

@@ -16,9 +16,11 @@ Steps t = 0 .. T−1 (T = ``total_num_steps`` optimizer steps), warmup cap W = `
   ``"const-cos"``: lr_peak until the last 20% of the budget, then a cosine over that 20%
   (from c = max(s, 0.8·(T − 1)) to T − 1).
 
-The learning rates are absolute (``warmup_min_lr``/``warmup_max_lr``, as in the paper and DeepSpeed's WarmupLR):
-every param group gets the same rate, whatever it was configured with (as DeepSpeed's WarmupLR does), so the
-optimizer's own lr is not used. Param groups configured with different lrs get one warning (module logger).
+The learning rates are absolute (``warmup_min_lr``/``warmup_max_lr``, as in the paper and DeepSpeed's WarmupLR)
+for the first param group, whose own lr is the reference lr_ref; every other group keeps its ratio to it:
+lr_g = lr_t · lr_g,0 / lr_ref, where lr_g,0 is the group's own (initial) lr. With one group, or groups that share
+one lr, this is DeepSpeed's WarmupLR rule (the optimizer's own lr is not used); groups configured with different
+lrs (a smaller lr for the embeddings, say) keep the relation the user gave them.
 
 Loss: ``step()`` needs the training loss of every step. With several workers it must be the mean over all
 ranks (and micro-batches), so every rank tests the same numbers; the test's randomness is seeded by
@@ -31,15 +33,13 @@ Needs scikit-learn (``pip install 'scaling_plugins[autowu]'``).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 from typing import Any, Optional
 
+from ..state_check import DAMAGED, Entry, any_number, fields, flag, integer, list_of, nullable, number, one_of
 from .loss_trend import INITIAL_HYPERPARAMETERS, MinimumTest, TestResult, minimum_has_passed, require_sklearn
 from .base import Policy, StepObservation
 from .registry import register
-
-log = logging.getLogger(__name__)
 
 DECAY_TYPES = ("cos", "const-cos")
 COSINE_FRACTION = 0.2  # const-cos: the cosine covers the last 20% of the budget
@@ -50,8 +50,8 @@ WARMUP, DECAY = "warmup", "decay"
 class AutoWU(Policy):
     """Exponential warmup until a Gaussian-process test says the loss stopped decreasing, then decay to 0.
 
-    The learning rates are absolute, the same in every param group: ``learning_rate`` ignores the group's own
-    lr (module docstring).
+    The learning rates are absolute for the first param group; the others keep their ratios to it (module
+    docstring).
 
     Args (DeepSpeed-style names; only ``total_num_steps`` has no default):
         total_num_steps: the budget T in optimizer steps; the learning rate is 0 at step T − 1.
@@ -120,8 +120,7 @@ class AutoWU(Policy):
         self.switch_step: Optional[int] = None
         self.peak_lr: Optional[float] = None
         self._lr = self.warmup_lr(0)
-        self._seen_base_lr: Optional[float] = None   # the first base_lr asked about (param groups' own lrs)
-        self._warned_base_lr = False
+        self.reference_lr: Optional[float] = None   # the first base_lr asked about: param group 0's own lr
 
     # -- the schedule -----------------------------------------------------------------------------------------
     def warmup_lr(self, step: int) -> float:
@@ -173,16 +172,19 @@ class AutoWU(Policy):
         self.phase, self.switch_step, self.peak_lr = DECAY, t, peak_lr
 
     def learning_rate(self, base_lr: float) -> float:
-        """The absolute learning rate of the current step, the same for every param group: ``base_lr`` (the
-        group's own lr) is not used. The first time groups with different lrs show up, one warning is logged."""
-        if self._seen_base_lr is None:
-            self._seen_base_lr = base_lr
-        elif base_lr != self._seen_base_lr and not self._warned_base_lr:
-            self._warned_base_lr = True
-            log.warning("AutoWU sets the same absolute learning rate in every param group (from warmup_min_lr = "
-                        "%g up to warmup_max_lr = %g); their own lrs (%g, %g, ...) are not used",
-                        self.warmup_min_lr, self.warmup_max_lr, self._seen_base_lr, base_lr)
-        return self._lr
+        """The current step's rate lr_t for the reference group, lr_t · base_lr / lr_ref for the others.
+
+        The reference lr_ref is the first ``base_lr`` asked about since construction or ``load_state_dict``: every
+        driver sets param group 0's lr first. ``ValueError`` when lr_ref is 0 and another group's is not (no
+        ratio to keep)."""
+        if self.reference_lr is None:
+            self.reference_lr = base_lr
+        if base_lr == self.reference_lr:
+            return self._lr
+        if self.reference_lr == 0:
+            raise ValueError(f"AutoWU keeps each param group's lr in proportion to the first group's, which is 0, "
+                             f"while another group's is {base_lr:g}: give the first param group a non-zero lr")
+        return self._lr * base_lr / self.reference_lr
 
     @property
     def done(self) -> bool:
@@ -200,8 +202,22 @@ class AutoWU(Policy):
                 "positive_streak": self.positive_streak, "switch_step": self.switch_step, "peak_lr": self.peak_lr,
                 "lr": self._lr, "last_test": None if test is None else dataclasses.asdict(test)}
 
+    def state_layout(self) -> dict[str, Entry]:
+        test = fields({"positive": flag(), "probability": number(minimum=0, maximum=1),
+                       "minimum_index": integer(0), "hyperparameters": list_of(number(), length=2)})
+        return {**super().state_layout(), "losses": list_of(any_number()), "phase": one_of((WARMUP, DECAY)),
+                "positive_streak": integer(0), "switch_step": nullable(integer(0)),
+                "peak_lr": nullable(number(minimum=0)), "lr": number(minimum=0), "last_test": nullable(test)}
+
+    def check_state(self, state: Any) -> None:
+        super().check_state(state)
+        if state["phase"] == DECAY and (state["switch_step"] is None or state["peak_lr"] is None):
+            raise ValueError(f"policy state: phase = {DECAY!r} needs switch_step and peak_lr, got "
+                             f"{state['switch_step']!r} and {state['peak_lr']!r} ({DAMAGED})")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
+        self.reference_lr = None   # the driver sets the loaded groups' lrs next, param group 0's first
         self.losses = [float(x) for x in state["losses"]]
         self.phase = state["phase"]
         self.positive_streak = int(state["positive_streak"])

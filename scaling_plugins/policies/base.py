@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Optional
 
 from ..config import bound_arguments
+from ..state_check import Entry, check_fields, integer
 from ..stats import GradientSample
 
 STATE_FORMAT = 1   # the version of the state layout; bump when a policy's state_dict changes shape
@@ -81,9 +82,14 @@ class Policy(ABC):
     def learning_rate(self, base_lr: float) -> float:
         """The learning rate of the current step for a param group whose configured rate is ``base_lr``.
 
-        Most policies scale ``base_lr`` (a multiplier per step, so param groups keep their ratios). An absolute
-        policy (``AutoWU``: its own ``warmup_min_lr``/``warmup_max_lr``, as DeepSpeed's WarmupLR) ignores
-        ``base_lr`` and gives the same learning rate to every param group."""
+        Most policies scale ``base_lr`` (a multiplier per step, so param groups keep their ratios). ``AutoWU``
+        gives its own absolute rates (``warmup_min_lr``/``warmup_max_lr``, as DeepSpeed's WarmupLR) to the first
+        param group and keeps the other groups' ratios to it."""
+
+    def optimizer_advice(self, optimizer_class: type) -> Optional[str]:
+        """What to tell the user when this policy's rule does not suit an optimizer of ``optimizer_class``, or None
+        when it does (the default: the rule does not depend on the optimizer). Drivers show it once, at attach."""
+        return None
 
     @property
     def progress(self) -> float:
@@ -106,19 +112,37 @@ class Policy(ABC):
         return {"policy": self.name, "format": STATE_FORMAT, "steps": self.steps, "world_size": self.world_size,
                 "accumulation_steps": self.accumulation_steps}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a state saved by ``state_dict`` of the same policy (``ValueError`` for another policy's, or
-        another format's). The saved run's shape comes back with it; a backend then calls ``configure`` with the
-        current shape when it differs (a resume on another number of workers)."""
+    def state_layout(self) -> dict[str, Entry]:
+        """What each entry of ``state_dict()`` must be (``scaling_plugins.state_check``), nested entries included;
+        a policy that saves more adds its entries to its base's."""
+        return {"steps": integer(0), "world_size": integer(1), "accumulation_steps": integer(1)}
+
+    def check_state(self, state: Any) -> None:
+        """``ValueError`` unless this policy can load ``state`` whole: another policy's or another format's state,
+        a driver's state, a missing entry, a value of the wrong type or a number that is not finite (the message
+        names the entry, e.g. ``policy state: progress = nan: must be a finite number >= 0``). Changes nothing."""
         if not isinstance(state, dict) or "format" not in state or "policy" not in state:
+            got = sorted(map(str, state)) if isinstance(state, dict) else type(state).__name__
+            hint = ""
+            if isinstance(state, dict) and "base_lrs" in state:
+                hint = (": this is a driver's state (driver.state_dict(), with 'policy' and 'base_lrs'); pass it to "
+                        "driver.load_state_dict(), or its 'policy' entry here")
             raise ValueError(f"not a scaling_plugins policy state (no 'policy' name and 'format' version); "
-                             f"got keys {sorted(state) if isinstance(state, dict) else type(state).__name__}")
+                             f"got keys {got}{hint}")
         if state["policy"] != self.name:
             raise ValueError(f"this state was saved by policy {state['policy']!r}, not {self.name!r}: load it into "
                              f"a {state['policy']} policy, or start {self.name} afresh")
         if state["format"] != STATE_FORMAT:
             raise ValueError(f"policy state format {state['format']!r} is not supported (this version reads "
                              f"format {STATE_FORMAT})")
+        check_fields(state, self.state_layout(), "policy state")
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state saved by ``state_dict`` of the same policy. The whole state is checked first
+        (:meth:`check_state`): a refused one leaves the policy as it was. The saved run's shape comes back with it;
+        a backend then calls ``configure`` with the current shape when it differs (a resume on another number of
+        workers). A subclass's ``load_state_dict`` calls this one before it changes anything itself."""
+        self.check_state(state)
         self.steps = int(state["steps"])
         self.world_size = int(state["world_size"])
         self.accumulation_steps = int(state["accumulation_steps"])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from ..state_check import Entry, number
 from .base import Policy
 
 
@@ -43,6 +44,9 @@ class BaseScaleProgress(Policy):
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "progress": self._progress, "factor": self._factor}
+
+    def state_layout(self) -> dict[str, Entry]:
+        return {**super().state_layout(), "progress": number(minimum=0), "factor": number()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)

@@ -4,7 +4,7 @@ optimizer from a policy, fed by the carrier of ``harvest`` (no extra collective)
     driver = scaling_plugins.backends.ddp.attach(ddp_model, optimizer, "AdaScale", accumulation_steps=2)
     for micro_step in range(2):       # all but the last under ddp_model.no_sync()
         (loss_fn(ddp_model(x), y) / 2).backward()
-    driver.step()                     # this step's learning rate from the fresh gain, then optimizer.step()
+    driver.step()                     # sets this step's lr from the fresh gain and steps the optimizer itself
     optimizer.zero_grad()
 
 Loss conventions, accumulation, mixed precision (``grad_scaler=``), communication hooks (``comm_hook=``) and
@@ -48,6 +48,7 @@ class DDPDriver(PolicyDriver):
         self.model = ddp_model
         self.process_group = ddp_model.process_group
         self.agree_across_ranks()
+        self.refuse_other_optimizer_steps()
         params = reduced_parameters(ddp_model)
         self.carrier: Optional[BucketCarrier] = None
         self._reduced: Optional[tuple[float, float]] = None
@@ -68,11 +69,12 @@ class DDPDriver(PolicyDriver):
         batch-size controller's choice becomes ``accumulation_steps`` for the next step."""
         # the reductions' numbers, read in their completion callbacks, before the scaler's unscale changes .grad
         self._reduced = self.carrier.take() if self.carrier is not None else None
-        if self.grad_scaler is None:
-            self.advance(loss)
-            self.optimizer.step()
-        else:
-            self._scaled_step(loss)
+        with self.stepping_optimizer():
+            if self.grad_scaler is None:
+                self.advance(loss)
+                self.optimizer.step()
+            else:
+                self._scaled_step(loss)
         self.follow_batch_request()
 
     def _scaled_step(self, loss: Optional[torch.Tensor | float]) -> None:

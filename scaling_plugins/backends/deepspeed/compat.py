@@ -7,6 +7,10 @@ deep inside ``deepspeed.initialize`` or a step. What lives here:
 - scheduler registration: DeepSpeed resolves ``"scheduler": {"type": NAME}`` with ``getattr`` on
   ``deepspeed.runtime.lr_schedules`` (a module ``__getattr__`` answers policy names), and builds the scheduler
   inside ``deepspeed.initialize`` with only the optimizer (the engine is found on the call stack);
+- checks of what ``deepspeed.initialize`` is given, run before DeepSpeed reads it: the config dict at the start of
+  every ``DeepSpeedConfig`` (which reads the batch sizes), the engine's arguments right before it builds the
+  optimizer and the scheduler (``_configure_optimizer``, then ``_configure_lr_scheduler``); and reading a config
+  argument as DeepSpeed reads it (a dict, a file read with Hjson and duplicate keys refused, or base64);
 - features the backend refuses (pipeline engines, MoE layers, model parallelism);
 - the engine's and the ZeRO optimizers' private members the harvest rides on: the list of gradients of the
   flat all-reduce, the gradient-norm computation and its 1-element all-reduce, the loss scale, whether
@@ -19,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import sys
+from collections.abc import Mapping
 from typing import Any, Callable, Iterator, Optional
 
 try:
@@ -42,8 +47,10 @@ def _require_supported_version(version: str) -> None:
 
 _require_supported_version(deepspeed.__version__)
 
-from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402  (after the version check)
+from deepspeed.runtime.config import DeepSpeedConfig  # noqa: E402  (after the version check)
+from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402
 from deepspeed.runtime.pipe.engine import PipelineEngine  # noqa: E402
+from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config  # noqa: E402
 from deepspeed.runtime.utils import combine_grad_norm_groups  # noqa: E402
 from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3  # noqa: E402
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer  # noqa: E402
@@ -91,6 +98,51 @@ def engine_under_construction() -> DeepSpeedEngine:
         return engine
     raise RuntimeError("a scaling_plugins scheduler is built by deepspeed.initialize (a \"scheduler\" config entry "
                        "or scaling_plugins.backends.deepspeed.initialize(..., policy=...)), not directly")
+
+
+# -- what deepspeed.initialize is given -----------------------------------------------------------------------
+def read_config(config: Any) -> dict:
+    """A ``config`` argument read as ``deepspeed.initialize`` reads it (DeepSpeed's ``load_ds_config``): a dict as
+    it is; a path to an existing file read with Hjson (comments, trailing commas), a duplicate key refused with
+    ``ValueError``; else base64 of such a text."""
+    return load_ds_config(config)
+
+
+def check_config_before_deepspeed(check: Callable[[Mapping], None]) -> None:
+    """Run ``check(config)`` at the start of every ``DeepSpeedConfig(config, ...)`` given a dict, before DeepSpeed
+    reads it (its batch sizes are read and compared there). ``deepspeed.initialize`` always gives a dict: it reads a
+    path or base64 first. Idempotent."""
+    original = DeepSpeedConfig.__init__
+    if getattr(original, "scaling_plugins_check", False):
+        return
+
+    @functools.wraps(original)
+    def __init__(self: DeepSpeedConfig, config: Any, *args: Any, **kwargs: Any) -> None:
+        if isinstance(config, Mapping):
+            check(config)
+        original(self, config, *args, **kwargs)
+
+    __init__.scaling_plugins_check = True
+    DeepSpeedConfig.__init__ = __init__
+
+
+def check_engine_before_optimizer(check: Callable[[DeepSpeedEngine, bool, Any], None]) -> None:
+    """Run ``check(engine, optimizer_from_config, client_lr_scheduler)`` inside ``DeepSpeedEngine.__init__`` right
+    before it builds the optimizer (``_configure_optimizer``), which it follows with the lr scheduler
+    (``_configure_lr_scheduler``: a client ``lr_scheduler=`` given to ``deepspeed.initialize`` wins over the
+    config's ``"scheduler"``, which is then never looked up). ``optimizer_from_config``: no ``optimizer=`` was
+    given, so the config's ``"optimizer"`` entry is built. Idempotent."""
+    original = DeepSpeedEngine._configure_optimizer
+    if getattr(original, "scaling_plugins_check", False):
+        return
+
+    @functools.wraps(original)
+    def _configure_optimizer(self: DeepSpeedEngine, client_optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        check(self, client_optimizer is None, self.client_lr_scheduler)
+        return original(self, client_optimizer, *args, **kwargs)
+
+    _configure_optimizer.scaling_plugins_check = True
+    DeepSpeedEngine._configure_optimizer = _configure_optimizer
 
 
 def unsupported_feature(engine: DeepSpeedEngine) -> Optional[str]:

@@ -14,10 +14,8 @@ telemetry, batch-size control and what is refused: docs/deepspeed.md.
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -29,8 +27,11 @@ from ...policies import POLICIES, build_policy, policy_class
 from ...policies.registry import PolicySpec
 from ...telemetry import monitor_events, record_from
 from .harvest import LocalNumbers, ReducedNumbers, build_carrier
-from ...scheduler_params import resolve_scheduler_params
-from ..shared.driver import PolicyDriver, check_dense_gradients, torch_all_gather_rows, torch_all_reduce_mean
+from ...scheduler_params import BATCH_KEYS, is_auto, resolve_scheduler_params
+from ...state_check import check_fields, integer
+from ...user_warnings import warn_user
+from ..shared.driver import (PolicyDriver, check_dense_gradients, check_driver_state, torch_all_gather_rows,
+                             torch_all_reduce_mean)
 
 log = logging.getLogger(__name__)
 
@@ -159,16 +160,16 @@ class DeepSpeedDriver(PolicyDriver):
         """``engine.step(lr_kwargs={"loss": loss})``: must be the loss last given to ``engine.backward``."""
         if not self.policy.needs_loss:
             if not self._warned_step_loss:
-                log.warning("policy %r does not use the training loss; the loss passed to engine.step(lr_kwargs=...) "
-                            "is not used", self.policy.name)
+                warn_user(f"policy {self.policy.name!r} does not use the training loss; the loss passed to "
+                          "engine.step(lr_kwargs=...) is not used")
                 self._warned_step_loss = True
             return
         given = torch.as_tensor(loss, dtype=torch.float64, device=self.device).detach().reshape(())
         seen = None if self._backward_loss is None else self._backward_loss.reshape(()).to(torch.float64)
         if (seen is None or not torch.equal(given, seen)) and not self._warned_step_loss:
-            log.warning("the loss passed to engine.step(lr_kwargs=...) (%s) is not the one last given to "
-                        "engine.backward (%s); policy %r uses the all-reduced engine.backward loss",
-                        given.item(), None if seen is None else seen.item(), self.policy.name)
+            warn_user(f"the loss passed to engine.step(lr_kwargs=...) ({given.item()}) is not the one last given "
+                      f"to engine.backward ({None if seen is None else seen.item()}); policy {self.policy.name!r} "
+                      "uses the all-reduced engine.backward loss")
             self._warned_step_loss = True
 
     # -- DeepSpeed's scheduler interface -------------------------------------------------------------------
@@ -197,7 +198,12 @@ class DeepSpeedDriver(PolicyDriver):
         return {**super().state_dict(), "last_batch_iteration": self.last_batch_iteration}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        super().load_state_dict(dict(state))
+        """Restore ``state_dict()``'s (``engine.load_checkpoint`` calls it); the whole state is checked before
+        anything changes (``check_driver_state``, then ``last_batch_iteration``)."""
+        state = dict(state) if isinstance(state, Mapping) else state
+        check_driver_state(state, self.optimizer, self.policy)
+        check_fields(state, {"last_batch_iteration": integer(-1)}, "driver state")
+        super().load_state_dict(state)
         self.last_batch_iteration = int(state["last_batch_iteration"])
 
     @property
@@ -250,6 +256,50 @@ def _lookup(name: str, fallback: Callable[[str], Any]) -> type:
 compat.install_scheduler_lookup(_lookup)
 
 
+# -- what deepspeed.initialize is given: checked before DeepSpeed reads it ------------------------------------
+def _unfilled_auto(keys: list[str]) -> ValueError:
+    """The error for "auto" that only the Hugging Face Trainer and Accelerate fill, left in ``keys``."""
+    return ValueError(f"{', '.join(keys)} = \"auto\" in the DeepSpeed config: only the Hugging Face Trainer and "
+                      "Accelerate fill \"auto\" there, and plain deepspeed.initialize cannot read it (DeepSpeed "
+                      "would stop with a TypeError naming no key). Give numbers there (a policy's scheduler.params "
+                      "may keep \"auto\")")
+
+
+def _check_config(config: Mapping) -> None:
+    """At every ``DeepSpeedConfig``, before DeepSpeed compares the batch sizes: "auto" left in them."""
+    autos = [key for key in BATCH_KEYS if is_auto(config.get(key))]
+    if autos:
+        raise _unfilled_auto(autos)
+
+
+def _scheduler_label(scheduler: Any) -> str:
+    """A function's or class's name (DeepSpeed calls it with the optimizer), else the scheduler object's class."""
+    return getattr(scheduler, "__name__", None) or type(scheduler).__name__
+
+
+def _check_engine(engine: Any, optimizer_from_config: bool, client_scheduler: Any) -> None:
+    """In ``DeepSpeedEngine.__init__`` before it builds the optimizer, then the scheduler: a policy in the config
+    beside an ``lr_scheduler=`` (DeepSpeed would run the latter and never look the policy up), and "auto" left
+    where DeepSpeed reads a number."""
+    name = engine.scheduler_name()
+    if client_scheduler and name in POLICIES:   # truthiness: DeepSpeed's own test for a client scheduler
+        label = _scheduler_label(client_scheduler)
+        raise ValueError(f"deepspeed.initialize got lr_scheduler={label} and the config's \"scheduler\": "
+                         f"{{\"type\": \"{name}\"}}, a scaling_plugins policy: DeepSpeed would run {label} and drop "
+                         f"{name} without a word. Keep one: remove lr_scheduler= to run {name}, or the config's "
+                         f"\"scheduler\" entry to run {label}")
+    autos = ["gradient_clipping"] if is_auto(engine.gradient_clipping()) else []
+    if optimizer_from_config:
+        autos += [f"optimizer.params.{key}" for key, value in (engine.optimizer_params() or {}).items()
+                  if is_auto(value)]
+    if autos:
+        raise _unfilled_auto(autos)
+
+
+compat.check_config_before_deepspeed(_check_config)
+compat.check_engine_before_optimizer(_check_engine)
+
+
 # -- the code path --------------------------------------------------------------------------------------------
 def initialize(*args: Any, policy: Optional[PolicySpec] = None, **kwargs: Any) -> tuple:
     """``deepspeed.initialize(*args, **kwargs)`` with a policy as the lr scheduler, for code instead of a
@@ -284,8 +334,9 @@ def initialize(*args: Any, policy: Optional[PolicySpec] = None, **kwargs: Any) -
 
 
 def _config_dict(config: Any) -> Mapping:
+    """The config as DeepSpeed reads it (a dict, an Hjson file, duplicate keys refused, or base64)."""
     if config is None:
         return {}
     if isinstance(config, Mapping):
         return config
-    return json.loads(Path(config).read_text())
+    return compat.read_config(config)

@@ -5,7 +5,8 @@ Horovod 0.28.1 (its last release) is the version this is verified against; the 0
 ``AttributeError`` deep inside a step. What lives here:
 
 - the private attributes of ``hvd.DistributedOptimizer``'s class that the backend reads (parameter names,
-  compression, gradient groups, whether ``step()`` synchronizes) and the extension of that class in place
+  compression, gradient groups, whether ``step()`` synchronizes), the recognition of an optimizer Horovod already
+  wrapped, and the extension of that class in place
   (Horovod's methods call ``super(self.__class__, self)``, so the class cannot be subclassed);
 - Horovod Elastic's ``TorchState`` handler registry.
 """
@@ -41,6 +42,18 @@ def horovod_torch() -> ModuleType:
 
 
 # -- the optimizer Horovod builds -----------------------------------------------------------------------------
+def is_horovod_optimizer(optimizer: Any) -> bool:
+    """Whether ``optimizer`` was made by ``hvd.DistributedOptimizer`` (any op, Adasum included; ours too): its
+    class, or one it derives from, is a copy of Horovod's optimizer class, which Horovod builds per optimizer
+    from the same ``__init__``."""
+    horovod_torch()
+    from horovod.torch import optimizer as horovod_optimizer
+
+    inits = {vars(cls)["__init__"] for cls in (horovod_optimizer._DistributedOptimizer,
+                                                horovod_optimizer._DistributedAdasumOptimizer)}
+    return any(vars(cls).get("__init__") in inits for cls in type(optimizer).__mro__)
+
+
 def parameter_name(optimizer: Any, param: torch.Tensor) -> str:
     """The name Horovod gives ``param``'s all-reduce."""
     return optimizer._parameter_names[param]

@@ -14,7 +14,7 @@ import torch
 from ...policies import build_policy
 from ...policies.registry import PolicySpec
 from ..shared.driver import (PolicyDriver, PolicyReadings, base_lrs_state, check_accumulation_steps,
-                             check_saved_groups, optimizer_device)
+                             check_driver_state, optimizer_device)
 from ..shared.fused_norms import ChunkedNormMeter
 from . import compat
 from .compat import horovod_torch
@@ -113,7 +113,7 @@ class InactiveDriver(PolicyReadings):
         self.process_set = process_set
         self.world_size = process_set.size()        # the set's, as inside it
         self.accumulation_steps = backward_passes_per_step
-        self.policy = build_policy(policy)
+        self.policy = unshared_policy(policy)
         self.policy.configure(self.world_size, backward_passes_per_step)
         self.gain = self.scale = 1.0
 
@@ -138,6 +138,7 @@ class InactiveDriver(PolicyReadings):
         return {"policy": self.policy.state_dict(), "base_lrs": base_lrs_state(self.optimizer)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Keep the policy state for the next ``state_dict()``; the learning rates are not touched."""
-        check_saved_groups(state, self.optimizer)
+        """Keep the policy state for the next ``state_dict()``; the learning rates are not touched. The whole state
+        is checked first, as inside the set (``check_driver_state``)."""
+        check_driver_state(state, self.optimizer, self.policy)
         self.policy.load_state_dict(state["policy"])

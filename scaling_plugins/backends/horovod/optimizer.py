@@ -25,6 +25,7 @@ import torch
 
 from ...policies import build_policy
 from ...policies.registry import PolicySpec
+from ...user_warnings import warn_user
 from ..shared.driver import INITIAL_LR, check_loss_reduction, initial_lr
 from . import compat
 from .compat import horovod_torch
@@ -98,10 +99,10 @@ def _load_scaling_state(optimizer: torch.optim.Optimizer, state: dict[str, Any])
     driver = optimizer.scaling
     state = dict(state)
     if STATE_KEY not in state:
-        log.warning("the optimizer state has no %r entry (saved by a plain Horovod or torch optimizer): the "
-                    "optimizer state is loaded and policy %r is left as it was (fresh); to restore a policy state "
-                    "saved separately, call opt.scaling.load_state_dict(policy_state) after this", STATE_KEY,
-                    driver.policy.name)
+        warn_user(f"the optimizer state has no {STATE_KEY!r} entry (saved by a plain Horovod or torch optimizer): "
+                  f"the optimizer state is loaded and policy {driver.policy.name!r} is left as it was (fresh); to "
+                  "restore a policy state saved separately, call opt.scaling.load_state_dict(policy_state) after "
+                  "this")
         if driver.active:           # the saved lr is the group's initial lr; the policy sets lr from it
             groups = []
             for group in state["param_groups"]:
@@ -126,13 +127,28 @@ def _extend(optimizer: torch.optim.Optimizer, driver: HorovodDriver | InactiveDr
     optimizer.register_load_state_dict_pre_hook(_load_scaling_state)
 
 
+def check_plain_optimizer(optimizer: Any) -> None:
+    """``TypeError`` for an optimizer that is already distributed (ours, or ``hvd.DistributedOptimizer``'s):
+    Horovod would wrap it a second time and fail with a ``TypeError`` about missing positional arguments."""
+    if isinstance(optimizer, ScaledOptimizer):
+        raise TypeError(f"the optimizer passed is already a scaling_plugins DistributedOptimizer (class "
+                        f"{type(optimizer).__name__}, policy {optimizer.scaling.policy.name!r}): pass the plain torch "
+                        "optimizer, once, e.g. sph.DistributedOptimizer(torch.optim.SGD(...), ...)")
+    if compat.is_horovod_optimizer(optimizer):
+        raise TypeError(f"the optimizer passed is already wrapped by hvd.DistributedOptimizer (class "
+                        f"{type(optimizer).__name__}): pass the plain torch optimizer, e.g. "
+                        "sph.DistributedOptimizer(torch.optim.SGD(...), ...), which wraps it with "
+                        "hvd.DistributedOptimizer itself and takes the same arguments")
+
+
 def DistributedOptimizer(optimizer: torch.optim.Optimizer, *args: Any, policy: PolicySpec = "AdaScale",
                          loss_reduction: str = "mean", **kwargs: Any):
     """``hvd.DistributedOptimizer(optimizer, *args, **kwargs)`` whose learning rate follows ``policy``.
 
     Args:
         optimizer, *args, **kwargs: every argument of ``hvd.DistributedOptimizer``, same names and defaults
-            (``op`` must be ``hvd.Average`` or ``hvd.Sum``).
+            (``op`` must be ``hvd.Average`` or ``hvd.Sum``); ``optimizer`` is the plain torch optimizer (one
+            already wrapped by ``hvd.DistributedOptimizer`` or by this function is refused).
         policy: a registered name (``scaling_plugins.POLICIES``), ``{"type": name, "params": {...}}`` or a Policy;
             its scale defaults to workers × ``backward_passes_per_step``.
         loss_reduction: "mean" (each pass's loss divided by ``backward_passes_per_step``) or "sum".
@@ -156,6 +172,7 @@ def DistributedOptimizer(optimizer: torch.optim.Optimizer, *args: Any, policy: P
         opt.zero_grad()
     """
     hvd = horovod_torch()
+    check_plain_optimizer(optimizer)           # before Horovod builds anything; the same on every rank
     signature = inspect.signature(hvd.DistributedOptimizer)
     try:
         bound = signature.bind(optimizer, *args, **kwargs)

@@ -16,25 +16,27 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import weakref
-from typing import Any, ClassVar, ContextManager, Optional
+from typing import Any, Callable, ClassVar, ContextManager, Iterator, Optional
 
 import torch
 
 from ...policies import build_policy
 from ...policies.base import Policy, StepObservation
 from ...policies.registry import PolicySpec
+from ...state_check import check_fields, list_of, number, show
 from ...stats import GradientSample
+from ...user_warnings import warn_user
 from .fused_norms import BackwardCounter
-
-log = logging.getLogger(__name__)
 
 LOSS_REDUCTIONS = ("mean", "sum")
 INITIAL_LR = "initial_lr"
 AGREED_SETTINGS = ("policy", "params", "scale", "accumulation_steps", "loss_reduction")
 PERSISTENT_MISMATCH = 3   # consecutive steps with an unexpected number of backward passes before it is an error
 _DRIVEN: "weakref.WeakKeyDictionary[torch.optim.Optimizer, str]" = weakref.WeakKeyDictionary()
+_DRIVING: "weakref.WeakKeyDictionary[Policy, weakref.ref]" = weakref.WeakKeyDictionary()   # policy → its driver
+DRIVER_STATE_KEYS = ("policy", "base_lrs")
+DRIVER_STATE_HINT = "pass the dict from driver.state_dict() (it has 'policy' and 'base_lrs')"
 
 
 def check_loss_reduction(loss_reduction: str) -> None:
@@ -64,7 +66,68 @@ def check_saved_groups(state: dict[str, Any], optimizer: torch.optim.Optimizer) 
     """``ValueError`` unless a driver state saved as many base learning rates as ``optimizer`` has param groups."""
     saved, groups = len(state["base_lrs"]), len(optimizer.param_groups)
     if saved != groups:
-        raise ValueError(f"the checkpoint has initial lrs for {saved} param groups, the optimizer has {groups}")
+        raise ValueError(f"driver state: base_lrs has initial lrs for {saved} param groups, the optimizer has "
+                         f"{groups}: load a state saved with the same param groups")
+
+
+def check_driver_state(state: Any, optimizer: torch.optim.Optimizer, policy: Policy) -> None:
+    """``ValueError`` unless ``state`` is a whole driver state (``PolicyDriver.state_dict()``) that ``policy`` and
+    ``optimizer`` can take: a dict of the wrong level (the policy's own state, ``optimizer.state_dict()``) is named
+    as such; ``base_lrs`` must be finite numbers >= 0, one per param group; the policy's entry is checked whole
+    (``Policy.check_state``). Changes nothing: a driver's ``load_state_dict`` calls it before anything else."""
+    if not isinstance(state, dict):
+        raise ValueError(f"driver state = {show(state)} ({type(state).__name__}): must be a dict: "
+                         f"{DRIVER_STATE_HINT}")
+    if not all(key in state for key in DRIVER_STATE_KEYS):
+        keys = sorted(map(str, state))
+        if "format" in state or isinstance(state.get("policy"), str):
+            raise ValueError(f"driver state: got a policy's own state (policy.state_dict(), keys {keys}): "
+                             f"{DRIVER_STATE_HINT}, not the policy's own state")
+        if "param_groups" in state and "scaling_plugins" in state:
+            raise ValueError(f"driver state: got a Horovod optimizer's state (opt.state_dict(), keys {keys}): pass "
+                             "it to opt.load_state_dict(), or its 'scaling_plugins' entry here")
+        if "param_groups" in state:
+            raise ValueError(f"driver state: got an optimizer's state (optimizer.state_dict(), keys {keys}): "
+                             f"{DRIVER_STATE_HINT}, not optimizer.state_dict()")
+        missing = [key for key in DRIVER_STATE_KEYS if key not in state]
+        raise ValueError(f"driver state has no {missing[0]!r} entry (it has {keys}): {DRIVER_STATE_HINT}")
+    check_fields(state, {"base_lrs": list_of(number(minimum=0))}, "driver state")
+    check_saved_groups(state, optimizer)
+    policy.check_state(state["policy"])
+
+
+def unshared_policy(spec: PolicySpec) -> Policy:
+    """The policy ``spec`` gives (``build_policy``); ``ValueError`` when ``spec`` is a Policy instance that a live
+    driver already drives (``_DRIVING``): one policy holds one run's progress and statistics, so two optimizers
+    would spend its budget twice as fast and mix their statistics. Names and spec dicts build a fresh one."""
+    if isinstance(spec, Policy):
+        owner = _DRIVING.get(spec)
+        if owner is not None and owner() is not None:
+            raise ValueError(f"this {spec.name} policy instance already drives another optimizer: build one policy "
+                             f"per optimizer (pass the name {spec.name!r} or a spec dict {{'type': {spec.name!r}, "
+                             "'params': {...}}, which builds a fresh policy for each optimizer, or a new "
+                             f"{spec.name}(...) instance)")
+    return build_policy(spec)
+
+
+def innermost_optimizer(optimizer: Any) -> Any:
+    """The optimizer that does the update: ``optimizer`` with every wrapper that holds another in ``.optimizer``
+    (DeepSpeed's ZeRO and loss-scaling optimizers) taken off."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def refuse_foreign_step(driver_ref: "weakref.ref[PolicyDriver]") -> Callable[..., None]:
+    """An optimizer step pre-hook: ``RuntimeError`` for a step the driver (while it lives) is not taking itself."""
+    def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        driver = driver_ref()
+        if driver is not None and not driver.in_own_step:
+            raise RuntimeError("optimizer.step() was called outside driver.step(), which already steps this "
+                               "optimizer (through the grad scaler when attach was given one): a second step would "
+                               "apply the update twice, at twice the policy's learning rate. Remove the "
+                               "optimizer.step() (or scaler.step(optimizer)) call: driver.step() replaces it")
+    return hook
 
 
 def optimizer_device(optimizer: torch.optim.Optimizer) -> torch.device:
@@ -213,7 +276,7 @@ class PolicyDriver(PolicyReadings):
         self.accumulation_steps = accumulation_steps
         self.loss_reduction = loss_reduction
         self.world_size = world_size
-        self.policy = build_policy(policy)
+        self.policy = unshared_policy(policy)   # a Policy instance drives one optimizer
         if micro_batch_size is not None:   # the engine knows it (DeepSpeed)
             self.policy.set_micro_batch_size(micro_batch_size)
         self.policy.configure(world_size, accumulation_steps)
@@ -221,7 +284,14 @@ class PolicyDriver(PolicyReadings):
         self._warned_passes = False
         self._warned_zero_lr = False
         self._warned_done = False
+        self._warned_foreign_lr = False
+        self._applied_lrs: dict[int, float] = {}   # id(param group) → the lr this driver set there last
+        self.in_own_step = False
+        advice = self.policy.optimizer_advice(innermost_optimizer(optimizer).__class__)
+        if advice is not None:
+            warn_user(advice)
         PolicyDriver.apply_learning_rate(self)   # this class's own: a subclass's override would run half-built
+        _DRIVING[self.policy] = weakref.ref(self)   # from here on this driver drives it (``unshared_policy``)
 
     # -- what each engine provides --------------------------------------------------------------------------
     def reduced_norms(self) -> Optional[tuple[float, float]]:
@@ -279,11 +349,27 @@ class PolicyDriver(PolicyReadings):
                              "must attach the same policy with the same params, accumulation and loss reduction")
         _DRIVEN[self.optimizer] = self.policy.name
 
+    def refuse_other_optimizer_steps(self) -> None:
+        """For an engine whose driver steps the optimizer itself (``driver.step()`` does): from now on an
+        ``optimizer.step()`` that does not come from :meth:`stepping_optimizer` raises before it changes anything
+        (``refuse_foreign_step``), since it would apply the update a second time."""
+        self.optimizer.register_step_pre_hook(refuse_foreign_step(weakref.ref(self)))
+
+    @contextlib.contextmanager
+    def stepping_optimizer(self) -> Iterator[None]:
+        """The driver's own optimizer step (directly or through a grad scaler) runs inside this block."""
+        self.in_own_step = True
+        try:
+            yield
+        finally:
+            self.in_own_step = False
+
     # -- per step -------------------------------------------------------------------------------------------
     def advance(self, loss: Optional[torch.Tensor | float] = None) -> None:
         """Fold this optimizer step's statistics (and loss) into the policy and set this step's learning rates."""
         self._check_backward_passes(self.backward_passes())
         self._warn_past_budget()
+        self._warn_foreign_lr()
         gradients = self._gradient_sample() if self.policy.needs_gradient_norms else None
         mean_loss = self.reduced_loss(loss) if self.policy.needs_loss else None
         self.policy.step(StepObservation(gradients=gradients, loss=mean_loss))
@@ -312,18 +398,34 @@ class PolicyDriver(PolicyReadings):
         if self._mismatched_steps >= PERSISTENT_MISMATCH:
             raise RuntimeError(f"{message}; {self._mismatched_steps} steps in a row")
         if not self._warned_passes:
-            log.warning("%s; an error if it happens %d steps in a row", message, PERSISTENT_MISMATCH)
+            warn_user(f"{message}; an error if it happens {PERSISTENT_MISMATCH} steps in a row")
             self._warned_passes = True
 
     def _warn_past_budget(self) -> None:
         """One warning when a step is taken after the policy is done (its schedule has ended, so the learning rate
         is whatever the schedule gives past its end, often 0)."""
         if self.policy.done and not self._warned_done:
-            log.warning("policy %r is done (budget total_num_steps=%s reached, progress %.6g) but training goes on: "
-                        "stop the loop when .done is true (the Hugging Face Trainer: "
-                        "scaling_plugins.integrations.huggingface.ScalingCallback)", self.policy.name,
-                        getattr(self.policy, "total_num_steps", None), self.policy.progress)
+            budget = getattr(self.policy, "total_num_steps", None)
+            warn_user(f"policy {self.policy.name!r} is done (budget total_num_steps={budget} reached, progress "
+                      f"{self.policy.progress:.6g}) but training goes on: stop the loop when .done is true (the "
+                      "Hugging Face Trainer: scaling_plugins.integrations.huggingface.ScalingCallback)")
             self._warned_done = True
+
+    def _warn_foreign_lr(self) -> None:
+        """One warning when a param group's lr is not the one this driver set there last: something else set it
+        (a torch LR scheduler kept beside the policy, or a hand-set ``group["lr"]``), and this step undoes it."""
+        if self._warned_foreign_lr:
+            return
+        for index, group in enumerate(self.optimizer.param_groups):
+            applied = self._applied_lrs.get(id(group))
+            if applied is not None and group["lr"] != applied:
+                warn_user(f"param group {index}'s lr was set to {group['lr']:g} outside policy "
+                          f"{self.policy.name!r}, which had set {applied:g}: the policy sets every group's lr at "
+                          "each step, so that change is undone. Shape the learning rate with the policy's own "
+                          "schedule (params 'schedule', docs/policies.md) instead of a torch LR scheduler or a "
+                          "hand-set lr")
+                self._warned_foreign_lr = True
+                return
 
     def _gradient_sample(self) -> GradientSample:
         reduced = self.reduced_norms()
@@ -360,11 +462,12 @@ class PolicyDriver(PolicyReadings):
         its lr when first seen; ZeRO-1/2 show DeepSpeed's basic optimizer only the group it is stepping)."""
         for group in self.optimizer.param_groups:
             base_lr = group.setdefault(INITIAL_LR, group["lr"])
-            if base_lr == 0 and not self._warned_zero_lr:
-                log.warning("a param group has lr 0: policy %r multiplies it, so that group does not train",
-                            self.policy.name)
-                self._warned_zero_lr = True
             group["lr"] = self.policy.learning_rate(base_lr)
+            if base_lr == 0 and group["lr"] == 0 and not self._warned_zero_lr:
+                warn_user(f"a param group has lr 0: policy {self.policy.name!r} multiplies it, so that group does "
+                          "not train")
+                self._warned_zero_lr = True
+            self._applied_lrs[id(group)] = group["lr"]
 
     # -- what users read ------------------------------------------------------------------------------------
     @property
@@ -385,7 +488,9 @@ class PolicyDriver(PolicyReadings):
         return {"policy": self.policy.state_dict(), "base_lrs": base_lrs_state(self.optimizer)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        check_saved_groups(state, self.optimizer)
+        """Restore ``state_dict()``'s. The whole state is checked first (``check_driver_state``): a refused one
+        leaves the policy, the learning rates and the accumulation as they were."""
+        check_driver_state(state, self.optimizer, self.policy)
         self.policy.load_state_dict(state["policy"])
         self.resize(self.world_size, self.accumulation_steps)   # saved on another shape: the scale follows
         self.follow_batch_request()                              # a batch-size controller's batch comes back
