@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 import gc
-import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from accelerate.state import AcceleratorState, PartialState
 from transformers import LlamaConfig, LlamaForCausalLM
+
+from scaling_plugins import ScalingWarning
 
 VOCAB, SEQ, SAMPLES = 32, 8, 2048
 MODEL_CONFIG = {"vocab_size": VOCAB, "max_position_embeddings": SEQ, "hidden_size": 32, "intermediate_size": 64,
@@ -94,16 +96,20 @@ class StepRecord:
         return {"inputs": self.inputs, "params": self.params, "final": final, "steps": self.steps}
 
 
-class WarningRecorder(logging.Handler):
-    """The messages scaling_plugins logs at WARNING and above."""
+class WarningRecorder:
+    """The messages of the ``ScalingWarning``s scaling_plugins shows from now on (each one: the category's filter
+    becomes "always"); they are still printed."""
 
     def __init__(self) -> None:
-        super().__init__(logging.WARNING)
         self.messages: list[str] = []
-        logging.getLogger("scaling_plugins").addHandler(self)
+        warnings.simplefilter("always", ScalingWarning)
+        self._show = warnings.showwarning
+        warnings.showwarning = self._record
 
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(record.getMessage())
+    def _record(self, message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> None:
+        if issubclass(category, ScalingWarning):
+            self.messages.append(str(message))
+        self._show(message, category, *args, **kwargs)
 
 
 def error_of(fn: Any) -> str:

@@ -11,10 +11,9 @@ from typing import Any, ContextManager, Optional
 
 import torch
 
-from ...policies import build_policy
 from ...policies.registry import PolicySpec
 from ..shared.driver import (PolicyDriver, PolicyReadings, base_lrs_state, check_accumulation_steps,
-                             check_driver_state, optimizer_device)
+                             check_driver_state, optimizer_device, unshared_policy)
 from ..shared.fused_norms import ChunkedNormMeter
 from . import compat
 from .compat import horovod_torch
