@@ -109,7 +109,8 @@ def _flat_keys_into_schedule(policy: str, params: dict[str, Any]) -> dict[str, A
                          f"{schedule!r}, which takes none: name a schedule (e.g. \"WarmupLR\") or drop them")
     name = schedule.get("type")
     if name not in SCHEDULES:
-        raise ValueError(f"scheduler.params.schedule.type = {name!r} is not a known schedule; valid: {sorted(SCHEDULES)}")
+        raise ValueError(f"scheduler.params.schedule.type = {name!r} is not a known schedule; valid: "
+                         f"{sorted(SCHEDULES)}")
     own = {**{k: v for k, v in schedule.items() if k not in ("type", "params")}, **(schedule.get("params") or {})}
     schedule_takes = allowed_keys(SCHEDULES[name])
     if params.get(BUDGET) is not None and BUDGET in schedule_takes and BUDGET not in own:

@@ -72,9 +72,10 @@ def test_bias_corrected_ema_returns_first_value_then_weighted_mean():
     assert ema.value == pytest.approx(2.0)
 
 
-def test_default_smoothing_follows_the_paper():
+def test_default_smoothing_follows_the_paper_down_to_a_floor_of_0_9():
     assert default_smoothing(4) == pytest.approx(0.996)
-    assert default_smoothing(2000) == 0.0
+    assert default_smoothing(100) == pytest.approx(0.9)
+    assert default_smoothing(256) == default_smoothing(2000) == 0.9
 
 
 def test_non_finite_sample_is_skipped_and_estimates_stand():

@@ -21,7 +21,7 @@ scale: first the base learning rate among ``LR_FACTORS`` × the workload's defau
 among ``AUTOWU_RANGES`` × that lr; schedule, momentum and budget are the workload's. Fixed rules see the
 reference's samples (the same epochs); AdaScale gets the reference's budget in scale-invariant steps.
 A diagnostic rides along: on the ``smoothing_ablation`` workloads, AdaScale at the largest S again with each
-smoothing θ in ``SMOOTHING_VALUES`` (the default is max(1 − S/1000, 0)), to see how much the gain estimate's
+smoothing θ in ``SMOOTHING_VALUES`` (the default is max(1 − S/1000, 0.9)), to see how much the gain estimate's
 smoothing moves its steps and its quality.
 
 Run folders: ``OUT/<workload>/tune-*`` (the S = 1 sweeps), ``OUT/<workload>/<method>-S<S>-seed<k>`` and
@@ -51,7 +51,7 @@ STUDY_METHODS = (REFERENCE, "LinearScaling", "SqrtScaling", "LEGW", "AdaScale", 
 METHODS = STUDY_METHODS + ("AdaptiveBatch",)
 SCALES = (1, 4, 8, 16, 32)
 LR_FACTORS = (0.25, 0.5, 1.0, 2.0, 4.0)
-SMOOTHING_VALUES = (0.9, 0.99)   # AdaScale's θ in the ablation (default: max(1 − S/1000, 0))
+SMOOTHING_VALUES = (0.9, 0.99)   # AdaScale's θ in the ablation (default: max(1 − S/1000, 0.9))
 AUTOWU_RANGES = ((0.1, 4.0), (0.1, 32.0), (0.01, 4.0), (0.01, 32.0))   # AutoWU's (warmup_min_lr, warmup_max_lr) / lr
 S1_METHODS = (REFERENCE, "AutoWU")   # at S = 1 the scaling rules and AdaScale are the reference itself
 

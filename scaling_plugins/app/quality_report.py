@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence, Union
 
 from .noise_scale import NoiseScale, batch_size_advice, flattening_scale, run_noise_scale, steps_ratio
 from .plots import Run, _finish, _pyplot, load_run, plot_batch
+from ..stats import default_smoothing
 from .quality import METHODS, REFERENCE
 from .training import RUN_FILE
 from .workloads import WORKLOADS
@@ -167,7 +168,7 @@ def load_ablation(out: Union[str, Path]) -> dict[tuple[str, float, int], list[Ru
 
 
 def smoothing_lines(ablation: dict[tuple[str, float, int], list[Run]], rows: Sequence[Row], workload: str) -> list[str]:
-    """AdaScale with other smoothing θ against the default θ = 1 − S/1000 at the same scale."""
+    """AdaScale with other smoothing θ against the default θ (``default_smoothing``) at the same scale."""
     lines = []
     for (name, theta, scale), runs in sorted(ablation.items()):
         default = [r for r in rows if r.workload == name == workload and r.method == "AdaScale" and r.scale == scale]
@@ -175,8 +176,8 @@ def smoothing_lines(ablation: dict[tuple[str, float, int], list[Run]], rows: Seq
             continue
         reference = reference_row(rows, workload)
         loss = _mean_sd([run.summary["final_val_loss"] for run in runs])
-        lines.append(f"- AdaScale S = {scale}, smoothing θ = {theta:g} (default {1 - scale / 1000:g}), {len(runs)} "
-                     f"seed(s): val loss {loss[0]:.4f} ± {loss[1]:.4f} "
+        lines.append(f"- AdaScale S = {scale}, smoothing θ = {theta:g} (default {default_smoothing(scale):g}), "
+                     f"{len(runs)} seed(s): val loss {loss[0]:.4f} ± {loss[1]:.4f} "
                      f"({100 * (loss[0] / reference.loss[0] - 1):+.1f}% "
                      f"vs S = 1; default θ {100 * relative_loss(default[0], reference):+.1f}%), "
                      f"{statistics.fmean(run.summary['steps'] for run in runs):.0f} steps, mean gain "

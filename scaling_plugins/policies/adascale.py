@@ -36,7 +36,7 @@ class AdaScale(BaseScaleProgress):
 
     Args (all optional; ``AdaScale()`` is the paper's defaults, a constant schedule and no budget):
         scale: S = effective batch / base batch; default workers × accumulation steps.
-        smoothing: EMA coefficient θ ∈ [0, 1); default max(1 − S/1000, 0).
+        smoothing: EMA coefficient θ ∈ [0, 1); default max(1 − S/1000, 0.9).
         schedule: base schedule of τ (a callable, a name from ``SCHEDULES`` or ``{"type": ..., ...}``).
         total_num_steps: budget T_SI in base-scale steps; ``done`` once τ ≥ it.
         single_gradient: "unit_gain" (default fallback when n = 1) or "error".

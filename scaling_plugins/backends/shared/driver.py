@@ -32,6 +32,7 @@ from .fused_norms import BackwardCounter
 LOSS_REDUCTIONS = ("mean", "sum")
 INITIAL_LR = "initial_lr"
 AGREED_SETTINGS = ("policy", "params", "scale", "accumulation_steps", "loss_reduction")
+MAX_GROUPS_SHOWN = 8        # rank groups named when the ranks disagree on a setting
 PERSISTENT_MISMATCH = 3   # consecutive steps with an unexpected number of backward passes before it is an error
 _DRIVEN: "weakref.WeakKeyDictionary[torch.optim.Optimizer, str]" = weakref.WeakKeyDictionary()
 _DRIVING: "weakref.WeakKeyDictionary[Policy, weakref.ref]" = weakref.WeakKeyDictionary()   # policy → its driver
@@ -194,6 +195,23 @@ def disagreements(rows: torch.Tensor) -> dict[str, list[list[int]]]:
     return found
 
 
+def describe_rank_groups(groups: list[list[int]], shown: int = MAX_GROUPS_SHOWN) -> str:
+    """``[[0-2046, 2048-4095], [2047]]``: each group's ranks with consecutive runs as ranges, at most ``shown``
+    groups (then how many more), so that the message stays short at thousands of ranks."""
+    def ranges(ranks: list[int]) -> str:
+        runs: list[list[int]] = []
+        for rank in ranks:
+            if runs and rank == runs[-1][1] + 1:
+                runs[-1][1] = rank
+            else:
+                runs.append([rank, rank])
+        return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+    text = ", ".join(f"[{ranges(group)}]" for group in groups[:shown])
+    more = f", and {len(groups) - shown} more groups" if len(groups) > shown else ""
+    return f"[{text}{more}]"
+
+
 def torch_all_gather_rows(row: torch.Tensor, group: Any = None) -> torch.Tensor:
     """Every rank's ``row`` (torch.distributed), stacked in rank order."""
     import torch.distributed as dist
@@ -343,7 +361,8 @@ class PolicyDriver(PolicyReadings):
                            device=self.device)
         differing = disagreements(self.all_gather_rows(row))
         if differing:
-            parts = [f"{key} (ranks grouped by equal value: {groups}; this rank has {mine[key]!r})"
+            parts = [f"{key} (ranks grouped by equal value: {describe_rank_groups(groups)}; this rank has "
+                     f"{mine[key]!r})"
                      for key, groups in differing.items()]
             raise ValueError("the ranks disagree on their policy settings: " + "; ".join(parts) + ". Every rank "
                              "must attach the same policy with the same params, accumulation and loss reduction")
