@@ -115,6 +115,31 @@ def variant(name: str, model: torch.nn.Module, world: int) -> tuple[DDP, Callabl
     return ddp, optimizer.step, lambda: {"gain": optimizer.gain()}
 
 
+Timings = dict[str, list[tuple[float, float, float]]]
+
+
+def time_variants(step: Callable[[str], None], names: Sequence[str], warmup: int,
+                  steps: int) -> tuple[dict[str, int], Timings]:
+    """Side by side on this rank's group: ``warmup`` rounds of every variant's ``step(name)``, each variant's
+    collectives in one step, then ``steps`` rounds timed (wall, thread CPU, process CPU per step, after a
+    barrier), the variants' order rotated every round so none always runs first."""
+    def timed(name: str) -> tuple[float, float, float]:
+        dist.barrier()
+        wall, cpu, process = time.perf_counter(), time.thread_time(), time.process_time()
+        step(name)
+        return time.perf_counter() - wall, time.thread_time() - cpu, time.process_time() - process
+
+    for _ in range(warmup):
+        for name in names:
+            step(name)
+    counts = {name: collectives(lambda: step(name)) for name in names}
+    times: Timings = {name: [] for name in names}
+    for i in range(steps):
+        for name in [*names[i % len(names):], *names[:i % len(names)]]:
+            times[name].append(timed(name))
+    return counts, times
+
+
 def measure(rank: int, args: argparse.Namespace) -> dict:
     """Every variant's step times and collectives on this rank."""
     names = ["bare", "ours"] + (["fairscale"] if args.fairscale else []) + (["floor"] if args.floor else [])
@@ -130,20 +155,7 @@ def measure(rank: int, args: argparse.Namespace) -> dict:
         optimizer_step()
         ddp.zero_grad()
 
-    def timed(name: str) -> tuple[float, float, float]:
-        dist.barrier()
-        wall, cpu, process = time.perf_counter(), time.thread_time(), time.process_time()
-        step(name)
-        return time.perf_counter() - wall, time.thread_time() - cpu, time.process_time() - process
-
-    for _ in range(args.warmup):
-        for name in names:
-            step(name)
-    counts = {name: collectives(lambda: step(name)) for name in names}
-    times: dict[str, list[tuple[float, float, float]]] = {name: [] for name in names}
-    for i in range(args.steps):
-        for name in names[i % len(names):] + names[:i % len(names)]:
-            times[name].append(timed(name))
+    counts, times = time_variants(step, names, args.warmup, args.steps)
     params = sum(p.numel() for p in variants["bare"][0].parameters())
     tensors = sum(1 for _ in variants["bare"][0].parameters())
     return {"params": params, "tensors": tensors, "times": times, "collectives": counts,

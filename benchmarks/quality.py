@@ -11,7 +11,6 @@ runs/quality-adaptive/, with adaptive_<workload>.png); benchmarks/RESULTS.md "##
 """
 import argparse
 import sys
-from pathlib import Path
 
 from scaling_plugins.app.bench import add_quality_arguments, run_quality
 

@@ -9,6 +9,7 @@ the resumed steps must be the uninterrupted ones exactly.
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any, Callable, Protocol
 
@@ -50,6 +51,41 @@ class Loop(Protocol):
 
     def final_loss(self) -> float:
         """The model's loss at x = 0 (½‖w‖²)."""
+
+
+class DriverLoop:
+    """A :class:`Loop` for a driver that steps the optimizer itself (DDP's and FSDP2's ``attach``): all but
+    ``__init__`` (which sets ``model``, ``net`` (the model's own module), ``optimizer``, ``driver``) and
+    ``backward``."""
+
+    net: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    driver: Any
+
+    def accumulation(self) -> int:
+        return self.driver.accumulation_steps
+
+    def step(self) -> None:
+        self.driver.step()
+        self.optimizer.zero_grad()
+
+    def metrics(self) -> dict[str, Any]:
+        return self.driver.metrics()
+
+    def engine_accumulation(self) -> int:
+        return self.driver.accumulation_steps
+
+    def state(self) -> dict[str, Any]:
+        return copy.deepcopy({"model": self.net.state_dict(), "optimizer": self.optimizer.state_dict(),
+                              "scaling": self.driver.state_dict()})
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.driver.load_state_dict(state["scaling"])
+
+    def final_loss(self) -> float:
+        return self.net(torch.zeros(1, 20)).item()
 
 
 def micro_batch(seen: int, rank: int, micro: int) -> torch.Tensor:

@@ -70,3 +70,18 @@ def check_autowu_run(first: dict, second: dict) -> None:
     assert all(math.isfinite(x) for x in first["losses"])
     assert first["lrs"][first["switch_step"]] == first["peak_lr"] < AUTOWU["params"]["warmup_max_lr"]
     assert first["lrs"][-1] == 0.0
+
+
+def check_resumed_at_new_scale(policy: str, saved: dict, resumed: dict, scale: int) -> None:
+    """A policy state saved at one scale and loaded at ``scale`` (another world size): the scale follows, τ carries
+    on, AdaScale's σ², μ² (base-batch units) carry over and its gain stays in [1, scale], a scaling rule's factor
+    k follows. ``saved``: scale, progress, metrics at the save; ``resumed``: its ``"resumed"`` numbers right after
+    the load, then gain and metrics after a step."""
+    assert resumed["resumed"]["scale"] == scale and resumed["scale"] == scale
+    assert resumed["resumed"]["progress"] == saved["progress"]
+    if policy == "AdaScale":
+        for key in ("sigma_sq", "mu_sq"):
+            assert resumed["resumed"]["metrics"][key] == saved["metrics"][key]
+        assert 1 <= resumed["gain"] <= scale
+    else:
+        assert resumed["metrics"]["lr_factor"] == scale

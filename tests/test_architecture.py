@@ -16,10 +16,13 @@ APP = "scaling_plugins.app"
 ENGINE_INTERNALS = {
     "deepspeed": ("_get_norm_groups", "scaled_global_norm", "_get_gradients_for_reduction", "get_grads_for_reduction",
                   "basic_optimizer", "gradient_average", "lr_schedules", "_getframe", "bit16_groups", "micro_steps",
-                  "_configure_optimizer", "client_lr_scheduler", "load_ds_config"),
+                  "_configure_optimizer", "client_lr_scheduler", "load_ds_config", "TorchBackend", "_get_default_group",
+                  "_device_types", "_get_backend"),
     "horovod": ("_parameter_names", "_compression", "_group_counts", "_should_synchronize", "_synchronized",
                 "get_handler_registry", "OptimizerStateHandler", "_DistributedOptimizer",
                 "_DistributedAdasumOptimizer"),
+    "fsdp": ("_get_fsdp_state", "_fsdp_param_groups", "_reduce_scatter_comm", "fsdp_params", "sharded_param",
+             "mp_policy", "gradient_divide_factor", "ReduceScatter", "DefaultReduceScatter"),
 }
 
 
@@ -88,6 +91,7 @@ def test_no_import_cycles_between_modules():
 
 BACKENDS = PACKAGE / "backends"
 ROLE_MODULES = {"ddp": {"driver", "harvest"},
+                "fsdp": {"compat", "driver", "harvest"},
                 "deepspeed": {"compat", "driver", "harvest"},
                 "horovod": {"compat", "driver", "elastic", "harvest", "optimizer"}}
 
@@ -96,7 +100,7 @@ def test_each_engine_is_a_subpackage_of_role_modules_beside_the_shared_pieces():
     """One subpackage per engine, its modules named by role; what they share in ``backends.shared``; nothing else."""
     found = {path.name: {m.stem for m in path.glob("*.py") if m.stem != "__init__"}
              for path in BACKENDS.iterdir() if path.is_dir() and (path / "__init__.py").exists()}
-    assert found.pop("shared") == {"driver", "fused_norms", "grad_scaler", "wide_payload"}
+    assert found.pop("shared") == {"driver", "fused_norms", "grad_scaler", "versions", "wide_payload"}
     assert found == ROLE_MODULES
     assert sorted(p.name for p in BACKENDS.glob("*.py")) == ["__init__.py"]
 
@@ -166,7 +170,8 @@ def test_no_constructor_of_a_base_class_calls_an_overridable_method():
     assert offenders == {}
 
 
-ENGINE_MODULES = {"ddp": "torch.distributed", "deepspeed": "deepspeed", "horovod": "horovod.torch"}
+ENGINE_MODULES = {"ddp": "torch.distributed", "deepspeed": "deepspeed", "fsdp": "torch.distributed.fsdp",
+                  "horovod": "horovod.torch"}
 
 
 @pytest.mark.parametrize("backend", sorted(ENGINE_MODULES))
@@ -206,7 +211,7 @@ def test_an_unsupported_deepspeed_version_is_refused_by_name():
 
     with pytest.raises(ImportError, match=r"deepspeed 0\.18\.2 is not supported by scaling_plugins \(supported: "
                                           r"0\.19\.x; verified on 0\.19\.8\)"):
-        deepspeed_compat._require_supported_version("0.18.2")
+        deepspeed_compat.check_version("0.18.2")
 
 
 def test_an_unsupported_horovod_version_is_refused_by_name(monkeypatch):

@@ -1,9 +1,10 @@
 """Multi-host runs for real, on the cluster harness (tests/cluster): two hosts with their own names, addresses
 and a spare interface each, sshd, munge, slurmctld and a slurmd per host. Every launcher runs
-launch/examples/train.py --golden with 2 hosts x 2 ranks; every run must report world size 4 on both hosts,
-the golden first-step gains (4/3, 1, 2) on every rank, identical gain, lr and loss trajectories on every rank,
-equal (within float tolerance) to the same 4-rank run on one host. Needs root; without it the module is
-skipped, except under CI=true where it fails."""
+launch/examples/train.py --golden with 2 hosts x 2 ranks (the Slurm torchrun template also with FSDP2, and
+with HSDP: one replica per host); every run must report world size 4 on both hosts, the golden first-step gains
+(4/3, 1, 2) on every rank, identical gain, lr and loss trajectories on every rank, equal (within float
+tolerance) to the same 4-rank run on one host (DDP). Needs root; without it the module is skipped, except under
+CI=true where it fails."""
 from __future__ import annotations
 
 import os
@@ -25,7 +26,9 @@ from tools.launchers import REPO, free_port
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(420)]
 
 TRAIN = ["launch/examples/train.py", "--workload", "quadratic", "--budget", "8", "--trajectory", "--golden"]
-SLURM_BACKENDS = {"torchrun": "ddp", "deepspeed": "deepspeed", "mpirun": "ddp", "horovodrun": "horovod"}
+# (launch/slurm/<launcher>.sbatch, --backend and its options)
+SLURM_RUNS = [("deepspeed", "deepspeed"), ("horovodrun", "horovod"), ("mpirun", "ddp"), ("torchrun", "ddp"),
+              ("torchrun", "fsdp"), ("torchrun", "fsdp --replicas 2")]
 NO_SSH = "#!/bin/sh\necho \"ssh $*\" >> \"$(dirname \"$0\")/ssh.log\"\nexit 255\n"
 
 
@@ -82,17 +85,18 @@ def test_launch_picks_the_interface_of_the_route_unless_set(cluster):
     assert chosen.stdout.split() == ["mine", "eth1", "eth1"], chosen.stderr
 
 
-@pytest.mark.parametrize("launcher", sorted(SLURM_BACKENDS))
-def test_slurm_template_across_two_hosts_without_ssh(cluster, reference, tmp_path, launcher):
+@pytest.mark.parametrize("launcher, backend", SLURM_RUNS)
+def test_slurm_template_across_two_hosts_without_ssh(cluster, reference, tmp_path, launcher, backend):
     """sbatch -N 2 --ntasks-per-node=2: the template starts every rank through Slurm; any ssh fails and is
-    logged (an ssh stub first on PATH)."""
+    logged (an ssh stub first on PATH). FSDP2 shards over the 4 ranks of both hosts, HSDP (--replicas 2) within
+    each host with the replicas across the hosts; both must give the one-host DDP run's trajectory."""
     stub = tmp_path / "bin"
     stub.mkdir()
     (stub / "ssh").write_text(NO_SSH)
     (stub / "ssh").chmod(0o755)
     log = tmp_path / "job.log"
     cmd = ["sbatch", "--parsable", "-N", "2", "--ntasks-per-node=2", "-o", str(log), f"launch/slurm/{launcher}.sbatch",
-           *TRAIN, "--backend", SLURM_BACKENDS[launcher], "--out", str(tmp_path / "run")]
+           *TRAIN, "--backend", *backend.split(), "--out", str(tmp_path / "run")]
     env = env_for(cluster, path_first=(str(stub),))
     job = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=60, check=True)
     state = wait_for_job(cluster, job.stdout.strip().split(";")[0], timeout=360)

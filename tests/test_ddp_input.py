@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from scaling_plugins import AdaScale
 from scaling_plugins.backends.ddp import attach
 from tests.distributed import run_ranks
+from tests.policy_cases import check_resumed_at_new_scale
 from tools.launchers import REPO, VENV_BIN, free_port, run_command
 
 # -- DDP, both ranks meeting the same bad input ------------------------------------------------------------------
@@ -193,6 +194,18 @@ def optimizer_stepped_again(rank: int) -> None:
         assert torch.equal(model.weight, weight), "the second step changed the weights"
 
 
+def checkpoint_state_of_a_fresh_optimizer(rank: int) -> None:
+    """torch.distributed.checkpoint creates a fresh optimizer's state with one step at lr 0: let through."""
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model, ddp, opt = _model_and_optimizer()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    attach(ddp, opt, "LinearScaling")
+    weight = model.weight.detach().clone()
+    _, optimizer_state = get_state_dict(ddp, opt)
+    assert optimizer_state["state"] and torch.equal(model.weight, weight) and opt.param_groups[0]["lr"] == 0.2
+
+
 def scaler_stepped_again(rank: int) -> None:
     model, ddp, opt = _model_and_optimizer()
     scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
@@ -309,6 +322,8 @@ RANK_CASES = [  # (id, case, {rank: fragment of the error or of the logged warni
          "(through the grad scaler when attach was given one): a second step would apply the update twice, at twice "
          "the policy's learning rate. Remove the optimizer.step() (or scaler.step(optimizer)) call: driver.step() "
          "replaces it"}),
+    ("torch.distributed.checkpoint's get_state_dict on a fresh optimizer", checkpoint_state_of_a_fresh_optimizer,
+     {0: "no error", 1: "no error"}),
     ("scaler.step(optimizer) after driver.step() with the scaler attached", scaler_stepped_again,
      {0: "RuntimeError: optimizer.step() was called outside driver.step()"}),
     ("a torch StepLR beside the policy", step_lr_beside_the_policy,
@@ -407,14 +422,7 @@ def test_resume_on_another_world_size_follows_the_new_scale(policy):
     saved = run_ranks(checkpoint_at, 4, policy, None)[0]
     assert saved["scale"] == 4
     resumed = run_ranks(checkpoint_at, 2, policy, saved["state"])[0]
-    assert resumed["resumed"]["scale"] == 2 and resumed["scale"] == 2
-    assert resumed["resumed"]["progress"] == saved["progress"]                  # τ carries on
-    if policy == "AdaScale":
-        for key in ("sigma_sq", "mu_sq"):                                        # base-batch units carry over
-            assert resumed["resumed"]["metrics"][key] == saved["metrics"][key]
-        assert 1 <= resumed["gain"] <= 2
-    else:
-        assert resumed["metrics"]["lr_factor"] == 2                              # k follows the new scale
+    check_resumed_at_new_scale(policy, saved, resumed, 2)
 
 
 # -- the warnings meant for the user reach a bare `python train.py` --------------------------------------------------

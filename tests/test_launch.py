@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from scaling_plugins.app.golden import EXPECTED as GOLDEN_GAINS
 from tests.launching import TRAIN, assert_two_ranks_trained_together, run_launch, slurm_env
 from tools.launchers import REPO, VENV_BIN, free_port, run_command
 
@@ -56,6 +57,24 @@ def test_deepspeed_wrapper(tmp_path):
     assert outcome["commands"][0].startswith(f"deepspeed --hostfile {tmp_path / 'hostfile'} --no_ssh_check "
                                              "--master_addr 127.0.0.1")
     assert_two_ranks_trained_together(outcome)
+
+
+@pytest.mark.slow
+def test_torchrun_wrapper_with_the_fsdp_backend_checkpoints_and_resumes(tmp_path):
+    """FSDP2 through torchrun: the golden gains on both ranks, a run that checkpoints through
+    torch.distributed.checkpoint, and the same command again resuming from its last checkpoint to the same end,
+bit for bit."""
+    command = ["launch/torchrun.sh", *TRAIN, "--backend", "fsdp", "--golden", "--checkpoint-every", "5"]
+    first = run_launch(command, LOCAL, tmp_path)
+    assert_two_ranks_trained_together(first)
+    assert all(r["golden"] == pytest.approx(GOLDEN_GAINS, rel=1e-6) for r in first["results"])
+    assert (tmp_path / "run" / "checkpoint" / ".metadata").exists()
+    again = run_launch(command, LOCAL, tmp_path)
+    assert_two_ranks_trained_together(again)
+    last_saved = first["results"][0]["steps"] // 5 * 5
+    assert 0 < last_saved < first["results"][0]["steps"]          # the resumed run trains the last steps again
+    assert [r["resumed_from"] for r in again["results"]] == [last_saved] * 2
+    assert again["results"][0]["final_val_loss"] == first["results"][0]["final_val_loss"]
 
 
 def require_horovod():
@@ -244,3 +263,54 @@ def test_a_launch_that_times_out_is_stopped_with_the_processes_it_started(tmp_pa
     while _running(rank) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not _running(rank)
+
+
+HSDP_RUN = ["launch/torchrun.sh", *TRAIN, "--backend", "fsdp", "--golden", "--trajectory"]
+
+
+@pytest.mark.slow
+def test_torchrun_wrapper_with_fsdp_replicas_trains_as_plain_fsdp(tmp_path):
+    """--replicas 2 on 4 ranks (HSDP, mesh (2, 2)): the golden gains on every rank, and every rank the trajectory
+    of the same run with --replicas 1 (FSDP2 sharding over all 4 ranks)."""
+    four = {"NPROC_PER_NODE": "4"}
+    hsdp = run_launch([*HSDP_RUN, "--replicas", "2"], four, tmp_path / "hsdp")
+    plain = run_launch([*HSDP_RUN, "--replicas", "1"], four, tmp_path / "plain")
+    for outcome in (hsdp, plain):
+        assert [r["rank"] for r in outcome["results"]] == [0, 1, 2, 3], outcome["output"][-3000:]
+    for row in hsdp["results"]:
+        assert row["golden"] == pytest.approx(GOLDEN_GAINS, rel=1e-6), (row["rank"], row["golden"])
+    expected = plain["results"][0]
+    assert expected["steps"] > 0 and expected["final_progress"] >= 16 and max(expected["gain"]) > 1.0
+    for row in hsdp["results"]:
+        assert row["steps"] == expected["steps"]
+        for key in ("gain", "lr", "loss"):
+            assert row[key] == pytest.approx(expected[key], rel=1e-6), (row["rank"], key)   # float32 sums
+
+
+@pytest.mark.slow
+def test_fsdp_replicas_reach_the_mesh(tmp_path):
+    """--replicas 2 on 2 ranks leaves shard groups of one rank, which the FSDP2 driver refuses for AdaScale: the
+    option reached fully_shard's mesh."""
+    with pytest.raises(AssertionError) as failed:   # run_command's: the launch exited non-zero
+        run_launch(["launch/torchrun.sh", *TRAIN, "--backend", "fsdp", "--replicas", "2"], LOCAL, tmp_path)
+    assert "the FSDP mesh shards over 1 rank" in str(failed.value), str(failed.value)[-3000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--backend", "ddp", "--replicas", "2"],
+     "replicas=2 (HSDP) needs the fsdp backend, not 'ddp': use --backend fsdp, or leave replicas at 1"),
+    (["--backend", "fsdp", "--replicas", "3"],
+     "replicas=3 does not divide the world size 4: the HSDP mesh is (replicas, world size / replicas); pick a "
+     "divisor of 4"),
+    (["--backend", "fsdp", "--replicas", "0"], "replicas must be an int >= 1, got 0"),
+])
+def test_the_example_trainer_refuses_replicas_it_cannot_use(monkeypatch, capsys, args, message):
+    """Under a launcher of 4 ranks, before any process group: argparse's usage error (exit status 2)."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(sys, "argv", ["train.py", "--workload", "quadratic", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        example_trainer().parse_args()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert f"train.py: error: argument --replicas: {message}" in err

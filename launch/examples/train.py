@@ -1,6 +1,8 @@
 """Train a built-in workload with a scaling_plugins policy, under any launcher, with any backend.
 
     launch/torchrun.sh   launch/examples/train.py --backend ddp --policy AdaScale
+    launch/torchrun.sh   launch/examples/train.py --backend fsdp
+    launch/torchrun.sh   launch/examples/train.py --backend fsdp --replicas 2   (HSDP: a replica per host)
     launch/deepspeed.sh  launch/examples/train.py --backend ddp
     launch/mpirun.sh     launch/examples/train.py --backend ddp
     launch/horovodrun.sh launch/examples/train.py --backend horovod
@@ -15,9 +17,10 @@ three first-step gains of known value (scaling_plugins.app.golden: 4/3, 1 and 2 
 
 Faults: --checkpoint-every K saves every K steps to OUT/checkpoint and a restarted job (torchrun
 --max-restarts, or the same command again) resumes there, bit for bit; --timeout S bounds how long a rank waits
-for a lost peer, after which it prints one line naming the failure and exits 1; --fault-kill RANK:STEP is a
-drill (that rank SIGKILLs itself once); a rank the launcher or the batch system stops with SIGTERM says so in one
-line, unless it is already reporting its own failure. docs/faults.md has what each fault looks like and how to resume.
+for a lost peer, after which it prints one line naming the failure and exits 1 (under Horovod over MPI a lost host
+makes Open MPI abort the job instead); --fault-kill RANK:STEP is a drill (that rank SIGKILLs itself once); a
+rank the launcher or the batch system stops with SIGTERM says so in one line, unless it is already reporting its
+own failure. docs/faults.md has what each fault looks like and how to resume.
 """
 import argparse
 import json
@@ -30,9 +33,9 @@ from pathlib import Path
 from typing import Callable, NoReturn, Optional
 
 from scaling_plugins.app.demo import check_budget
-from scaling_plugins.app.engines import BACKENDS, start, stop
+from scaling_plugins.app.engines import BACKENDS, check_replicas, start, stop
 from scaling_plugins.app.golden import golden_gains
-from scaling_plugins.app.launch_env import Placement
+from scaling_plugins.app.launch_env import Placement, placement
 from scaling_plugins.app.training import RunSpec, train
 from scaling_plugins.app.workloads import WORKLOADS
 
@@ -78,16 +81,28 @@ def parse_args() -> argparse.Namespace:
                         help="checkpoint to OUT/checkpoint every K steps; resume from it when it is there")
     parser.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
                         help="how long a collective waits for a lost peer before this rank stops with an error "
-                             "(the process group timeout; default torch's 30 minutes)")
+                             "(the process group timeout, which also reaches DeepSpeed's own groups, default "
+                             "torch's 30 minutes; Horovod: its Gloo timeout, Open MPI's failure detector and its "
+                             "stall shutdown; docs/faults.md)")
     parser.add_argument("--fault-kill", default=None, metavar="RANK:STEP",
                         help="fault drill: that rank kills itself with SIGKILL after that step, once per OUT")
     parser.add_argument("--trajectory", action="store_true", help="add every step's gain, lr and loss to RESULT")
     parser.add_argument("--golden", action="store_true", help="first check the known gains 4/3, 1, 2 (RESULT golden)")
+    parser.add_argument("--replicas", type=int_at_least_1("replicas"), default=1, metavar="R",
+                        help="--backend fsdp: HSDP, the mesh (R, ranks / R) of replicas x shards; the ranks are "
+                             "numbered host by host, so with ranks / R per host each replica is a host")
     parser.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # the deepspeed launcher passes it
-    return parser.parse_args()
+    args = parser.parse_args()
+    world_size = placement().world_size   # the launcher's, known before any process group
+    try:
+        check_replicas(args.backend, args.replicas, world_size)
+    except ValueError as err:
+        parser.error(f"argument --replicas: {err}")
+    return args
 
 
-LOST_PEER_WORDS = ("timed out", "timeout", "connection", "closed", "reset by peer", "broken pipe")
+LOST_PEER_WORDS = ("timed out", "timeout", "connection", "closed", "reset by peer", "broken pipe",
+                   "has been shut down")   # the last: Horovod's stall shutdown, which --timeout sets
 
 
 def fault_drill(spec: str, rank: int, out: Path) -> Callable[[dict], None]:
@@ -172,10 +187,10 @@ def main() -> None:
 
 
 def run(args: argparse.Namespace, where: Placement) -> None:
-    golden = golden_gains(args.backend, where.rank, where.world_size) if args.golden else None
+    golden = golden_gains(args.backend, where.rank, where.world_size, args.replicas) if args.golden else None
     spec = RunSpec(name=args.out.name, workload=args.workload, backend=args.backend, policy=args.policy,
                    workers=where.world_size, accumulation=args.accumulation, budget=args.budget, seed=args.seed,
-                   checkpoint_every=args.checkpoint_every)
+                   checkpoint_every=args.checkpoint_every, replicas=args.replicas)
     steps: list[dict] = []
     drill = fault_drill(args.fault_kill, where.rank, args.out) if args.fault_kill else None
 

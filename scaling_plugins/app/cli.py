@@ -58,14 +58,16 @@ def build_parser() -> argparse.ArgumentParser:
                     "S = 1 reference (one rank, base batch), on local CPU processes (no launcher needed). "
                     "Prints the comparison table; writes OUT/<timestamp>/<run>/metrics.jsonl and PNG plots.")
     demo.add_argument("--backend", choices=BACKENDS, default="ddp",
-                      help="engine: PyTorch DDP (default), DeepSpeed (needs deepspeed) or Horovod (needs `make horovod`)")
+                      help="engine: PyTorch DDP (default), PyTorch FSDP2 (fully_shard), DeepSpeed (needs deepspeed) or "
+                           "Horovod (needs `make horovod`)")
     demo.add_argument("--policy", action="append", metavar="NAME",
                       help="a registered policy to run at scale S (repeat for several); default: AdaScale and "
                            "linear scaling with warmup when registered. `--policy list` shows the registry")
     demo.add_argument("--workload", choices=sorted(WORKLOADS), default="digits",
                       help="digits: scikit-learn's digits images, small CNN; charlm: character LSTM on the Python "
                            "reference text shipped with Python; quadratic: synthetic noisy quadratic (default: digits)")
-    demo.add_argument("--workers", type=_positive_int, default=2, help="ranks (processes) for the scaled runs (default: 2)")
+    demo.add_argument("--workers", type=_positive_int, default=2,
+                      help="ranks (processes) for the scaled runs (default: 2)")
     demo.add_argument("--scale", type=_positive_int, default=16,
                       help="S = effective batch / base batch = workers × gradient-accumulation steps (default: 16); "
                            "for a batch-size controller (AdaptiveBatch) the largest S it may reach, starting from "

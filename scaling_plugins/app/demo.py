@@ -39,9 +39,15 @@ def default_policies() -> list[str]:
     return ["AdaScale"] + linear[:1]
 
 
+# the S = 1 reference (plain SGD on one rank) where the chosen engine has no one-rank run: FSDP2 on one rank has
+# nothing to shard and no reduce-scatter to read the gradient norm from; the same SGD steps run under DDP
+REFERENCE_BACKENDS = {"fsdp": "ddp"}
+
+
 def plan(workload: str, backend: str, policies: Sequence[str], workers: int, scale: int,
          budget: Optional[float], seed: int, reference: bool = True, evals: int = 8) -> list[RunSpec]:
-    """The runs of a demo: the S = 1 reference (AdaScale on one rank = plain SGD on the base schedule), then
+    """The runs of a demo: the S = 1 reference (AdaScale on one rank = plain SGD on the base schedule; on DDP for
+    an engine in ``REFERENCE_BACKENDS``), then
     each policy at ``scale`` on ``workers`` ranks with accumulation scale / workers (a batch-size controller:
     up to ``scale``, :func:`run_shape`)."""
     if scale < workers or scale % workers:
@@ -54,7 +60,9 @@ def plan(workload: str, backend: str, policies: Sequence[str], workers: int, sca
     check_seed(seed)
     budget = budget if budget is not None else WORKLOADS[workload].default_budget
     common = dict(workload=workload, backend=backend, budget=budget, seed=seed, evals=evals)
-    runs = [RunSpec(name=f"{REFERENCE}-S1", policy="AdaScale", workers=1, accumulation=1, **common)] if reference else []
+    reference_backend = REFERENCE_BACKENDS.get(backend, backend)
+    runs = [RunSpec(name=f"{REFERENCE}-S1", policy="AdaScale", workers=1, accumulation=1,
+                    **{**common, "backend": reference_backend})] if reference else []
     for policy in policies:
         accumulation, limits = run_shape(policy, workers, scale)
         runs.append(RunSpec(name=f"{policy.lower()}-S{scale}", policy=policy, workers=workers,

@@ -38,10 +38,12 @@ class SumOfOutputs:
         return output.sum()
 
 
-def first_step_gain(backend: str, sample: list[float]) -> float:
-    """The gain after one optimizer step of the golden model on ``sample`` (this rank's input)."""
+def first_step_gain(backend: str, sample: list[float], replicas: int = 1) -> float:
+    """The gain after one optimizer step of the golden model on ``sample`` (this rank's input); ``replicas`` as
+    ``make_adapter``'s (FSDP2's HSDP)."""
     torch.manual_seed(0)
-    adapter = make_adapter(backend, torch.nn.Linear(2, 2), SumOfOutputs(), lr=0.1, policy=ADASCALE, accumulation=1)
+    adapter = make_adapter(backend, torch.nn.Linear(2, 2), SumOfOutputs(), lr=0.1, policy=ADASCALE, accumulation=1,
+                           replicas=replicas)
     loss = adapter.forward_backward(torch.tensor([sample]), torch.zeros(1), last=True)
     adapter.step(loss.item())
     gain = float(adapter.metrics()["gain"])
@@ -50,8 +52,8 @@ def first_step_gain(backend: str, sample: list[float]) -> float:
     return gain
 
 
-def golden_gains(backend: str, rank: int, world_size: int) -> dict[str, float]:
+def golden_gains(backend: str, rank: int, world_size: int, replicas: int = 1) -> dict[str, float]:
     """{case: first-step gain} on this rank; the cases need an even number of ranks."""
     if world_size < 2 or world_size % 2:
         raise ValueError(f"the golden cases pair ranks up: they need an even world size >= 2, got {world_size}")
-    return {case: first_step_gain(backend, inputs(rank)) for case, (inputs, _) in CASES.items()}
+    return {case: first_step_gain(backend, inputs(rank), replicas) for case, (inputs, _) in CASES.items()}

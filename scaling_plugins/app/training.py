@@ -23,7 +23,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from ..config import allowed_keys
-from .engines import make_adapter
+from .engines import check_replicas, make_adapter
 from ..policies import Policy, policy_class
 from ..telemetry import TelemetryWriter, record_from
 from .workloads import WORKLOADS, Workload, get_workload
@@ -48,6 +48,9 @@ class RunSpec:
         from it when it is there at the start (a restarted job, e.g. torchrun ``--max-restarts``); None = never.
         A resumed run goes on exactly as the uninterrupted one would: the data order is fixed by the step, and
         model, optimizer, policy and the loop's counters come back. Delete the folder to start afresh.
+    replicas: FSDP2's HSDP: the mesh (replicas, workers / replicas), shards within consecutive ranks, replicas
+        across them (``scaling_plugins.app.engines.FSDPAdapter``); must divide ``workers``; 1 = plain FSDP2, and
+        the only value the other backends take.
     """
 
     name: str
@@ -64,6 +67,7 @@ class RunSpec:
     evals: int = 8
     tensorboard: bool = True
     checkpoint_every: Optional[int] = None
+    replicas: int = 1
 
     def __post_init__(self) -> None:
         for key in ("workers", "accumulation", "evals", "checkpoint_every"):
@@ -73,6 +77,7 @@ class RunSpec:
         if self.budget is not None and not self.budget > 0:
             raise ValueError(f"budget must be > 0 base-scale steps, got {self.budget!r}")
         policy_class(self.policy)   # unknown names fail here, listing the valid ones
+        check_replicas(self.backend, self.replicas, self.workers)
 
     @property
     def scale(self) -> int:
@@ -119,7 +124,7 @@ def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progr
     workload = get_workload(spec.workload, spec.seed)
     spec = spec.resolved(workload)
     adapter = make_adapter(spec.backend, workload.make_model(), workload, spec.lr, policy_entry(spec),
-                           spec.accumulation, run_dir=run_dir)
+                           spec.accumulation, run_dir=run_dir, replicas=spec.replicas)
     base_steps = counts_base_steps(type(adapter.policy))
     eval_every = spec.budget / spec.evals
     checkpoints = run_dir / CHECKPOINT_DIR
@@ -136,9 +141,11 @@ def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progr
     with TelemetryWriter(run_dir, rank, tensorboard=spec.tensorboard,
                          resume_after=step if resumed is not None else None) as telemetry:
         while base_progress < spec.budget:
-            if rank == 0 and base_progress >= next_eval:
-                result = workload.evaluate(adapter.module)
-                telemetry.write_eval(step, samples, result.loss, result.accuracy)
+            if base_progress >= next_eval:
+                evaluated = adapter.evaluation_module()   # on every rank: an FSDP2 model is gathered here
+                if rank == 0:
+                    result = workload.evaluate(evaluated)
+                    telemetry.write_eval(step, samples, result.loss, result.accuracy)
                 next_eval += eval_every
             accumulation = adapter.accumulation_steps   # a batch-size controller sets it for each step
             loss_sum = torch.zeros((), dtype=torch.float64)
@@ -166,7 +173,7 @@ def train(spec: RunSpec, run_dir: Union[str, Path], rank: int, world: int, progr
                 adapter.save_checkpoint(checkpoints, {"step": step, "samples": samples, "base_progress": base_progress,
                                                      "next_eval": next_eval, "gains": gains, "scales": scales})
         wall = time.perf_counter() - started
-        final = workload.evaluate(adapter.module)
+        final = workload.evaluate(adapter.evaluation_module())
         telemetry.write_eval(step, samples, final.loss, final.accuracy)
     if bar is not None:
         bar.close()

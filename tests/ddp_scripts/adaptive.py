@@ -5,56 +5,34 @@ The models are trained inside functions so they are freed before the process gro
 and gloo, destroying the group while a DDP model is alive can abort the interpreter at exit).
 """
 import contextlib
-import copy
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from scaling_plugins.backends.ddp import DDPDriver, attach
-from tests.adaptive_cases import BASE_LR, SPEC, run_with_resume
+from tests.adaptive_cases import BASE_LR, SPEC, DriverLoop, run_with_resume
 from tests.distributed import torchrun_main
 from tests.policy_cases import Quadratic
 
 
-class DDPLoop:
+class DDPLoop(DriverLoop):
     """The user's loop: ``driver.accumulation_steps`` micro-batches, all but the last under ``no_sync()``."""
 
     def __init__(self) -> None:
         self.model = DDP(Quadratic())
+        self.net = self.model.module
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=BASE_LR)
         self.driver: DDPDriver = attach(self.model, self.optimizer, SPEC)
         self._micro = 0
 
     def accumulation(self) -> int:
         self._micro = 0
-        return self.driver.accumulation_steps
+        return super().accumulation()
 
     def backward(self, x: torch.Tensor, accumulation: int) -> None:
         self._micro += 1
         with self.model.no_sync() if self._micro < accumulation else contextlib.nullcontext():
             (self.model(x) / accumulation).backward()
-
-    def step(self) -> None:
-        self.driver.step()
-        self.optimizer.zero_grad()
-
-    def metrics(self) -> dict:
-        return self.driver.metrics()
-
-    def engine_accumulation(self) -> int:
-        return self.driver.accumulation_steps
-
-    def state(self) -> dict:
-        return copy.deepcopy({"model": self.model.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                              "scaling": self.driver.state_dict()})
-
-    def load(self, state: dict) -> None:
-        self.model.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.driver.load_state_dict(state["scaling"])
-
-    def final_loss(self) -> float:
-        return self.model.module(torch.zeros(1, 20)).item()
 
 
 def train(rank: int, world: int) -> dict:

@@ -119,11 +119,19 @@ def innermost_optimizer(optimizer: Any) -> Any:
     return optimizer
 
 
+def creates_optimizer_state(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether a step now only creates the state of an optimizer that has none, at lr 0 in every group: how
+    ``torch.distributed.checkpoint.state_dict.get_state_dict`` prepares a fresh optimizer for a load (zero
+    gradients, lr 0; no parameter moves)."""
+    return not optimizer.state and all(group["lr"] == 0 for group in optimizer.param_groups)
+
+
 def refuse_foreign_step(driver_ref: "weakref.ref[PolicyDriver]") -> Callable[..., None]:
-    """An optimizer step pre-hook: ``RuntimeError`` for a step the driver (while it lives) is not taking itself."""
+    """An optimizer step pre-hook: ``RuntimeError`` for a step the driver (while it lives) is not taking itself,
+    unless the step only creates the optimizer's state (``creates_optimizer_state``)."""
     def hook(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         driver = driver_ref()
-        if driver is not None and not driver.in_own_step:
+        if driver is not None and not driver.in_own_step and not creates_optimizer_state(optimizer):
             raise RuntimeError("optimizer.step() was called outside driver.step(), which already steps this "
                                "optimizer (through the grad scaler when attach was given one): a second step would "
                                "apply the update twice, at twice the policy's learning rate. Remove the "
