@@ -16,15 +16,20 @@ deep inside ``deepspeed.initialize`` or a step. What lives here:
   flat all-reduce, the gradient-norm computation and its 1-element all-reduce, the loss scale, whether
   gradients are averaged, the basic optimizer;
 - rebinding an engine or optimizer method on one instance (``engine.backward``, ``allreduce_gradients``);
-- changing the accumulation between steps (``engine.set_train_batch_size`` and the micro-step counter).
+- changing the accumulation between steps (``engine.set_train_batch_size`` and the micro-step counter);
+- the timeout of the groups DeepSpeed creates (``TorchBackend.new_group``), and reading a group's timeout (torch's
+  private ``ProcessGroup._get_backend(...).options._timeout``, verified on torch 2.13).
 """
 from __future__ import annotations
 
 import contextlib
+import datetime
 import functools
 import sys
 from collections.abc import Mapping
 from typing import Any, Callable, Iterator, Optional
+
+import torch
 
 try:
     import deepspeed
@@ -35,19 +40,21 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
                       "pip install 'scaling_plugins[deepspeed]'") from err
 
 from ...call_stack import calling_instance  # noqa: E402
+from ..shared.versions import require_supported_version  # noqa: E402
 
-SUPPORTED_VERSIONS = ("0.19.",)     # version prefixes; verified on 0.19.8
-
-
-def _require_supported_version(version: str) -> None:
-    if not version.startswith(SUPPORTED_VERSIONS):
-        raise ImportError(f"deepspeed {version} is not supported by scaling_plugins (supported: "
-                          f"{', '.join(v + 'x' for v in SUPPORTED_VERSIONS)}; verified on 0.19.8)")
+SUPPORTED_VERSIONS = ("0.19.",)     # version prefixes
+VERIFIED = "0.19.8"
 
 
-_require_supported_version(deepspeed.__version__)
+def check_version(version: str) -> None:
+    """``ImportError`` for a DeepSpeed version this module was not verified on (``require_supported_version``)."""
+    require_supported_version("deepspeed", version, SUPPORTED_VERSIONS, VERIFIED)
 
-from deepspeed.runtime.config import DeepSpeedConfig  # noqa: E402  (after the version check)
+
+check_version(deepspeed.__version__)
+
+from deepspeed.comm.torch import TorchBackend  # noqa: E402  (after the version check)
+from deepspeed.runtime.config import DeepSpeedConfig  # noqa: E402
 from deepspeed.runtime.engine import DeepSpeedEngine  # noqa: E402
 from deepspeed.runtime.pipe.engine import PipelineEngine  # noqa: E402
 from deepspeed.runtime.tensor_parallel.init_utils import load_ds_config  # noqa: E402
@@ -159,6 +166,35 @@ def unsupported_feature(engine: DeepSpeedEngine) -> Optional[str]:
 def offloads_optimizer(engine: DeepSpeedEngine) -> bool:
     """Whether ZeRO runs the optimizer offloaded (CPU or NVMe), which fixes its accumulation path at initialize."""
     return bool(engine.zero_use_cpu_optimizer())
+
+
+# -- the timeout of the groups DeepSpeed creates --------------------------------------------------------------
+def group_timeout(group: Any = None) -> datetime.timedelta:
+    """How long a collective on ``group`` (default: the default group) waits for a peer before it raises: the
+    timeout torch keeps in the group's backend options."""
+    group = group if group is not None else torch.distributed.distributed_c10d._get_default_group()
+    return group._get_backend(group._device_types[0]).options._timeout
+
+
+def groups_take_the_default_timeout() -> None:
+    """Make every group DeepSpeed creates from now on take the default group's timeout.
+
+    DeepSpeed makes its groups (the data-parallel and sequence-data-parallel clones of the world, expert, ZeRO
+    and pipeline groups) with ``deepspeed.comm.new_group(ranks)``, which its ``TorchBackend`` hands to
+    ``torch.distributed.new_group(ranks)`` without a timeout; torch then gives the group the backend's default
+    (30 minutes for gloo), not the timeout the default group was made with (``init_process_group(timeout=...)``
+    or ``deepspeed.init_distributed(timeout=...)``). ``deepspeed.comm.new_group`` takes no timeout of its own, so
+    the default group's is the only one a caller can have meant. Idempotent."""
+    original = TorchBackend.new_group
+    if getattr(original, "scaling_plugins_timeout", False):
+        return
+
+    @functools.wraps(original)
+    def new_group(self: TorchBackend, ranks: Any) -> Any:
+        return torch.distributed.new_group(ranks, timeout=group_timeout())
+
+    new_group.scaling_plugins_timeout = True
+    TorchBackend.new_group = new_group
 
 
 # -- the engine's members -------------------------------------------------------------------------------------

@@ -298,6 +298,7 @@ def _check_engine(engine: Any, optimizer_from_config: bool, client_scheduler: An
 
 compat.check_config_before_deepspeed(_check_config)
 compat.check_engine_before_optimizer(_check_engine)
+compat.groups_take_the_default_timeout()   # the timeout the user gave reaches DeepSpeed's own groups
 
 
 # -- the code path --------------------------------------------------------------------------------------------

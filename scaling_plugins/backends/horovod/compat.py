@@ -20,7 +20,10 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-SUPPORTED_VERSIONS = ("0.28",)       # version prefixes; 0.28.1 is the last Horovod release (June 2023)
+from ..shared.versions import require_supported_version
+
+SUPPORTED_VERSIONS = ("0.28.",)      # version prefixes
+VERIFIED = "0.28.1"                  # the last Horovod release (June 2023)
 HOROVOD_PREFIX = "_horovod_"         # Horovod's own member ``name`` stays reachable as ``_horovod_<name>``
 
 
@@ -35,9 +38,7 @@ def horovod_torch() -> ModuleType:
             "the Horovod backend needs horovod 0.28.1 built with PyTorch: run `make horovod` (builds it once from "
             "source with the C++17 fix, caches the wheel, installs it into .venv), then `pip install .[horovod]` "
             f"finds it installed ({err})") from err
-    if not horovod.__version__.startswith(SUPPORTED_VERSIONS):
-        raise ImportError(f"horovod {horovod.__version__} is not supported by scaling_plugins (supported: "
-                          f"{', '.join(v + '.x' for v in SUPPORTED_VERSIONS)}; verified on 0.28.1)")
+    require_supported_version("horovod", horovod.__version__, SUPPORTED_VERSIONS, VERIFIED)
     return hvd
 
 
@@ -92,7 +93,7 @@ def extend_optimizer_class(optimizer: Any, members: type, read_through: Iterable
     cls = type(optimizer)
     if "_allreduce_grad_async" not in vars(cls):
         raise RuntimeError(f"unexpected Horovod optimizer class {cls!r}: this backend supports horovod "
-                           f"{', '.join(v + '.x' for v in SUPPORTED_VERSIONS)}")
+                           f"{', '.join(v + 'x' for v in SUPPORTED_VERSIONS)}")
     for name, member in vars(members).items():
         if name.startswith("__"):
             continue
