@@ -22,7 +22,9 @@ ENGINE_INTERNALS = {
                 "get_handler_registry", "OptimizerStateHandler", "_DistributedOptimizer",
                 "_DistributedAdasumOptimizer"),
     "fsdp": ("_get_fsdp_state", "_fsdp_param_groups", "_reduce_scatter_comm", "fsdp_params", "sharded_param",
-             "mp_policy", "gradient_divide_factor", "ReduceScatter", "DefaultReduceScatter"),
+             "mp_policy", "gradient_divide_factor", "ReduceScatter", "DefaultReduceScatter",
+             "_get_gradient_divide_factors", "FSDPMeshInfo", "DDPMeshInfo", "_reduce_scatter_process_group",
+             "_all_reduce_process_group", "force_sum_reduction_for_comms"),
 }
 
 

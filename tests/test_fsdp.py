@@ -74,10 +74,15 @@ def test_hsdp_two_replicas_of_two_shards_equal_ddp_on_four_ranks():
     assert fsdp["lrs"] == pytest.approx(ddp["lrs"], rel=1e-6)
 
 
-def test_bf16_parameters_with_fp32_reduction_read_the_bf16_gradients():
-    results = run_ranks(cases.mixed_precision, 2)
-    assert results[0] == results[1]
+@pytest.mark.parametrize("param_dtype, reduce_dtype, world, predivide",
+                         [("bfloat16", "float32", 2, 1.0), ("float16", "float16", 4, 2.0)])
+def test_mixed_precision_reads_the_low_precision_gradients(param_dtype, reduce_dtype, world, predivide):
+    """bf16 parameters with fp32 reduction; fp16 parameters with fp16 reduction on 4 ranks, where FSDP divides the
+    packed gradients by 2 before the reduce-scatter (the read multiplies the factor back)."""
+    results = run_ranks(cases.mixed_precision, world, param_dtype, reduce_dtype)
+    assert all(r == results[0] for r in results)
     got = results[0]
+    assert got["predivide"] == predivide
     assert got["sigma_sq"] > 0 and got["mu_sq"] > 0
     assert (got["sigma_sq"], got["mu_sq"]) == pytest.approx(got["expected"], rel=1e-5)
 
@@ -131,7 +136,6 @@ def test_bad_input_gets_clear_errors():
         "plain": ("got Linear", "not an FSDPModule", "fully_shard(model)"),
         "own_reduce_scatter": ("'blocks.1'", "already has a custom reduce-scatter", "remove yours"),
         "ignored_parameter": ("['head.weight']", "outside every FSDP unit", "Call fully_shard"),
-        "fp16_reduction": ("float16", "reduce_dtype=torch.float32"),
         "divide_factor": ("set_gradient_divide_factor", "leave the factor unset"),
         "shard_of_one_rank": ("shards over 1 rank", "at least 2 ranks"),
         "uneven_reductions": ("2 times in a step of 3 micro-batches", "set_requires_gradient_sync(False)"),

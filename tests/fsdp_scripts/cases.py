@@ -213,25 +213,31 @@ def hsdp_and_ddp(rank: int, world: int, steps: int = 3) -> dict:
     return out
 
 
-def mixed_precision(rank: int, world: int) -> dict:
-    """bf16 parameters with fp32 reduction: the first step's σ², μ² against the hand-computed ones of each rank's
-    bf16 gradient (read in fp32), from a bf16 copy of the model."""
+def mixed_precision(rank: int, world: int, param_dtype: str, reduce_dtype: str) -> dict:
+    """Parameters in ``param_dtype``, gradients reduced in ``reduce_dtype`` (fp16: FSDP divides them by its
+    pre-divide factor before the reduce-scatter): the first step's σ², μ² against the ones computed from each
+    rank's local gradient in ``param_dtype`` (read in fp64, from a copy of the model in that dtype) and from the
+    gradient FSDP reduced (in ``reduce_dtype``, so with its rounding)."""
     torch.manual_seed(0)
     net = Blocks()
-    plain = copy.deepcopy(net).bfloat16()
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    dtype = getattr(torch, param_dtype)
+    plain = copy.deepcopy(net).to(dtype)
+    policy = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=getattr(torch, reduce_dtype))
     model = shard(net, mesh_1d(world), nested=True, mp_policy=policy)
     driver = fsdp.attach(model, torch.optim.SGD(model.parameters(), lr=0.05), "AdaScale")
     x, y = batches(rank, 1, 1)[0][0]
-    torch.nn.functional.mse_loss(plain(x.bfloat16()).float(), y).backward()
+    torch.nn.functional.mse_loss(plain(x.to(dtype)).float(), y).backward()
     local = torch.cat([p.grad.reshape(-1) for p in plain.parameters()]).double()
     pieces = [torch.empty_like(local) for _ in range(world)]
     dist.all_gather(pieces, local)
+    torch.nn.functional.mse_loss(model(x), y).backward()
+    reduced = torch.cat([p.grad.full_tensor().reshape(-1) for p in model.parameters()]).double()
     sample = GradientSample(local_sq_sum=sum(float(p.dot(p)) for p in pieces),
-                            mean_sq_norm=float(torch.stack(pieces).mean(0).pow(2).sum()), count=world)
+                            mean_sq_norm=float(reduced.dot(reduced)), count=world)
     expected = estimate_moments(sample, float(world))
-    micro_steps(model, driver, [(x, y)], 1, True)
-    return {"sigma_sq": driver.metrics()["sigma_sq"], "mu_sq": driver.metrics()["mu_sq"], "expected": expected}
+    driver.step()
+    return {"sigma_sq": driver.metrics()["sigma_sq"], "mu_sq": driver.metrics()["mu_sq"], "expected": expected,
+            "predivide": compat.predivide_factor(compat.param_groups(model)[0])}
 
 
 def clipping(rank: int, world: int) -> dict:
@@ -313,10 +319,6 @@ def bad_input(rank: int, world: int) -> dict:
         net = Blocks()
         attach(fully_shard(net, mesh=mesh, ignored_params={net.head.weight}))
 
-    def with_fp16_reduction():
-        policy = MixedPrecisionPolicy(param_dtype=torch.float16)
-        attach(shard(Blocks(), mesh, nested=True, mp_policy=policy))
-
     def with_divide_factor():
         model = shard(Blocks(), mesh, nested=True)
         model.set_gradient_divide_factor(1.0)
@@ -349,7 +351,6 @@ def bad_input(rank: int, world: int) -> dict:
         "plain": refused(lambda: attach(torch.nn.Linear(2, 2))),
         "own_reduce_scatter": refused(with_own_reduce_scatter),
         "ignored_parameter": refused(with_ignored_parameter),
-        "fp16_reduction": refused(with_fp16_reduction),
         "divide_factor": refused(with_divide_factor),
         "shard_of_one_rank": refused(shard_of_one_rank),
         "uneven_reductions": refused(uneven_reductions),

@@ -6,7 +6,8 @@ torch 2.13 is the version this is verified against; importing this module with a
 - the ``ReduceScatter`` interface that ``FSDPModule.set_custom_reduce_scatter`` takes (torch exports the method,
   not the class) and the default one torch installs, to tell a reduce-scatter the user set;
 - each FSDP unit's parameter groups (``FSDPParamGroup``) and what the backend reads of them: the sharded
-  parameters they manage, their mixed-precision policy and whether the user changed the gradient divide factor.
+  parameters they manage, their mixed-precision policy, the factor their gradients are divided by before the
+  reduce-scatter, and whether the user changed the gradient divide factor.
 """
 from __future__ import annotations
 
@@ -23,10 +24,12 @@ VERIFIED = "2.13.0"
 require_supported_version("torch", torch.__version__, SUPPORTED_VERSIONS, VERIFIED, by="scaling_plugins' FSDP2 backend")
 
 from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter  # noqa: E402  (after the version check)
-from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter  # noqa: E402
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import (  # noqa: E402
+    DefaultReduceScatter, _get_gradient_divide_factors)
+from torch.distributed.fsdp._fully_shard._fsdp_common import DDPMeshInfo, FSDPMeshInfo  # noqa: E402
 
 __all__ = ["ReduceScatter", "param_groups", "managed_parameters", "has_custom_reduce_scatter", "reduce_dtype",
-           "divides_by_custom_factor"]
+           "predivide_factor", "divides_by_custom_factor"]
 
 
 def param_groups(unit: FSDPModule) -> list[Any]:
@@ -49,6 +52,17 @@ def reduce_dtype(group: Any) -> torch.dtype:
     else the parameters' own."""
     policy = group.mp_policy
     return policy.reduce_dtype or policy.param_dtype or group.fsdp_params[0].sharded_param.dtype
+
+
+def predivide_factor(group: Any) -> float:
+    """The factor FSDP divides a parameter group's packed gradients by before their reduce-scatter (its own rule,
+    ``_get_gradient_divide_factors``: about √W for fp16 reduction, against overflow; 1 for fp32 and bf16, which
+    ``ReduceOp.AVG`` averages)."""
+    reduce_scatter = group._reduce_scatter_process_group if isinstance(group.mesh_info, FSDPMeshInfo) else None
+    all_reduce = group._all_reduce_process_group if isinstance(group.mesh_info, DDPMeshInfo) else None
+    factor, *_ = _get_gradient_divide_factors(reduce_scatter, all_reduce, reduce_dtype(group), group.device.type,
+                                              group.gradient_divide_factor, group.force_sum_reduction_for_comms)
+    return float(factor or 1.0)
 
 
 def divides_by_custom_factor(group: Any) -> bool:

@@ -60,7 +60,8 @@ class FSDPDriver(PolicyDriver):
         if self.policy.needs_gradient_norms:
             self.meter = LocalNormMeter(self.device)
             for index, (_, unit) in enumerate(units):
-                unit.set_custom_reduce_scatter(NormReadingReduceScatter(self.meter, index))
+                predivide = max((compat.predivide_factor(g) for g in compat.param_groups(unit)), default=1.0)
+                unit.set_custom_reduce_scatter(NormReadingReduceScatter(self.meter, index, predivide))
             log.info("scaling_plugins: FSDP2 adds one all-reduce of 2 float64 numbers per optimizer step (the "
                      "local and the reduced squared gradient norms; shared with driver.clip_grad_norm_)")
 
@@ -189,9 +190,8 @@ def mesh_device(mesh: DeviceMesh) -> torch.device:
 
 def check_readable_reductions(units: list[Unit], shard_size: int) -> None:
     """``ValueError`` for set-ups whose reduce-scatter cannot carry the local norms: a shard group of one rank
-    (FSDP then skips the reduce-scatter), a unit with several parameter groups, a reduce-scatter set already, fp16
-    reduction (pre-divided before the reduce-scatter) and a custom gradient divide factor (the reduction is then
-    not the average)."""
+    (FSDP then skips the reduce-scatter), a unit with several parameter groups, a reduce-scatter set already and a
+    custom gradient divide factor (the reduction is then not the average)."""
     if shard_size == 1:
         raise ValueError("the FSDP mesh shards over 1 rank, so FSDP skips its reduce-scatter and the local gradient "
                          "norms cannot be read: shard over at least 2 ranks, or use a rule policy (LinearScaling, "
@@ -207,10 +207,6 @@ def check_readable_reductions(units: list[Unit], shard_size: int) -> None:
                 raise ValueError(f"{unit_label(name)} already has a custom reduce-scatter "
                                  "(set_custom_reduce_scatter): attach() sets its own there to read the local "
                                  "gradient norms; remove yours (attach before setting any), or use a rule policy")
-            if compat.reduce_dtype(group) == torch.float16:
-                raise ValueError(f"{unit_label(name)} reduces gradients in float16, which FSDP pre-divides before "
-                                 "the reduce-scatter: use MixedPrecisionPolicy(reduce_dtype=torch.float32) or "
-                                 "torch.bfloat16")
             if compat.divides_by_custom_factor(group):
                 raise ValueError(f"{unit_label(name)} has a custom gradient divide factor "
                                  "(set_gradient_divide_factor), so the reduced gradient is not the average over "

@@ -33,9 +33,10 @@ class LocalNormMeter:
         self.total = torch.zeros((), dtype=torch.float64, device=device)
         self.reductions: dict[int, int] = {}
 
-    def add(self, unit: int, packed: torch.Tensor) -> None:
-        """Add ⟨packed, packed⟩ (one fused read, in rows on CPU) and count one reduction of ``unit``."""
-        self.total += squared_norm_sum([packed], rows_above=EXACT_NUMEL)
+    def add(self, unit: int, packed: torch.Tensor, predivide: float = 1.0) -> None:
+        """Add predivide²·⟨packed, packed⟩ (one fused read, in rows on CPU): the squared norm of the gradients
+        FSDP divided by ``predivide`` into ``packed``; count one reduction of ``unit``."""
+        self.total += squared_norm_sum([packed], rows_above=EXACT_NUMEL) * (predivide * predivide)
         self.reductions[unit] = self.reductions.get(unit, 0) + 1
 
     def take(self) -> tuple[torch.Tensor, dict[int, int]]:
@@ -48,18 +49,20 @@ class LocalNormMeter:
 
 class NormReadingReduceScatter(compat.ReduceScatter):
     """One FSDP unit's reduce-scatter: reads this rank's packed local gradients into ``meter``, then reduce-scatters
-    them as torch's default does (``dist.reduce_scatter_single`` with FSDP's op, ``ReduceOp.AVG`` for fp32/bf16)."""
+    them as torch's default does (``dist.reduce_scatter_single`` with FSDP's op: ``ReduceOp.AVG`` for fp32/bf16;
+    for fp16, ``SUM`` of gradients FSDP divided by ``predivide`` first, ``compat.predivide_factor``)."""
 
-    def __init__(self, meter: LocalNormMeter, unit: int) -> None:
+    def __init__(self, meter: LocalNormMeter, unit: int, predivide: float = 1.0) -> None:
         self.meter = meter
         self.unit = unit
+        self.predivide = predivide
 
     def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(self, output_tensor: torch.Tensor, input_tensor: torch.Tensor, group: dist.ProcessGroup,
                  op: dist.ReduceOp, async_op: bool = False) -> Optional[dist.Work]:
-        self.meter.add(self.unit, input_tensor)
+        self.meter.add(self.unit, input_tensor, self.predivide)
         return dist.reduce_scatter_single(output_tensor, input_tensor, group=group, op=op, async_op=async_op)
 
 
